@@ -1,1 +1,156 @@
-fn main(){}
+//! `trueup-relay`: reads the configuration, builds the relay, serves until SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use trueup_relay::{Config, Relay};
+
+/// trueup's first-party relay. Flags override environment variables, which override the file.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (every field optional; see relay/trueup.example.toml).
+    #[arg(long, env = "TRUEUP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Public address (collection endpoint, agent files, demo site).
+    #[arg(long, env = "TRUEUP_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Admin address (/healthz, /readyz, /metrics).
+    #[arg(long, env = "TRUEUP_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Directory of the spool and the embedded warehouse.
+    #[arg(long, env = "TRUEUP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Public path prefix (e.g. /_r).
+    #[arg(long, env = "TRUEUP_PREFIX")]
+    prefix: Option<String>,
+    /// Folder of the agent's files, served under <prefix>/<assets_path>/.
+    #[arg(long, env = "TRUEUP_ASSET_DIR")]
+    asset_dir: Option<PathBuf>,
+    /// Folder served at / (the demo site).
+    #[arg(long, env = "TRUEUP_WWW_DIR")]
+    www_dir: Option<PathBuf>,
+    /// TOML file of user schemas.
+    #[arg(long, env = "TRUEUP_SCHEMAS")]
+    schemas: Option<PathBuf>,
+    /// A server secret for the first site (for backends emitting server events).
+    #[arg(long, env = "TRUEUP_SERVER_SECRET", hide_env_values = true)]
+    server_secret: Option<String>,
+    /// Print the effective configuration and public URL paths, then exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn effective_config(args: &Args) -> anyhow::Result<Config> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = args.admin_listen {
+        cfg.admin_listen = v;
+    }
+    if let Some(v) = &args.data_dir {
+        cfg.data_dir = v.clone();
+    }
+    if let Some(v) = &args.prefix {
+        cfg.prefix = v.clone();
+    }
+    if let Some(v) = &args.asset_dir {
+        cfg.asset_dir = v.clone();
+    }
+    if let Some(v) = &args.www_dir {
+        cfg.www_dir = Some(v.clone());
+    }
+    if let Some(v) = &args.schemas {
+        cfg.schemas_file = Some(v.clone());
+    }
+    if let Some(secret) = &args.server_secret {
+        if let Some(site) = cfg.sites.first_mut() {
+            site.server_secrets.push(secret.clone());
+        }
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn print_config(cfg: &Config) -> anyhow::Result<()> {
+    let mut shown = cfg.clone();
+    for site in &mut shown.sites {
+        for s in &mut site.server_secrets {
+            *s = "<redacted>".into();
+        }
+    }
+    println!("# Effective trueup-relay configuration");
+    println!("{}", toml::to_string_pretty(&shown)?);
+    println!("[public_paths]  # derived; not settable");
+    println!("collect = {:?}", cfg.collect_url_path());
+    println!("server = {:?}", cfg.server_url_path());
+    println!("assets = {:?}", cfg.assets_url_path());
+    println!(
+        "warehouse = {:?}",
+        cfg.warehouse_path().display().to_string()
+    );
+    println!("spool = {:?}", cfg.spool_path().display().to_string());
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let cfg = match effective_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("trueup-relay: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        return match print_config(&cfg) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trueup-relay: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let filter = EnvFilter::try_from_env("TRUEUP_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn"));
+    if cfg.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trueup-relay: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let relay = Relay::bind(cfg).await?;
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            trueup_relay::server::shutdown_signal().await;
+            trigger.cancel();
+        });
+        relay.run(shutdown).await
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "relay stopped with an error");
+            eprintln!("trueup-relay: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

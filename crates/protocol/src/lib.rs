@@ -24,8 +24,8 @@ mod schema;
 mod validate;
 
 pub use batch::{
-    Batch, BatchResponse, Counters, ErrorBody, EventResult, EventStatus, RawBatch, RawEvents,
-    MAX_EVENTS_PER_BATCH_LIMIT,
+    Batch, BatchResponse, Counters, ErrorBody, EventResult, EventStatus,
+    MAX_EVENTS_PER_BATCH_LIMIT, RawBatch, RawEvents,
 };
 pub use envelope::{Attribution, Context, Event, Source, Touch};
 pub use schema::{PropSpec, PropType, SchemaDef, SchemaError, SchemaRegistry};

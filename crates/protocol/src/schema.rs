@@ -99,7 +99,9 @@ pub enum SchemaError {
     #[error("schema {0:?}: name must be non-empty without '/', version at least 1")]
     Invalid(String),
     /// The same name/version registered twice with different contents.
-    #[error("schema {0} is already registered with a different definition; register a new version instead")]
+    #[error(
+        "schema {0} is already registered with a different definition; register a new version instead"
+    )]
     Conflict(String),
 }
 

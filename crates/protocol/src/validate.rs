@@ -165,12 +165,23 @@ pub fn validate_event(
     let value: Value = serde_json::from_str(raw)
         .map_err(|e| reject(None, Reason::InvalidEnvelope, format!("not JSON: {e}")))?;
     let Value::Object(ref map) = value else {
-        return Err(reject(None, Reason::InvalidEnvelope, "event is not an object"));
+        return Err(reject(
+            None,
+            Reason::InvalidEnvelope,
+            "event is not an object",
+        ));
     };
     let id = match map.get("id") {
         None | Some(Value::Null) => return Err(reject(None, Reason::MissingId, "no id")),
         Some(Value::String(s)) => match Uuid::parse_str(s) {
-            Ok(id) if id.get_version_num() == 7 => id,
+            Ok(id) if id.get_version_num() == 7 && id.hyphenated().to_string() == *s => id,
+            Ok(id) if id.get_version_num() == 7 => {
+                return Err(reject(
+                    None,
+                    Reason::InvalidId,
+                    "id must be a lowercase hyphenated UUID",
+                ));
+            }
             Ok(_) => return Err(reject(None, Reason::InvalidId, "id is not a UUIDv7")),
             Err(_) => return Err(reject(None, Reason::InvalidId, "id is not a UUID")),
         },
@@ -186,7 +197,8 @@ pub fn validate_event(
     }
     let event: Event = serde_json::from_value(value)
         .map_err(|e| reject(Some(id), Reason::InvalidEnvelope, e.to_string()))?;
-    check_event(&event, expected, now_ms, registry, limits).map_err(|(r, d)| reject(Some(id), r, d))?;
+    check_event(&event, expected, now_ms, registry, limits)
+        .map_err(|(r, d)| reject(Some(id), r, d))?;
     Ok(event)
 }
 
@@ -198,12 +210,17 @@ fn check_event(
     limits: &Limits,
 ) -> Result<(), (Reason, String)> {
     let valid_text = |s: &str| {
-        !s.is_empty() && s.chars().count() <= limits.max_id_chars && !s.chars().any(char::is_control)
+        !s.is_empty()
+            && s.chars().count() <= limits.max_id_chars
+            && !s.chars().any(char::is_control)
     };
     if !valid_text(&event.name) {
         return Err((
             Reason::InvalidName,
-            format!("name must be 1..={} characters without control characters", limits.max_id_chars),
+            format!(
+                "name must be 1..={} characters without control characters",
+                limits.max_id_chars
+            ),
         ));
     }
     for (field, value) in [
@@ -216,7 +233,10 @@ fn check_event(
             if !valid_text(v) {
                 return Err((
                     Reason::InvalidField,
-                    format!("{field} must be 1..={} characters without control characters", limits.max_id_chars),
+                    format!(
+                        "{field} must be 1..={} characters without control characters",
+                        limits.max_id_chars
+                    ),
                 ));
             }
         }
@@ -224,11 +244,18 @@ fn check_event(
     if event.source != expected {
         return Err((
             Reason::WrongSource,
-            format!("source {} on the {} path", event.source.as_str(), expected.as_str()),
+            format!(
+                "source {} on the {} path",
+                event.source.as_str(),
+                expected.as_str()
+            ),
         ));
     }
     if event.source == Source::Client && (event.seq.is_none() || event.device_id.is_none()) {
-        return Err((Reason::MissingSeq, "client events need device_id and seq".into()));
+        return Err((
+            Reason::MissingSeq,
+            "client events need device_id and seq".into(),
+        ));
     }
     let earliest = now_ms.saturating_sub(limits.max_past_ms);
     let latest = now_ms.saturating_add(limits.max_future_ms);
@@ -238,13 +265,19 @@ fn check_event(
             format!("ts {} outside [{earliest}, {latest}]", event.ts),
         ));
     }
-    let schema = registry
-        .get(&event.schema)
-        .ok_or_else(|| (Reason::UnknownSchema, format!("schema {:?} is not registered", event.schema)))?;
+    let schema = registry.get(&event.schema).ok_or_else(|| {
+        (
+            Reason::UnknownSchema,
+            format!("schema {:?} is not registered", event.schema),
+        )
+    })?;
     if !schema.any_name && schema.name != event.name {
         return Err((
             Reason::SchemaMismatch,
-            format!("schema {} is for events named {:?}", event.schema, schema.name),
+            format!(
+                "schema {} is for events named {:?}",
+                event.schema, schema.name
+            ),
         ));
     }
     schema.check_props(&event.props).map_err(|m| match m {
@@ -260,7 +293,11 @@ fn check_event(
 /// Reads the `id` of an event too large to parse fully, if it is a UUID near the start.
 fn peek_id(raw: &str) -> Option<Uuid> {
     let at = raw.get(..raw.len().min(256))?.find("\"id\"")?;
-    let rest = raw.get(at + 4..)?.trim_start().strip_prefix(':')?.trim_start();
+    let rest = raw
+        .get(at + 4..)?
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
     let rest = rest.strip_prefix('"')?;
     Uuid::parse_str(rest.get(..36)?).ok()
 }

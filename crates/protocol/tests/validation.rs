@@ -1,7 +1,7 @@
 //! Validation reasons, round-trips, and "validation never panics".
 
 use proptest::prelude::*;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use trueup_protocol::*;
 
 const NOW: i64 = 1_790_000_000_000;
@@ -51,32 +51,75 @@ fn a_good_event_is_accepted() {
 #[test]
 fn each_defect_has_its_reason() {
     assert_eq!(reason_of(without(good(), "id")), Reason::MissingId);
-    assert_eq!(reason_of(with(good(), "id", json!("nope"))), Reason::InvalidId);
+    assert_eq!(
+        reason_of(with(good(), "id", json!("nope"))),
+        Reason::InvalidId
+    );
     assert_eq!(reason_of(with(good(), "id", json!(12))), Reason::InvalidId);
     // A valid UUID of another version is not an idempotency key we issue.
     assert_eq!(
-        reason_of(with(good(), "id", json!("67e55044-10b1-426f-9247-bb680e5fe0c8"))),
+        reason_of(with(
+            good(),
+            "id",
+            json!("67e55044-10b1-426f-9247-bb680e5fe0c8")
+        )),
         Reason::InvalidId
     );
-    assert_eq!(reason_of(without(good(), "anon_id")), Reason::InvalidEnvelope);
-    assert_eq!(reason_of(with(good(), "ts", json!("yesterday"))), Reason::InvalidEnvelope);
-    assert_eq!(reason_of(with(good(), "extra", json!(1))), Reason::InvalidEnvelope);
+    assert_eq!(
+        reason_of(without(good(), "anon_id")),
+        Reason::InvalidEnvelope
+    );
+    assert_eq!(
+        reason_of(with(good(), "ts", json!("yesterday"))),
+        Reason::InvalidEnvelope
+    );
+    assert_eq!(
+        reason_of(with(good(), "extra", json!(1))),
+        Reason::InvalidEnvelope
+    );
     assert_eq!(reason_of(json!([1, 2])), Reason::InvalidEnvelope);
-    assert_eq!(reason_of(with(good(), "name", json!(""))), Reason::InvalidName);
-    assert_eq!(reason_of(with(good(), "anon_id", json!("a\u{0}b"))), Reason::InvalidField);
-    assert_eq!(reason_of(with(good(), "schema", json!("nope/1"))), Reason::UnknownSchema);
-    assert_eq!(reason_of(with(good(), "schema", json!("page_view/1"))), Reason::SchemaMismatch);
-    assert_eq!(reason_of(with(good(), "ts", json!(NOW + 2 * 86_400_000))), Reason::TsOutOfRange);
-    assert_eq!(reason_of(with(good(), "ts", json!(0))), Reason::TsOutOfRange);
-    assert_eq!(reason_of(with(good(), "source", json!("server"))), Reason::WrongSource);
+    assert_eq!(
+        reason_of(with(good(), "name", json!(""))),
+        Reason::InvalidName
+    );
+    assert_eq!(
+        reason_of(with(good(), "anon_id", json!("a\u{0}b"))),
+        Reason::InvalidField
+    );
+    assert_eq!(
+        reason_of(with(good(), "schema", json!("nope/1"))),
+        Reason::UnknownSchema
+    );
+    assert_eq!(
+        reason_of(with(good(), "schema", json!("page_view/1"))),
+        Reason::SchemaMismatch
+    );
+    assert_eq!(
+        reason_of(with(good(), "ts", json!(NOW + 2 * 86_400_000))),
+        Reason::TsOutOfRange
+    );
+    assert_eq!(
+        reason_of(with(good(), "ts", json!(0))),
+        Reason::TsOutOfRange
+    );
+    assert_eq!(
+        reason_of(with(good(), "source", json!("server"))),
+        Reason::WrongSource
+    );
     assert_eq!(reason_of(without(good(), "seq")), Reason::MissingSeq);
     let big = "x".repeat(40 * 1024);
-    assert_eq!(reason_of(with(good(), "props", json!({ "big": big }))), Reason::TooLarge);
+    assert_eq!(
+        reason_of(with(good(), "props", json!({ "big": big }))),
+        Reason::TooLarge
+    );
     let mut deep = json!(1);
     for _ in 0..12 {
         deep = json!([deep]);
     }
-    assert_eq!(reason_of(with(good(), "props", json!({ "deep": deep }))), Reason::TooDeep);
+    assert_eq!(
+        reason_of(with(good(), "props", json!({ "deep": deep }))),
+        Reason::TooDeep
+    );
 }
 
 #[test]
@@ -84,7 +127,10 @@ fn too_large_keeps_the_id_when_it_can() {
     let big = "x".repeat(40 * 1024);
     let v = with(good(), "props", json!({ "big": big }));
     let r = check(&v).unwrap_err();
-    assert_eq!(r.id.map(|u| u.to_string()), v["id"].as_str().map(String::from));
+    assert_eq!(
+        r.id.map(|u| u.to_string()),
+        v["id"].as_str().map(String::from)
+    );
 }
 
 #[test]
@@ -96,20 +142,47 @@ fn user_schemas_check_props() {
     }))
     .unwrap();
     reg.register(def.clone()).unwrap();
-    reg.register(def.clone()).expect("identical re-registration is fine");
+    reg.register(def.clone())
+        .expect("identical re-registration is fine");
     let mut changed = def.clone();
     changed.additional_props = true;
-    assert!(matches!(reg.register(changed), Err(SchemaError::Conflict(_))));
+    assert!(matches!(
+        reg.register(changed),
+        Err(SchemaError::Conflict(_))
+    ));
 
-    let base = with(with(good(), "name", json!("signup_completed")), "schema", json!("signup_completed/1"));
+    let base = with(
+        with(good(), "name", json!("signup_completed")),
+        "schema",
+        json!("signup_completed/1"),
+    );
     let ok = with(base.clone(), "props", json!({"plan": "pro", "seats": 3}));
     assert!(check_with(&ok, &reg).is_ok());
     let r = |v: Value| check_with(&v, &reg).unwrap_err().reason;
-    assert_eq!(r(with(base.clone(), "props", json!({"seats": 3}))), Reason::MissingProp);
-    assert_eq!(r(with(base.clone(), "props", json!({"plan": 1}))), Reason::PropTypeMismatch);
-    assert_eq!(r(with(base.clone(), "props", json!({"plan": "a", "seats": 1.5}))), Reason::PropTypeMismatch);
-    assert_eq!(r(with(base.clone(), "props", json!({"plan": "a", "x": 1}))), Reason::UnknownProp);
-    assert_eq!(r(with(base, "schema", json!("signup_completed/2"))), Reason::UnknownSchema);
+    assert_eq!(
+        r(with(base.clone(), "props", json!({"seats": 3}))),
+        Reason::MissingProp
+    );
+    assert_eq!(
+        r(with(base.clone(), "props", json!({"plan": 1}))),
+        Reason::PropTypeMismatch
+    );
+    assert_eq!(
+        r(with(
+            base.clone(),
+            "props",
+            json!({"plan": "a", "seats": 1.5})
+        )),
+        Reason::PropTypeMismatch
+    );
+    assert_eq!(
+        r(with(base.clone(), "props", json!({"plan": "a", "x": 1}))),
+        Reason::UnknownProp
+    );
+    assert_eq!(
+        r(with(base, "schema", json!("signup_completed/2"))),
+        Reason::UnknownSchema
+    );
 }
 
 #[test]
@@ -123,13 +196,22 @@ fn raw_batches_count_past_the_cap_without_keeping() {
 
 #[test]
 fn counters_identity() {
-    let mut c = Counters { device_id: "d".into(), enqueued: 10, acked: 6, pending: 2, ..Default::default() };
+    let mut c = Counters {
+        device_id: "d".into(),
+        enqueued: 10,
+        acked: 6,
+        pending: 2,
+        ..Default::default()
+    };
     assert!(!c.identity_holds());
     c.dropped.insert("queue_full".into(), 2);
     assert!(c.identity_holds());
     c.enqueued = u64::MAX;
     c.acked = u64::MAX;
-    assert!(!c.identity_holds(), "overflow must not wrap into a false positive");
+    assert!(
+        !c.identity_holds(),
+        "overflow must not wrap into a false positive"
+    );
 }
 
 fn arb_text() -> impl Strategy<Value = String> {

@@ -1,0 +1,420 @@
+//! The relay's configuration: a TOML file, overridden by environment variables and flags.
+//!
+//! Every field has a default that works on a laptop (`trueup-relay` with no arguments listens
+//! on loopback and keeps its data in `./data`). Precedence, highest first: command-line flag,
+//! environment variable, config file, default. `trueup-relay --print-config` prints the
+//! effective configuration and the public URL paths derived from it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use trueup_protocol::{Limits, MAX_EVENTS_PER_BATCH_LIMIT, SchemaDef, SchemaRegistry};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Public address: the collection endpoint, the agent's files and (optionally) the site.
+    /// Put it behind the app's own domain (see the README's deployment examples).
+    pub listen: SocketAddr,
+    /// Admin address: `/healthz`, `/readyz`, `/metrics`. Never expose it publicly.
+    pub admin_listen: SocketAddr,
+    /// Where the spool (`spool.sqlite`) and the embedded warehouse (`warehouse.sqlite`) live.
+    pub data_dir: PathBuf,
+    /// The path prefix everything public lives under, on the app's own domain. Keep it
+    /// unremarkable: filter lists block paths with words like `analytics`, `track`, `collect`.
+    pub prefix: String,
+    /// Collection endpoint for browser batches, under the prefix.
+    pub collect_path: String,
+    /// Endpoint for server events (authenticated with a site's server secret), under the prefix.
+    pub server_path: String,
+    /// Where the agent's files are served, under the prefix.
+    pub assets_path: String,
+    /// Folder whose files are served at `<prefix>/<assets_path>/`: the agent's loader, glue and
+    /// wasm (`npm run build` writes them to `dist/`). Files whose name carries a content hash
+    /// (`name.<8+ hex>.ext`) are cached for a year; others for five minutes.
+    pub asset_dir: PathBuf,
+    /// Optional folder served at `/` (the demo site). Off by default.
+    pub www_dir: Option<PathBuf>,
+    /// Optional TOML file of user schemas (`[[schema]]` tables), added to the built-in ones.
+    pub schemas_file: Option<PathBuf>,
+    /// Request and event bounds.
+    pub limits: LimitsConfig,
+    /// The durable spool.
+    pub spool: SpoolConfig,
+    /// Rate limits.
+    pub rate_limit: RateLimitConfig,
+    /// The forwarder that drains the spool to the sink.
+    pub forwarder: ForwarderConfig,
+    /// Where events go.
+    pub sink: SinkConfig,
+    /// Sites whose events this relay accepts.
+    pub sites: Vec<SiteConfig>,
+    /// Seconds a request may take before it is answered 408.
+    pub request_timeout_secs: u64,
+    /// Log format: `text` or `json`.
+    pub log_format: String,
+}
+
+/// Request and event bounds, all checked before the data they bound is allocated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body as sent (compressed or not), bytes. Larger → 413.
+    pub max_body_bytes: usize,
+    /// Largest body after decompression, bytes. Larger → 413 (gzip bombs stop here).
+    pub max_decompressed_bytes: usize,
+    /// Most events in one batch. More → 413. At most 5000.
+    pub max_events_per_batch: usize,
+    /// Largest single event, bytes. Larger → that event is rejected `too_large`.
+    pub max_event_bytes: usize,
+    /// Deepest JSON nesting of an event (the event object is depth 1). Deeper → `too_deep`.
+    pub max_depth: usize,
+    /// How far in the future an event's `ts` may be, seconds.
+    pub max_future_secs: i64,
+    /// How far in the past an event's `ts` may be, seconds. Keep it above the agent's
+    /// maximum queue age so that events delivered late are still accepted.
+    pub max_past_secs: i64,
+}
+
+/// The durable spool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Bytes of events waiting to be forwarded above which new batches get 503 + Retry-After.
+    pub max_bytes: u64,
+    /// How long an event id is remembered for dedupe, seconds. Counted from the time in the
+    /// UUIDv7 id; keep it above `limits.max_past_secs`.
+    pub dedupe_retention_secs: u64,
+    /// Most requests that share one transaction (group commit).
+    pub max_group_requests: usize,
+}
+
+/// Token-bucket rate limits. A limit of 0 turns it off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second from one client IP.
+    pub per_ip_per_sec: u32,
+    /// Burst of requests from one client IP.
+    pub per_ip_burst: u32,
+    /// Sustained requests per second for one site key.
+    pub per_site_per_sec: u32,
+    /// Burst for one site key.
+    pub per_site_burst: u32,
+    /// Proxies whose `X-Forwarded-For` is trusted (CIDRs). When the peer is one of them, the
+    /// client IP is the right-most `X-Forwarded-For` entry that is not. Empty: the peer address.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// The forwarder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwarderConfig {
+    /// Most records per sink call.
+    pub batch_size: usize,
+    /// First retry delay after a sink failure, milliseconds (doubled per failure, full jitter).
+    pub initial_backoff_ms: u64,
+    /// Longest retry delay, milliseconds.
+    pub max_backoff_ms: u64,
+    /// On shutdown, how long to keep forwarding what is spooled, seconds. What is left stays
+    /// in the spool for the next start.
+    pub shutdown_drain_secs: u64,
+}
+
+/// The sink events are forwarded to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// The embedded warehouse: one SQLite file, no setup.
+    Warehouse {
+        /// The file; default `<data_dir>/warehouse.sqlite`.
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+}
+
+/// One site: a public site key and where its pages may send from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// The site key the agent sends in every batch (public, not a secret).
+    pub key: String,
+    /// Origins (`https://app.example.com`) allowed to send, and answered with CORS headers.
+    #[serde(default)]
+    pub origins: Vec<String>,
+    /// Also allow an `Origin` whose host equals the request's `Host` (the relay behind the
+    /// app's own domain).
+    #[serde(default = "default_true")]
+    pub allow_same_origin: bool,
+    /// Secrets a backend presents (`Authorization: Bearer …`) on the server path. Empty: the
+    /// server path is closed for this site.
+    #[serde(default)]
+    pub server_secrets: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().expect("valid"),
+            admin_listen: "127.0.0.1:9090".parse().expect("valid"),
+            data_dir: PathBuf::from("data"),
+            prefix: "/_r".into(),
+            collect_path: "q".into(),
+            server_path: "s".into(),
+            assets_path: "a".into(),
+            asset_dir: PathBuf::from("dist"),
+            www_dir: None,
+            schemas_file: None,
+            limits: LimitsConfig::default(),
+            spool: SpoolConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            forwarder: ForwarderConfig::default(),
+            sink: SinkConfig::Warehouse { path: None },
+            sites: vec![SiteConfig {
+                key: "demo".into(),
+                origins: vec![],
+                allow_same_origin: true,
+                server_secrets: vec![],
+            }],
+            request_timeout_secs: 30,
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        LimitsConfig {
+            max_body_bytes: 1024 * 1024,
+            max_decompressed_bytes: 4 * 1024 * 1024,
+            max_events_per_batch: 500,
+            max_event_bytes: l.max_event_bytes,
+            max_depth: l.max_depth,
+            max_future_secs: l.max_future_ms / 1000,
+            max_past_secs: l.max_past_ms / 1000,
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            max_bytes: 1024 * 1024 * 1024,
+            dedupe_retention_secs: 35 * 24 * 3600,
+            max_group_requests: 512,
+        }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            per_ip_per_sec: 20,
+            per_ip_burst: 100,
+            per_site_per_sec: 5_000,
+            per_site_burst: 20_000,
+            trusted_proxies: vec![],
+        }
+    }
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        ForwarderConfig {
+            batch_size: 2_000,
+            initial_backoff_ms: 200,
+            max_backoff_ms: 30_000,
+            shutdown_drain_secs: 10,
+        }
+    }
+}
+
+/// A configuration that cannot work, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// Which file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// Which file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The user schema file: `[[schema]]` tables.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchemaFile {
+    #[serde(default)]
+    schema: Vec<SchemaDef>,
+}
+
+impl Config {
+    /// Reads a TOML file; missing fields take their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Checks ranges and consistency, and normalises the prefix (leading `/`, no trailing `/`).
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let p = self.prefix.trim_matches('/');
+        self.prefix = if p.is_empty() {
+            String::new()
+        } else {
+            format!("/{p}")
+        };
+        for (name, seg) in [
+            ("collect_path", &mut self.collect_path),
+            ("server_path", &mut self.server_path),
+            ("assets_path", &mut self.assets_path),
+        ] {
+            *seg = seg.trim_matches('/').to_string();
+            if seg.is_empty() {
+                return bad(format!("{name} must not be empty"));
+            }
+        }
+        if self.collect_path == self.server_path
+            || self.collect_path == self.assets_path
+            || self.server_path == self.assets_path
+        {
+            return bad("collect_path, server_path and assets_path must differ".into());
+        }
+        let l = &self.limits;
+        if l.max_events_per_batch == 0 || l.max_events_per_batch > MAX_EVENTS_PER_BATCH_LIMIT {
+            return bad(format!(
+                "limits.max_events_per_batch must be 1..={MAX_EVENTS_PER_BATCH_LIMIT}"
+            ));
+        }
+        if l.max_body_bytes == 0 || l.max_decompressed_bytes < l.max_body_bytes {
+            return bad(
+                "limits.max_decompressed_bytes must be at least limits.max_body_bytes (> 0)".into(),
+            );
+        }
+        if l.max_depth < 3 {
+            return bad("limits.max_depth must be at least 3 (event, props, a value)".into());
+        }
+        if self.spool.dedupe_retention_secs < (l.max_past_secs.max(0) as u64) {
+            return bad("spool.dedupe_retention_secs must be at least limits.max_past_secs, or late retries would be stored twice".into());
+        }
+        if self.spool.max_group_requests == 0 || self.forwarder.batch_size == 0 {
+            return bad("spool.max_group_requests and forwarder.batch_size must be > 0".into());
+        }
+        if self.sites.is_empty() {
+            return bad("at least one [[sites]] entry is needed".into());
+        }
+        let mut keys = std::collections::HashSet::new();
+        for s in &self.sites {
+            if s.key.is_empty() || !keys.insert(&s.key) {
+                return bad(format!(
+                    "site keys must be non-empty and unique (got {:?})",
+                    s.key
+                ));
+            }
+            if s.server_secrets.iter().any(|k| k.len() < 16) {
+                return bad(format!(
+                    "site {:?}: server secrets must be at least 16 characters",
+                    s.key
+                ));
+            }
+            for o in &s.origins {
+                if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                    return bad(format!(
+                        "site {:?}: origin {o:?} must look like https://host[:port]",
+                        s.key
+                    ));
+                }
+            }
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad("log_format must be \"text\" or \"json\"".into());
+        }
+        Ok(())
+    }
+
+    /// The per-event limits for validation.
+    pub fn event_limits(&self) -> Limits {
+        Limits {
+            max_event_bytes: self.limits.max_event_bytes,
+            max_depth: self.limits.max_depth,
+            max_future_ms: self.limits.max_future_secs.saturating_mul(1000),
+            max_past_ms: self.limits.max_past_secs.saturating_mul(1000),
+            ..Limits::default()
+        }
+    }
+
+    /// The built-in schemas plus the user schema file, if any.
+    pub fn schema_registry(&self) -> Result<SchemaRegistry, ConfigError> {
+        let mut reg = SchemaRegistry::builtin();
+        if let Some(path) = &self.schemas_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: SchemaFile = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+            for def in file.schema {
+                reg.register(def)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            }
+        }
+        Ok(reg)
+    }
+
+    /// Public URL path of the collection endpoint.
+    pub fn collect_url_path(&self) -> String {
+        format!("{}/{}", self.prefix, self.collect_path)
+    }
+
+    /// Public URL path of the server-event endpoint.
+    pub fn server_url_path(&self) -> String {
+        format!("{}/{}", self.prefix, self.server_path)
+    }
+
+    /// Public URL path under which the agent's files are served (ends with `/`).
+    pub fn assets_url_path(&self) -> String {
+        format!("{}/{}/", self.prefix, self.assets_path)
+    }
+
+    /// The warehouse file.
+    pub fn warehouse_path(&self) -> PathBuf {
+        match &self.sink {
+            SinkConfig::Warehouse { path: Some(p) } => p.clone(),
+            SinkConfig::Warehouse { path: None } => self.data_dir.join("warehouse.sqlite"),
+        }
+    }
+
+    /// The spool file.
+    pub fn spool_path(&self) -> PathBuf {
+        self.data_dir.join("spool.sqlite")
+    }
+}

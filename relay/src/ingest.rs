@@ -1,0 +1,392 @@
+//! The two ingest endpoints: browser batches (anonymous, bound to a site key and its
+//! Origins) and server batches (authenticated with a site's secret).
+//!
+//! Every bound is checked before the data it bounds is allocated: the shutdown flag and the
+//! IP's rate limit before the body is read, `Content-Length` before any byte, a streamed cap
+//! while reading, a cap on the decompressed size, an event count that stops keeping events
+//! past the limit, then per-event size and depth. Bad requests get a 4xx with a reason and
+//! change nothing; a batch gets its 200 only after the spool has fsync'd it.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{HeaderMap, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use trueup_protocol::{
+    BatchResponse, EventResult, EventStatus, Limits, PROTOCOL_VERSION, RawBatch, SchemaRegistry,
+    Source, validate_event,
+};
+
+use crate::api::ApiError;
+use crate::config::{Config, SiteConfig};
+use crate::limiters::Limiters;
+use crate::spool::{Admission, DeadLetter, NewEvent, Spool, SpoolError};
+use crate::time::now_ms;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The effective configuration.
+    pub cfg: Arc<Config>,
+    /// Known schemas.
+    pub registry: Arc<SchemaRegistry>,
+    /// Per-event limits.
+    pub limits: Limits,
+    /// The durable spool.
+    pub spool: Arc<Spool>,
+    /// Rate limiters.
+    pub limiters: Arc<Limiters>,
+    /// Sites by key.
+    pub sites: Arc<HashMap<String, SiteConfig>>,
+    /// Set when shutdown starts: new batches get 503.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+/// Query parameters of the ingest endpoints.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestParams {
+    /// `gzip` when the body is gzip-compressed (sendBeacon cannot set Content-Encoding).
+    #[serde(default)]
+    z: Option<String>,
+}
+
+/// `POST <prefix>/<collect_path>`: a browser batch.
+pub async fn collect(
+    State(st): State<AppState>,
+    req: Request,
+) -> Result<Json<BatchResponse>, ApiError> {
+    ingest(st, Source::Client, req).await
+}
+
+/// `POST <prefix>/<server_path>`: a server batch, `Authorization: Bearer <site secret>`.
+pub async fn server_events(
+    State(st): State<AppState>,
+    req: Request,
+) -> Result<Json<BatchResponse>, ApiError> {
+    ingest(st, Source::Server, req).await
+}
+
+async fn ingest(
+    st: AppState,
+    source: Source,
+    req: Request,
+) -> Result<Json<BatchResponse>, ApiError> {
+    if st.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError::Unavailable {
+            code: "shutting_down",
+            retry_after: 5,
+        });
+    }
+    let (parts, body) = req.into_parts();
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let client_ip = st.limiters.client_ip(peer, &parts.headers);
+    let server_site = match source {
+        Source::Client => {
+            st.limiters.check_ip(client_ip)?;
+            None
+        }
+        Source::Server => Some(authenticate(&st, &parts.headers)?),
+    };
+    let Query(params) = Query::<IngestParams>::try_from_uri(&parts.uri)
+        .map_err(|e| ApiError::bad("bad_query", e.body_text()))?;
+    check_content_type(&parts.headers)?;
+    let gzip = match params.z.as_deref() {
+        None => is_gzip_encoded(&parts.headers)?,
+        Some("gzip") => true,
+        Some(other) => {
+            return Err(ApiError::bad(
+                "bad_query",
+                format!("unknown compression z={other:?}; use z=gzip"),
+            ));
+        }
+    };
+    let raw = read_body(body, &parts.headers, &st.cfg).await?;
+    let bytes = if gzip {
+        gunzip(&raw, st.cfg.limits.max_decompressed_bytes)?
+    } else {
+        raw.to_vec()
+    };
+
+    let batch: RawBatch = serde_json::from_slice(&bytes).map_err(|e| {
+        if e.to_string().contains("recursion limit") {
+            ApiError::bad("too_deep", "the batch nests too deeply to parse")
+        } else {
+            ApiError::bad("malformed_batch", format!("not a valid batch: {e}"))
+        }
+    })?;
+    if batch.v != PROTOCOL_VERSION {
+        return Err(ApiError::bad(
+            "unsupported_version",
+            format!(
+                "batch v={} is not supported; this relay speaks v{PROTOCOL_VERSION}",
+                batch.v
+            ),
+        ));
+    }
+    let max = st.cfg.limits.max_events_per_batch;
+    if batch.events.total > max {
+        return Err(ApiError::too_large(
+            "too_many_events",
+            format!("{} events in one batch, limit {max}", batch.events.total),
+        ));
+    }
+    let site = match (&server_site, &batch.site) {
+        (Some(authed), Some(claimed)) if authed != claimed => {
+            return Err(ApiError::forbidden(
+                "wrong_site",
+                "the secret does not belong to the batch's site",
+            ));
+        }
+        (Some(authed), _) => authed.clone(),
+        (None, None) => {
+            return Err(ApiError::forbidden(
+                "unknown_site",
+                "the batch has no site key",
+            ));
+        }
+        (None, Some(key)) => {
+            let site = st
+                .sites
+                .get(key)
+                .ok_or_else(|| ApiError::forbidden("unknown_site", "unknown site key"))?;
+            check_origin(site, &parts.headers, st.limiters.is_trusted_peer(peer))?;
+            key.clone()
+        }
+    };
+    st.limiters.check_site(&site)?;
+    let spool_bytes = st.spool.stats().bytes.load(Ordering::Relaxed);
+    if spool_bytes > st.cfg.spool.max_bytes {
+        return Err(ApiError::Unavailable {
+            code: "spool_full",
+            retry_after: 10,
+        });
+    }
+
+    let now = now_ms();
+    let label = source.as_str();
+    metrics::counter!("trueup_events_received_total", "source" => label)
+        .increment(batch.events.items.len() as u64);
+    let mut results: Vec<Option<EventResult>> = vec![None; batch.events.items.len()];
+    let mut fresh = Vec::with_capacity(batch.events.items.len());
+    let mut fresh_index = Vec::with_capacity(batch.events.items.len());
+    let mut dead = Vec::new();
+    for (i, raw) in batch.events.items.iter().enumerate() {
+        match validate_event(raw.get(), source, now, &st.registry, &st.limits) {
+            Ok(event) => {
+                fresh.push(NewEvent {
+                    id: event.id,
+                    site: site.clone(),
+                    body: raw.get().to_string(),
+                });
+                fresh_index.push(i);
+            }
+            Err(rej) => {
+                metrics::counter!("trueup_events_rejected_total", "reason" => rej.reason.as_str())
+                    .increment(1);
+                dead.push(DeadLetter {
+                    stage: "ingest",
+                    site: Some(site.clone()),
+                    reason: rej.reason.as_str().to_string(),
+                    detail: rej.detail.clone(),
+                    event_id: rej.id,
+                    raw: raw.get().to_string(),
+                });
+                results[i] = Some(EventResult {
+                    id: rej.id,
+                    status: EventStatus::Rejected {
+                        reason: rej.reason,
+                        detail: rej.detail,
+                    },
+                });
+            }
+        }
+    }
+    let counters = batch.counters.as_ref().and_then(|c| {
+        if c.device_id.is_empty() || c.device_id.len() > 200 {
+            metrics::counter!("trueup_counters_ignored_total").increment(1);
+            return None;
+        }
+        serde_json::to_string(c)
+            .ok()
+            .map(|json| (site.clone(), json))
+    });
+    let ids: Vec<_> = fresh.iter().map(|e| e.id).collect();
+    let admissions = st
+        .spool
+        .write(fresh, counters, dead)
+        .await
+        .map_err(|e| match e {
+            SpoolError::Closed => ApiError::Unavailable {
+                code: "shutting_down",
+                retry_after: 5,
+            },
+            SpoolError::Storage(_) => ApiError::Unavailable {
+                code: "storage_unavailable",
+                retry_after: 10,
+            },
+        })?;
+    for ((i, id), adm) in fresh_index.into_iter().zip(ids).zip(admissions) {
+        let status = match adm {
+            Admission::New => EventStatus::Accepted,
+            Admission::Duplicate => EventStatus::Duplicate,
+        };
+        results[i] = Some(EventResult {
+            id: Some(id),
+            status,
+        });
+    }
+    let mut response = BatchResponse::default();
+    for r in results.into_iter().flatten() {
+        response.push(r);
+    }
+    metrics::counter!("trueup_events_accepted_total", "source" => label)
+        .increment(response.accepted.into());
+    metrics::counter!("trueup_events_duplicate_total", "source" => label)
+        .increment(response.duplicate.into());
+    Ok(Json(response))
+}
+
+/// The site whose server secret the request presents.
+fn authenticate(st: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized)?
+        .trim()
+        .as_bytes();
+    // Compare against every secret without an early exit, so timing reveals nothing.
+    let mut found = None;
+    for site in st.sites.values() {
+        for secret in &site.server_secrets {
+            if bool::from(secret.as_bytes().ct_eq(presented)) {
+                found = Some(site.key.clone());
+            }
+        }
+    }
+    found.ok_or(ApiError::Unauthorized)
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let ct = ct
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match ct.as_str() {
+        "text/plain" | "application/json" | "" => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType),
+    }
+}
+
+fn is_gzip_encoded(headers: &HeaderMap) -> Result<bool, ApiError> {
+    match headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+    {
+        None => Ok(false),
+        Some(e) if e == "gzip" => Ok(true),
+        Some(e) if e == "identity" => Ok(false),
+        Some(e) => Err(ApiError::bad(
+            "unsupported_encoding",
+            format!("Content-Encoding {e:?} is not supported; use gzip"),
+        )),
+    }
+}
+
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    cfg: &Config,
+) -> Result<bytes::Bytes, ApiError> {
+    let max = cfg.limits.max_body_bytes;
+    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ApiError::bad("bad_content_length", "Content-Length is not a number"))?;
+        if len > max as u64 {
+            return Err(ApiError::too_large(
+                "body_too_large",
+                format!("body of {len} bytes, limit {max}"),
+            ));
+        }
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(
+            "body_too_large",
+            format!("body over the limit of {max} bytes"),
+        )),
+        Err(e) => Err(ApiError::bad(
+            "body_unreadable",
+            format!("the body could not be read: {e}"),
+        )),
+    }
+}
+
+fn gunzip(raw: &[u8], max: usize) -> Result<Vec<u8>, ApiError> {
+    let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(max));
+    flate2::read::GzDecoder::new(raw)
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::bad("bad_gzip", format!("the body is not valid gzip: {e}")))?;
+    if out.len() > max {
+        return Err(ApiError::too_large(
+            "decompressed_too_large",
+            format!("decompressed body over the limit of {max} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
+fn check_origin(
+    site: &SiteConfig,
+    headers: &HeaderMap,
+    trusted_peer: bool,
+) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        // Not a browser request (or a very old browser); the site key still binds it.
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    if site.origins.iter().any(|o| o.eq_ignore_ascii_case(origin)) {
+        return Ok(());
+    }
+    if site.allow_same_origin {
+        let authority = origin.split_once("://").map(|(_, a)| a).unwrap_or("");
+        let host = trusted_peer
+            .then(|| headers.get("x-forwarded-host"))
+            .flatten()
+            .or_else(|| headers.get(header::HOST))
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        if !authority.is_empty() && authority.eq_ignore_ascii_case(host) {
+            return Ok(());
+        }
+    }
+    Err(ApiError::forbidden(
+        "origin_not_allowed",
+        format!("origin {origin:?} is not allowed for this site"),
+    ))
+}

@@ -1,0 +1,311 @@
+//! Start-up, the two listeners, background tasks and graceful shutdown.
+//!
+//! Shutdown (SIGTERM or Ctrl-C): new batches get 503 at once; both listeners stop accepting
+//! and finish the requests in flight; the forwarder keeps draining the spool to the sink for
+//! up to `forwarder.shutdown_drain_secs`; the spool writer finishes its queue and checkpoints.
+//! What was not forwarded stays in the spool for the next start.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::forwarder::{self, ForwarderHealth};
+use crate::health::AdminState;
+use crate::ingest::AppState;
+use crate::limiters::Limiters;
+use crate::router::{admin_router, public_router};
+use crate::sinks::Sink;
+use crate::sinks::warehouse::WarehouseSink;
+use crate::spool::Spool;
+use crate::time::now_ms;
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("trueup_request_duration_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("trueup_spool_commit_seconds".into()),
+                        &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("trueup_spool_commit_requests".into()),
+                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+                    )
+                })
+                .expect("bucket lists are non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+            }
+            describe_metrics();
+            handle
+        })
+        .clone()
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "trueup_events_received_total",
+        "Events received in batches, by source."
+    );
+    describe_counter!(
+        "trueup_events_accepted_total",
+        "Events stored for the first time."
+    );
+    describe_counter!(
+        "trueup_events_duplicate_total",
+        "Events already stored (retries)."
+    );
+    describe_counter!(
+        "trueup_events_rejected_total",
+        "Invalid events, kept in dead_letter, by reason."
+    );
+    describe_counter!(
+        "trueup_requests_rejected_total",
+        "Whole requests refused, by error code."
+    );
+    describe_counter!(
+        "trueup_rate_limited_total",
+        "Requests answered 429, by scope."
+    );
+    describe_counter!("trueup_forwarded_total", "Records delivered to the sink.");
+    describe_counter!(
+        "trueup_sink_errors_total",
+        "Failed sink deliveries (retried)."
+    );
+    describe_gauge!("trueup_spool_depth", "Records waiting in the spool.");
+    describe_gauge!(
+        "trueup_spool_bytes",
+        "Bytes of records waiting in the spool."
+    );
+    describe_gauge!(
+        "trueup_forward_lag_seconds",
+        "Age of the oldest record not yet forwarded."
+    );
+    describe_histogram!(
+        "trueup_request_duration_seconds",
+        "Request latency on the public listener."
+    );
+    describe_histogram!(
+        "trueup_spool_commit_seconds",
+        "Duration of one group commit (with fsync)."
+    );
+    describe_histogram!(
+        "trueup_spool_commit_requests",
+        "Requests sharing one group commit."
+    );
+}
+
+/// A relay whose listeners are bound; `run` serves until `shutdown` is cancelled.
+pub struct Relay {
+    public: TcpListener,
+    admin: TcpListener,
+    cfg: Arc<Config>,
+}
+
+impl Relay {
+    /// Validates the config, creates the data directory and binds both listeners.
+    pub async fn bind(mut cfg: Config) -> anyhow::Result<Relay> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+        let public = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let admin = TcpListener::bind(cfg.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin)", cfg.admin_listen))?;
+        Ok(Relay {
+            public,
+            admin,
+            cfg: Arc::new(cfg),
+        })
+    }
+
+    /// The bound public address.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public.local_addr().expect("bound")
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound")
+    }
+
+    /// Serves until `shutdown` is cancelled, then shuts down gracefully.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let cfg = self.cfg;
+        let registry = Arc::new(cfg.schema_registry()?);
+        let spool = Arc::new(Spool::open(
+            &cfg.spool_path(),
+            cfg.spool.max_group_requests,
+        )?);
+        let sink: Arc<dyn Sink> =
+            Arc::new(WarehouseSink::open(&cfg.warehouse_path()).with_context(|| {
+                format!(
+                    "cannot open the warehouse {}",
+                    cfg.warehouse_path().display()
+                )
+            })?);
+        let limiters = Arc::new(Limiters::new(&cfg.rate_limit));
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let forwarder_health = Arc::new(ForwarderHealth::default());
+        forwarder_health
+            .last_beat_ms
+            .store(now_ms(), Ordering::Relaxed);
+
+        let state = AppState {
+            cfg: cfg.clone(),
+            registry,
+            limits: cfg.event_limits(),
+            spool: spool.clone(),
+            limiters: limiters.clone(),
+            sites: Arc::new(
+                cfg.sites
+                    .iter()
+                    .map(|s| (s.key.clone(), s.clone()))
+                    .collect::<HashMap<_, _>>(),
+            ),
+            shutting_down: shutting_down.clone(),
+        };
+        let admin_state = AdminState {
+            spool: spool.clone(),
+            forwarder: forwarder_health.clone(),
+            spool_max_bytes: cfg.spool.max_bytes,
+            shutting_down: shutting_down.clone(),
+            metrics: metrics_handle(),
+        };
+
+        let forwarder_stop = CancellationToken::new();
+        let forwarder = tokio::spawn(forwarder::run(
+            spool.clone(),
+            sink,
+            cfg.forwarder.clone(),
+            forwarder_health,
+            forwarder_stop.clone(),
+        ));
+        let housekeeping_stop = CancellationToken::new();
+        let housekeeping = tokio::spawn(housekeeping(
+            spool.clone(),
+            limiters,
+            cfg.spool.dedupe_retention_secs,
+            admin_state.metrics.clone(),
+            housekeeping_stop.clone(),
+        ));
+
+        let public_addr = self.public.local_addr()?;
+        let admin_addr = self.admin.local_addr()?;
+        tracing::info!(
+            listen = %public_addr,
+            admin_listen = %admin_addr,
+            collect = %cfg.collect_url_path(),
+            assets = %cfg.assets_url_path(),
+            data_dir = %cfg.data_dir.display(),
+            "trueup relay listening"
+        );
+
+        let public_stop = shutdown.clone();
+        let flag = shutting_down.clone();
+        let public = axum::serve(
+            self.public,
+            public_router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            public_stop.cancelled().await;
+            flag.store(true, Ordering::Relaxed);
+            tracing::info!("shutdown: no new connections; finishing requests in flight");
+        });
+        let admin_stop = CancellationToken::new();
+        let admin_stop2 = admin_stop.clone();
+        let admin = tokio::spawn(async move {
+            axum::serve(self.admin, admin_router(admin_state))
+                .with_graceful_shutdown(admin_stop2.cancelled_owned())
+                .await
+        });
+
+        public.await.context("public listener failed")?;
+        tracing::info!("shutdown: requests finished; draining the spool to the sink");
+        forwarder_stop.cancel();
+        let _ = forwarder.await;
+        housekeeping_stop.cancel();
+        let _ = housekeeping.await;
+        spool.close().await;
+        admin_stop.cancel();
+        let _ = admin.await;
+        tracing::info!(
+            left_in_spool = spool.stats().rows.load(Ordering::Relaxed),
+            "shutdown complete"
+        );
+        Ok(())
+    }
+}
+
+/// Heartbeats for the spool writer, limiter clean-up, dedupe pruning, metrics upkeep.
+async fn housekeeping(
+    spool: Arc<Spool>,
+    limiters: Arc<Limiters>,
+    retention_secs: u64,
+    metrics: PrometheusHandle,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        spool.beat().await;
+        if n % 10 == 0 {
+            metrics.run_upkeep();
+        }
+        if n % 60 == 0 {
+            limiters.shrink();
+        }
+        if n % 3600 == 0 {
+            spool
+                .prune(now_ms() - (retention_secs.min(i64::MAX as u64 / 1000) as i64) * 1000)
+                .await;
+        }
+        n += 1;
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,41 @@
+//! Sinks: where the forwarder delivers spooled records. One file per sink, one trait.
+//!
+//! A sink receives records in spool order and answers for the whole call: either it has
+//! durably taken every record except those it lists as permanently rejected, or it failed and
+//! the forwarder retries the same records later. Delivery is at-least-once (a crash after the
+//! sink's commit and before the spool's deletion re-delivers), so sinks must treat the event
+//! id as an idempotency key.
+
+pub mod warehouse;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::spool::Record;
+
+/// The sink's answer to a delivery that succeeded.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    /// Records the sink will never take, by position, with a reason; they go to the
+    /// dead-letter table.
+    pub rejected: Vec<(i64, String)>,
+}
+
+/// A delivery that failed as a whole; the forwarder retries it.
+#[derive(Debug, thiserror::Error)]
+#[error("sink unavailable: {message}")]
+pub struct SinkError {
+    /// What went wrong.
+    pub message: String,
+    /// How long the sink asked us to wait, if it did.
+    pub retry_after: Option<Duration>,
+}
+
+/// A destination for spooled records.
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// A short name for logs and metrics.
+    fn name(&self) -> &'static str;
+    /// Delivers records (in order). See the module docs for the contract.
+    async fn deliver(&self, records: Arc<Vec<Record>>) -> Result<Delivery, SinkError>;
+}

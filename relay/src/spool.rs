@@ -1,0 +1,557 @@
+//! The durable spool: where accepted events wait, fsync'd, until the sink has them.
+//!
+//! # Promise
+//!
+//! A batch is answered 2xx only after every event the answer calls `accepted` or `duplicate`
+//! is in the spool file and the spool file is fsync'd. An event the spool has accepted stays
+//! there until the forwarder has delivered it to the sink and the sink has acknowledged it.
+//! An event id is stored at most once while it is remembered (see *Dedupe*).
+//!
+//! # On disk
+//!
+//! One SQLite database, `<data_dir>/spool.sqlite`, in WAL mode with `synchronous = FULL`, so
+//! every commit fsyncs the WAL before it returns. Tables:
+//!
+//! - `spool(pos INTEGER PRIMARY KEY AUTOINCREMENT, kind, site, received_at, body)`: records
+//!   waiting for the sink, in arrival order. `kind` 0 is an event (`body` is its JSON as
+//!   received and validated), 1 is an agent's counters (`body` is their JSON).
+//!   AUTOINCREMENT means a `pos` is never reused, so "delete up to pos" is always safe.
+//! - `seen(id BLOB PRIMARY KEY)`: the 16 bytes of every event id stored, for dedupe.
+//! - `dead_letter(...)`: events rejected at ingest (invalid) or by the sink (permanently),
+//!   with the reason and the raw event. Never deleted by the relay.
+//!
+//! # Group commit
+//!
+//! One writer thread owns the only read-write connection. Requests send it jobs through a
+//! bounded channel; it takes every job waiting (up to `max_group_requests`), runs them in
+//! one transaction, commits (one fsync for all of them), then answers each job. Under load,
+//! many requests share one fsync; idle, a request waits for its own. Because the dedupe
+//! insert (`seen`) and the spool insert happen in the same transaction, a crash keeps both
+//! or neither: an event can never be marked seen without being spooled.
+//!
+//! # Dedupe
+//!
+//! An id is answered `duplicate` when it is in `seen`. Rows of `seen` are pruned when the
+//! time inside the UUIDv7 id is older than `dedupe_retention_secs`; since events whose `ts`
+//! is older than `limits.max_past_secs` are rejected and the config requires the retention
+//! to be longer, a legitimate retry is always caught. (A client that forges an old id with a
+//! recent `ts` can have it stored twice, after the retention; the warehouse's unique `id`
+//! still stores it once.)
+//!
+//! # Crash
+//!
+//! After `kill -9`, SQLite's WAL recovery keeps every committed transaction and drops the one
+//! in flight, whose requests were never answered; their senders retry with the same ids.
+//! Records that the sink acknowledged but whose deletion did not commit are delivered again:
+//! delivery to the sink is at-least-once, and sinks dedupe by event id (the warehouse's
+//! `id` is unique).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rusqlite::{Connection, OpenFlags, params};
+use tokio::sync::{Notify, mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::time::now_ms;
+
+/// An event to store.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Its id (the dedupe key).
+    pub id: Uuid,
+    /// The site it was sent for.
+    pub site: String,
+    /// Its JSON, as received and validated.
+    pub body: String,
+}
+
+/// Something the relay could not deliver, kept with why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// `ingest` (rejected by validation) or `sink` (rejected by the sink).
+    pub stage: &'static str,
+    /// The site, when known.
+    pub site: Option<String>,
+    /// A stable reason code.
+    pub reason: String,
+    /// Human-readable detail.
+    pub detail: String,
+    /// The event's id, when readable.
+    pub event_id: Option<Uuid>,
+    /// The raw event (truncated to 64 KiB).
+    pub raw: String,
+}
+
+/// Whether an event was new or already stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Stored now.
+    New,
+    /// Stored earlier; not stored again.
+    Duplicate,
+}
+
+/// What a spooled record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// An event's JSON.
+    Event,
+    /// An agent's counters' JSON.
+    Counters,
+}
+
+/// One record waiting in the spool.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Its position; records are delivered in this order.
+    pub pos: i64,
+    /// What it is.
+    pub kind: RecordKind,
+    /// The site.
+    pub site: String,
+    /// When the relay received it, milliseconds since the Unix epoch.
+    pub received_at: i64,
+    /// The JSON.
+    pub body: String,
+}
+
+/// The spool failed; the request must not be acknowledged.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    /// SQLite reported an error (disk full, I/O error, ...).
+    #[error("spool storage error: {0}")]
+    Storage(String),
+    /// The writer has stopped (shutting down).
+    #[error("spool is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for SpoolError {
+    fn from(e: rusqlite::Error) -> Self {
+        SpoolError::Storage(e.to_string())
+    }
+}
+
+/// Live figures of the spool, readable without a query.
+#[derive(Debug, Default)]
+pub struct SpoolStats {
+    /// Records waiting.
+    pub rows: AtomicU64,
+    /// Bytes of record bodies waiting.
+    pub bytes: AtomicU64,
+    /// Last time the writer thread was alive, ms since the epoch.
+    pub last_beat_ms: AtomicI64,
+    /// Whether the last transaction committed.
+    pub healthy: AtomicBool,
+}
+
+struct WriteJob {
+    events: Vec<NewEvent>,
+    counters: Option<(String, String)>,
+    dead: Vec<DeadLetter>,
+    reply: oneshot::Sender<Result<Vec<Admission>, SpoolError>>,
+}
+
+struct AckJob {
+    up_to: i64,
+    rows: u64,
+    bytes: u64,
+    dead: Vec<DeadLetter>,
+    reply: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+enum Job {
+    Write(WriteJob),
+    Ack(AckJob),
+    Prune { before_ms: i64 },
+    Beat,
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The spool: a handle to the writer thread plus what readers need.
+pub struct Spool {
+    tx: mpsc::Sender<Job>,
+    stats: Arc<SpoolStats>,
+    path: PathBuf,
+    /// Signalled after a commit that stored new records.
+    pub new_records: Arc<Notify>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS spool (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen (id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letter (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at INTEGER NOT NULL,
+    stage TEXT NOT NULL,
+    site TEXT,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    event_id TEXT,
+    raw TEXT NOT NULL
+);
+";
+
+const MAX_DEAD_RAW: usize = 64 * 1024;
+
+impl Spool {
+    /// Opens (or creates) the spool file and starts the writer thread.
+    pub fn open(path: &Path, max_group_requests: usize) -> Result<Spool, SpoolError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        let (rows, bytes): (i64, i64) = conn.query_row(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM spool",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let stats = Arc::new(SpoolStats::default());
+        stats.rows.store(rows as u64, Ordering::Relaxed);
+        stats.bytes.store(bytes as u64, Ordering::Relaxed);
+        stats.healthy.store(true, Ordering::Relaxed);
+        stats.last_beat_ms.store(now_ms(), Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(max_group_requests * 4);
+        let new_records = Arc::new(Notify::new());
+        let writer = Writer {
+            conn,
+            stats: stats.clone(),
+            notify: new_records.clone(),
+            max_group: max_group_requests,
+        };
+        let thread = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| SpoolError::Storage(e.to_string()))?;
+        Ok(Spool {
+            tx,
+            stats,
+            path: path.to_path_buf(),
+            new_records,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Live figures.
+    pub fn stats(&self) -> &SpoolStats {
+        &self.stats
+    }
+
+    /// Stores events (deduped), an agent's counters and dead letters in one durable
+    /// transaction, shared with whatever other requests are waiting. Returns, per event in
+    /// order, whether it was new.
+    pub async fn write(
+        &self,
+        events: Vec<NewEvent>,
+        counters: Option<(String, String)>,
+        dead: Vec<DeadLetter>,
+    ) -> Result<Vec<Admission>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Write(WriteJob {
+            events,
+            counters,
+            dead,
+            reply,
+        });
+        self.tx.send(job).await.map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Removes delivered records up to `up_to` (inclusive) and stores the sink's dead letters.
+    pub async fn ack(
+        &self,
+        up_to: i64,
+        rows: u64,
+        bytes: u64,
+        dead: Vec<DeadLetter>,
+    ) -> Result<(), SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Ack(AckJob {
+            up_to,
+            rows,
+            bytes,
+            dead,
+            reply,
+        });
+        self.tx.send(job).await.map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Forgets ids whose UUIDv7 time is before `before_ms`.
+    pub async fn prune(&self, before_ms: i64) {
+        let _ = self.tx.send(Job::Prune { before_ms }).await;
+    }
+
+    /// Proves the writer is alive (it stamps `last_beat_ms`).
+    pub async fn beat(&self) {
+        let _ = self.tx.send(Job::Beat).await;
+    }
+
+    /// Finishes the jobs already queued, checkpoints, and stops the writer thread.
+    pub async fn close(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Job::Shutdown(done)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let handle = self.thread.lock().expect("not poisoned").take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+
+    /// A read-only connection for the forwarder.
+    pub fn reader(&self) -> Result<SpoolReader, SpoolError> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(SpoolReader { conn })
+    }
+}
+
+/// Reads spooled records in order.
+pub struct SpoolReader {
+    conn: Connection,
+}
+
+impl SpoolReader {
+    /// Up to `limit` records with `pos > after`, in order.
+    pub fn read_after(&mut self, after: i64, limit: usize) -> Result<Vec<Record>, SpoolError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT pos, kind, site, received_at, body FROM spool WHERE pos > ?1 ORDER BY pos LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit as i64], |r| {
+            Ok(Record {
+                pos: r.get(0)?,
+                kind: if r.get::<_, i64>(1)? == 1 {
+                    RecordKind::Counters
+                } else {
+                    RecordKind::Event
+                },
+                site: r.get(2)?,
+                received_at: r.get(3)?,
+                body: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Dead letters by stage and reason.
+    pub fn dead_letter_counts(&mut self) -> Result<Vec<(String, String, u64)>, SpoolError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT stage, reason, count(*) FROM dead_letter GROUP BY stage, reason ORDER BY stage, reason",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    stats: Arc<SpoolStats>,
+    notify: Arc<Notify>,
+    max_group: usize,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        while shutdown.is_none() {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut jobs = vec![first];
+            while jobs.len() < self.max_group {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.stats.last_beat_ms.store(now_ms(), Ordering::Relaxed);
+            let mut writes = Vec::new();
+            let mut acks = Vec::new();
+            let mut prune = None;
+            for job in jobs {
+                match job {
+                    Job::Write(w) => writes.push(w),
+                    Job::Ack(a) => acks.push(a),
+                    Job::Prune { before_ms } => prune = Some(before_ms),
+                    Job::Beat => {}
+                    Job::Shutdown(done) => shutdown = Some(done),
+                }
+            }
+            if writes.is_empty() && acks.is_empty() && prune.is_none() {
+                continue;
+            }
+            let started = Instant::now();
+            let outcome = self.transaction(&writes, &acks, prune);
+            metrics::histogram!("trueup_spool_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("trueup_spool_commit_requests").record(writes.len() as f64);
+            match outcome {
+                Ok((admissions, added_rows, added_bytes)) => {
+                    self.stats.healthy.store(true, Ordering::Relaxed);
+                    let (acked_rows, acked_bytes) = acks
+                        .iter()
+                        .fold((0, 0), |(r, b), a| (r + a.rows, b + a.bytes));
+                    self.stats.rows.fetch_add(added_rows, Ordering::Relaxed);
+                    self.stats.bytes.fetch_add(added_bytes, Ordering::Relaxed);
+                    // Acks only remove what an earlier commit added, so these never underflow.
+                    self.stats.rows.fetch_sub(
+                        acked_rows.min(self.stats.rows.load(Ordering::Relaxed)),
+                        Ordering::Relaxed,
+                    );
+                    self.stats.bytes.fetch_sub(
+                        acked_bytes.min(self.stats.bytes.load(Ordering::Relaxed)),
+                        Ordering::Relaxed,
+                    );
+                    if added_rows > 0 {
+                        self.notify.notify_one();
+                    }
+                    for (w, adm) in writes.into_iter().zip(admissions) {
+                        let _ = w.reply.send(Ok(adm));
+                    }
+                    for a in acks {
+                        let _ = a.reply.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    self.stats.healthy.store(false, Ordering::Relaxed);
+                    tracing::error!(error = %e, requests = writes.len(), "spool transaction failed; requests answered 503");
+                    for w in writes {
+                        let _ = w.reply.send(Err(e.clone()));
+                    }
+                    for a in acks {
+                        let _ = a.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        // Answer what is still queued: those requests get 503 and retry later.
+        rx.close();
+        while let Ok(job) = rx.try_recv() {
+            match job {
+                Job::Write(w) => drop(w.reply.send(Err(SpoolError::Closed))),
+                Job::Ack(a) => drop(a.reply.send(Err(SpoolError::Closed))),
+                Job::Shutdown(done) => drop(done.send(())),
+                _ => {}
+            }
+        }
+        if let Err(e) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            tracing::warn!(error = %e, "spool checkpoint at shutdown failed; WAL replays at next start");
+        }
+        if let Some(done) = shutdown {
+            let _ = done.send(());
+        }
+    }
+
+    /// One transaction for a group of jobs. Returns per write job its admissions, and the
+    /// rows and bytes added.
+    #[allow(clippy::type_complexity)]
+    fn transaction(
+        &mut self,
+        writes: &[WriteJob],
+        acks: &[AckJob],
+        prune: Option<i64>,
+    ) -> Result<(Vec<Vec<Admission>>, u64, u64), SpoolError> {
+        let now = now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut all = Vec::with_capacity(writes.len());
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        {
+            let mut seen = tx.prepare_cached("INSERT OR IGNORE INTO seen (id) VALUES (?1)")?;
+            let mut spool = tx.prepare_cached(
+                "INSERT INTO spool (kind, site, received_at, body) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut dead = tx.prepare_cached(
+                "INSERT INTO dead_letter (received_at, stage, site, reason, detail, event_id, raw)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut insert_dead = |d: &DeadLetter| -> Result<(), rusqlite::Error> {
+                let raw = truncate(&d.raw, MAX_DEAD_RAW);
+                dead.execute(params![
+                    now,
+                    d.stage,
+                    d.site,
+                    d.reason,
+                    d.detail,
+                    d.event_id.map(|u| u.to_string()),
+                    raw
+                ])?;
+                Ok(())
+            };
+            for w in writes {
+                let mut adm = Vec::with_capacity(w.events.len());
+                for e in &w.events {
+                    if seen.execute(params![e.id.as_bytes().as_slice()])? == 1 {
+                        spool.execute(params![0, e.site, now, e.body])?;
+                        rows += 1;
+                        bytes += e.body.len() as u64;
+                        adm.push(Admission::New);
+                    } else {
+                        adm.push(Admission::Duplicate);
+                    }
+                }
+                if let Some((site, body)) = &w.counters {
+                    spool.execute(params![1, site, now, body])?;
+                    rows += 1;
+                    bytes += body.len() as u64;
+                }
+                for d in &w.dead {
+                    insert_dead(d)?;
+                }
+                all.push(adm);
+            }
+            let mut delete = tx.prepare_cached("DELETE FROM spool WHERE pos <= ?1")?;
+            for a in acks {
+                delete.execute(params![a.up_to])?;
+                for d in &a.dead {
+                    insert_dead(d)?;
+                }
+            }
+            if let Some(before_ms) = prune {
+                let bound = Uuid::new_v7(uuid::Timestamp::from_unix(
+                    uuid::NoContext,
+                    (before_ms.max(0) / 1000) as u64,
+                    ((before_ms.max(0) % 1000) * 1_000_000) as u32,
+                ));
+                // The lowest UUIDv7 of that millisecond: timestamp bytes, then zeros.
+                let mut low = [0u8; 16];
+                low[..6].copy_from_slice(&bound.as_bytes()[..6]);
+                let n = tx.execute("DELETE FROM seen WHERE id < ?1", params![low.as_slice()])?;
+                if n > 0 {
+                    tracing::info!(forgotten = n, "pruned dedupe ids past retention");
+                }
+            }
+        }
+        tx.commit()?;
+        Ok((all, rows, bytes))
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
