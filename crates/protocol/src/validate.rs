@@ -162,8 +162,13 @@ pub fn validate_event(
             format!("{} bytes, limit {}", raw.len(), limits.max_event_bytes),
         ));
     }
-    let value: Value = serde_json::from_str(raw)
-        .map_err(|e| reject(None, Reason::InvalidEnvelope, format!("not JSON: {e}")))?;
+    let value: Value = serde_json::from_str(raw).map_err(|e| {
+        if e.to_string().starts_with("recursion limit exceeded") {
+            reject(peek_id(raw), Reason::TooDeep, "nested deeper than the JSON parser's limit of 128")
+        } else {
+            reject(None, Reason::InvalidEnvelope, format!("not JSON: {e}"))
+        }
+    })?;
     let Value::Object(ref map) = value else {
         return Err(reject(
             None,

@@ -1,0 +1,395 @@
+//! The servers under test, run as child processes on loopback: the relay (fresh data
+//! directory, rate limits off) and the nginx baseline. Each lives in its own temporary
+//! directory, and is killed if the benchmark stops early.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use hyper::StatusCode;
+use tokio::time::Instant;
+
+use crate::load;
+
+/// A loopback address with a port that was free a moment ago (bound to port 0, then
+/// released for the child to bind).
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
+    Ok(listener.local_addr()?)
+}
+
+/// A child process that is stopped if dropped while still running.
+struct ChildGuard {
+    child: Child,
+    name: &'static str,
+}
+
+impl ChildGuard {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, if the child has exited.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Sends SIGTERM and waits up to `grace` for the exit; then SIGKILL. Returns the exit
+    /// status and whether SIGKILL was needed.
+    fn terminate(&mut self, grace: Duration) -> anyhow::Result<(ExitStatus, bool)> {
+        if let Some(status) = self.exited() {
+            return Ok((status, false));
+        }
+        signal(self.pid(), libc::SIGTERM);
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return Ok((status, false));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill().ok();
+        let status = self.child.wait().with_context(|| format!("wait {}", self.name))?;
+        Ok((status, true))
+    }
+}
+
+impl Drop for ChildGuard {
+    /// The benchmark stopped early: SIGTERM first (nginx's master stops its workers only
+    /// then), SIGKILL if that is not enough.
+    fn drop(&mut self) {
+        let _ = self.terminate(Duration::from_secs(3));
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own live child.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// The last `lines` lines of a log file, for error messages.
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Polls `GET path` until it answers `want`, for at most `timeout`; fails early if the child
+/// exits.
+async fn wait_for(
+    child: &mut ChildGuard,
+    addr: SocketAddr,
+    path: &str,
+    want: StatusCode,
+    timeout: Duration,
+    log: &Path,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline {
+        if let Some(status) = child.exited() {
+            bail!(
+                "{} exited during start-up ({status}); last lines of {}:\n{}",
+                child.name,
+                log.display(),
+                tail(log, 20)
+            );
+        }
+        match load::get(addr, path).await {
+            Ok((status, _)) if status == want => return Ok(()),
+            Ok((status, body)) => {
+                last = format!("{status}: {}", String::from_utf8_lossy(&body).trim());
+            }
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "{} not ready after {} s (GET http://{addr}{path}: {last}); last lines of {}:\n{}",
+        child.name,
+        timeout.as_secs(),
+        log.display(),
+        tail(log, 20)
+    )
+}
+
+/// The relay's configuration for the benchmark: defaults (fsync on, site `demo`) with the
+/// rate limits off, since the load comes from one IP and one site.
+const RELAY_CONFIG: &str = "\
+# Written by trueup-bench: defaults, rate limits off (all load comes from one IP and site).
+[rate_limit]
+per_ip_per_sec = 0
+per_site_per_sec = 0
+";
+
+/// The relay under test.
+pub struct RelayProc {
+    child: ChildGuard,
+    dir: tempfile::TempDir,
+    /// The public listener.
+    pub addr: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+}
+
+impl RelayProc {
+    /// Starts `bin` with a fresh data directory and waits until `/readyz` answers 200.
+    pub async fn start(bin: &Path, ready_timeout: Duration) -> anyhow::Result<RelayProc> {
+        let dir = tempfile::Builder::new()
+            .prefix("trueup-bench-relay-")
+            .tempdir()
+            .context("cannot create a temporary directory")?;
+        let config = dir.path().join("relay.toml");
+        std::fs::write(&config, RELAY_CONFIG).context("cannot write the relay config")?;
+        let log = dir.path().join("relay.log");
+        let out = File::create(&log).context("cannot create the relay log")?;
+        let (addr, admin) = (free_addr()?, free_addr()?);
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--admin-listen")
+            .arg(admin.to_string())
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        // The user's own TRUEUP_* settings must not change what is measured.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("TRUEUP_") {
+                cmd.env_remove(key);
+            }
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut relay = RelayProc {
+            child: ChildGuard {
+                child,
+                name: "trueup-relay",
+            },
+            dir,
+            addr,
+            admin,
+        };
+        wait_for(
+            &mut relay.child,
+            admin,
+            "/readyz",
+            StatusCode::OK,
+            ready_timeout,
+            &log,
+        )
+        .await?;
+        Ok(relay)
+    }
+
+    /// The temporary directory (config, log, data).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The relay's log file.
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("relay.log")
+    }
+
+    /// Whether the relay is still running (and if not, how it ended).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.exited()
+    }
+
+    /// The last lines of the relay's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log(), lines)
+    }
+
+    /// `trueup_spool_depth` from the admin `/metrics`.
+    pub async fn spool_depth(&self) -> anyhow::Result<u64> {
+        let (status, body) = load::get(self.admin, "/metrics").await?;
+        anyhow::ensure!(status == StatusCode::OK, "GET /metrics answered {status}");
+        let text = String::from_utf8_lossy(&body);
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix("trueup_spool_depth "))
+            .context("/metrics has no trueup_spool_depth")?;
+        let depth: f64 = value
+            .trim()
+            .parse()
+            .with_context(|| format!("trueup_spool_depth {value:?} is not a number"))?;
+        Ok(depth as u64)
+    }
+
+    /// Polls the spool depth until it is 0 (everything forwarded to the warehouse), for at
+    /// most `timeout`. Returns the last depth seen and how long it took.
+    pub async fn wait_drained(&self, timeout: Duration) -> anyhow::Result<(u64, Duration)> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        loop {
+            let depth = self.spool_depth().await?;
+            if depth == 0 || Instant::now() >= deadline {
+                return Ok((depth, started.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Peak resident set size so far (`VmHWM`), bytes.
+    pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/status", self.child.pid());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .with_context(|| format!("{path} has no VmHWM"))?;
+        let kib: u64 = line
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("VmHWM {line:?}"))?;
+        Ok(kib * 1024)
+    }
+
+    /// Rows in the warehouse's `events` table (read-only, while the relay runs).
+    pub fn warehouse_rows(&self) -> anyhow::Result<u64> {
+        let path = self.dir.path().join("data").join("warehouse.sqlite");
+        let conn = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("open {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+            .with_context(|| format!("count the events in {}", path.display()))?;
+        Ok(n as u64)
+    }
+
+    /// SIGTERM, then waits up to `grace` (SIGKILL after). Returns the exit status and whether
+    /// SIGKILL was needed.
+    pub fn stop(&mut self, grace: Duration) -> anyhow::Result<(ExitStatus, bool)> {
+        self.child.terminate(grace)
+    }
+
+    /// Keeps the temporary directory after the benchmark (call after [`RelayProc::stop`]);
+    /// returns its path.
+    pub fn keep(self) -> PathBuf {
+        let RelayProc { dir, .. } = self;
+        dir.keep()
+    }
+}
+
+/// nginx answering `204` to everything, the baseline.
+pub struct NginxProc {
+    child: ChildGuard,
+    _dir: tempfile::TempDir,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl NginxProc {
+    /// nginx on `PATH`, else in the usual sbin folders (often not on a user's `PATH`).
+    pub fn find() -> Option<PathBuf> {
+        let on_path = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default();
+        on_path
+            .into_iter()
+            .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"].map(PathBuf::from))
+            .map(|d| d.join("nginx"))
+            .find(|p| p.is_file())
+    }
+
+    /// Starts nginx (in the foreground, one worker per CPU, access log off) and waits until
+    /// it answers.
+    pub async fn start(
+        bin: &Path,
+        connections: usize,
+        ready_timeout: Duration,
+    ) -> anyhow::Result<NginxProc> {
+        let dir = tempfile::Builder::new()
+            .prefix("trueup-bench-nginx-")
+            .tempdir()
+            .context("cannot create a temporary directory")?;
+        let d = dir.path().display().to_string();
+        let addr = free_addr()?;
+        let worker_connections = (connections * 2 + 64).max(1024);
+        // `return 204` reads and discards the request body, so keep-alive works and every
+        // byte of each batch still crosses the socket. The master process stays in the
+        // foreground (`daemon off`) and stops its workers on SIGTERM.
+        let conf = format!(
+            "daemon off;
+master_process on;
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections {worker_connections}; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    client_body_buffer_size 64k;
+    client_max_body_size 4m;
+    keepalive_requests 100000000;
+    keepalive_timeout 75s;
+    server {{
+        listen {addr};
+        location / {{ return 204; }}
+    }}
+}}
+"
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).context("cannot write the nginx config")?;
+        let log = dir.path().join("error.log");
+        let out = File::create(dir.path().join("nginx.out"))?;
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(&log)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut nginx = NginxProc {
+            child: ChildGuard {
+                child,
+                name: "nginx",
+            },
+            _dir: dir,
+            addr,
+        };
+        wait_for(
+            &mut nginx.child,
+            addr,
+            "/",
+            StatusCode::NO_CONTENT,
+            ready_timeout,
+            &log,
+        )
+        .await?;
+        Ok(nginx)
+    }
+
+    /// SIGTERM (fast shutdown), SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) -> anyhow::Result<(ExitStatus, bool)> {
+        self.child.terminate(grace)
+    }
+}

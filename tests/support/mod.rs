@@ -1,0 +1,217 @@
+//! Shared helpers for the integration tests: run the real `trueup-relay` binary on loopback
+//! with a fresh data directory, build valid and invalid events, read the warehouse.
+#![allow(dead_code)]
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+pub const SERVER_SECRET: &str = "test-server-secret-0123456789";
+
+/// A running relay process.
+pub struct RelayProc {
+    child: Option<Child>,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl RelayProc {
+    /// Starts the relay in `dir` with the test defaults plus `extra` TOML (appended; tables
+    /// given there replace the defaults' tables, so pass whole tables).
+    pub fn start(dir: &Path, extra: &str) -> RelayProc {
+        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.join("relay.toml");
+        let mut text = format!(
+            "listen = \"{public}\"\nadmin_listen = \"{admin}\"\ndata_dir = \"{}\"\nasset_dir = \"{}\"\n",
+            dir.join("data").display(),
+            dir.join("assets").display()
+        );
+        text.push_str(extra);
+        if !extra.contains("[rate_limit]") {
+            text.push_str("\n[rate_limit]\nper_ip_per_sec = 0\nper_site_per_sec = 0\n");
+        }
+        if !extra.contains("[[sites]]") {
+            text.push_str(&format!(
+                "\n[[sites]]\nkey = \"demo\"\norigins = [\"https://shop.example\"]\nserver_secrets = [\"{SERVER_SECRET}\"]\n"
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
+        let mut relay = RelayProc { child: None, public, admin, dir: dir.to_path_buf(), config, log: dir.join("relay.log") };
+        relay.spawn();
+        relay
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_trueup-relay"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("TRUEUP_LOG", "info,tower_http=warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn trueup-relay");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits (at most 20 s) until /readyz answers 200.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("relay exited during start ({status}):\n{}", self.log_text());
+            }
+            if http_get(self.admin, "/readyz").map(|(s, _)| s == 200).unwrap_or(false) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "relay not ready in 20 s:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.public, path)
+    }
+
+    pub fn collect_url(&self) -> String {
+        self.url("/_r/q")
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (at most 30 s) for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("relay did not exit 30 s after SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Starts the relay again on the same ports and data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn();
+    }
+
+    /// Reads one metric's value (sum over label sets) from /metrics.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, body) = http_get(self.admin, "/metrics").expect("metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits (at most 60 s) until the spool is empty: everything is in the warehouse.
+    pub fn wait_drained(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.metric("trueup_spool_depth") > 0.0 {
+            assert!(Instant::now() < deadline, "spool did not drain in 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn warehouse(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.dir.join("data/warehouse.sqlite")).unwrap()
+    }
+
+    pub fn spool_db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.dir.join("data/spool.sqlite")).unwrap()
+    }
+
+    pub fn count(&self, conn: &rusqlite::Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A minimal blocking HTTP/1.1 GET, for readiness polling without a runtime.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// A valid client event.
+pub fn event(device: &str, seq: u64) -> Value {
+    json!({
+        "id": new_id(), "name": "button_clicked", "schema": "event/1", "ts": now_ms(),
+        "source": "client", "anon_id": "anon-1", "session_id": "sess-1",
+        "device_id": device, "seq": seq,
+        "props": {"button": "checkout", "price": 49.5},
+        "context": {"url": "https://shop.example/cart", "title": "Cart"}
+    })
+}
+
+/// A valid server event.
+pub fn server_event(name: &str) -> Value {
+    json!({
+        "id": new_id(), "name": name, "schema": "event/1", "ts": now_ms(),
+        "source": "server", "anon_id": "user-42", "user_id": "user-42",
+        "props": {"order_id": "o-1"}
+    })
+}
+
+pub fn batch(events: &[Value]) -> String {
+    json!({"v": 1, "site": "demo", "events": events}).to_string()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
+}
