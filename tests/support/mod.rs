@@ -215,3 +215,28 @@ pub fn batch(events: &[Value]) -> String {
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
 }
+
+/// POSTs over a raw socket: writes the head, then the body chunks from another thread
+/// (ignoring write errors: the relay may answer and close before reading everything, which
+/// is the point of an early 413), and returns the status and body of the answer.
+pub fn raw_post(addr: SocketAddr, path: &str, extra_headers: &str, chunks: Vec<Vec<u8>>) -> (u16, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nConnection: close\r\n{extra_headers}\r\n").unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for c in chunks {
+            if w.write_all(&c).is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let _ = writer.join();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
