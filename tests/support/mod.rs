@@ -240,3 +240,100 @@ pub fn raw_post(addr: SocketAddr, path: &str, extra_headers: &str, chunks: Vec<V
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
+
+/// What one simulated agent saw: every event id it sent and each answer it got for it.
+#[derive(Default)]
+pub struct SenderLog {
+    pub sent: Vec<String>,
+    pub answers: Vec<(String, String)>,
+    pub attempts_unanswered: u64,
+}
+
+/// Behaves like an agent: sends batches of `per_batch` new events for `device` until `stop`
+/// is set, and retries each batch with the same ids until it is answered 200 (the relay may
+/// be down, restarting, or shutting down meanwhile). A batch that has started is always
+/// finished, so every id in `sent` was eventually acknowledged.
+pub async fn agent_loop(
+    url: String,
+    device: String,
+    per_batch: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    give_up_after: Duration,
+) -> SenderLog {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();
+    let mut log = SenderLog::default();
+    let mut seq = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let events: Vec<Value> = (0..per_batch)
+            .map(|_| {
+                seq += 1;
+                event(&device, seq)
+            })
+            .collect();
+        let ids: Vec<String> = events.iter().map(|e| e["id"].as_str().unwrap().to_string()).collect();
+        let body = batch(&events);
+        let started = Instant::now();
+        loop {
+            assert!(started.elapsed() < give_up_after, "{device}: a batch was not acknowledged in {give_up_after:?}");
+            let answer = match http.post(&url).header("content-type", "text/plain").body(body.clone()).send().await {
+                Ok(resp) if resp.status() == 200 => resp.json::<Value>().await.ok(),
+                _ => None,
+            };
+            match answer {
+                Some(v) => {
+                    for (id, r) in ids.iter().zip(v["results"].as_array().unwrap()) {
+                        assert_eq!(r["id"].as_str(), Some(id.as_str()));
+                        log.answers.push((id.clone(), r["status"].as_str().unwrap().to_string()));
+                    }
+                    break;
+                }
+                None => {
+                    log.attempts_unanswered += 1;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+        }
+        log.sent.extend(ids);
+    }
+    log
+}
+
+/// Checks a finished run against the warehouse: every event sent is there exactly once,
+/// nothing else is, no id was answered `accepted` twice, and each device's `seq` has no gap.
+/// Returns (events, answered duplicate).
+pub fn check_exactly_once(relay: &RelayProc, logs: &[SenderLog]) -> (usize, usize) {
+    use std::collections::{HashMap, HashSet};
+    let sent: HashSet<&str> = logs.iter().flat_map(|l| l.sent.iter().map(String::as_str)).collect();
+    let total_sent: usize = logs.iter().map(|l| l.sent.len()).sum();
+    assert_eq!(sent.len(), total_sent, "test bug: ids must be unique");
+    let mut accepted: HashMap<&str, usize> = HashMap::new();
+    let mut duplicates = 0;
+    for (id, status) in logs.iter().flat_map(|l| l.answers.iter()) {
+        match status.as_str() {
+            "accepted" => *accepted.entry(id).or_default() += 1,
+            "duplicate" => duplicates += 1,
+            other => panic!("event {id} answered {other}"),
+        }
+    }
+    let twice: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "ids answered `accepted` more than once (stored twice): {twice:?}");
+
+    let wh = relay.warehouse();
+    let mut stmt = wh.prepare("SELECT id FROM events").unwrap();
+    let stored: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    let stored_set: HashSet<&str> = stored.iter().map(String::as_str).collect();
+    assert_eq!(stored.len(), stored_set.len(), "an id is stored twice");
+    let missing: Vec<_> = sent.difference(&stored_set).take(5).collect();
+    assert!(missing.is_empty(), "{} acknowledged events missing from the warehouse, e.g. {missing:?}", sent.difference(&stored_set).count());
+    let extra: Vec<_> = stored_set.difference(&sent).take(5).collect();
+    assert!(extra.is_empty(), "events in the warehouse that were never sent: {extra:?}");
+    let gaps: i64 = wh
+        .query_row(
+            "SELECT coalesce(sum(mx - n), 0) FROM (SELECT device_id, max(seq) AS mx, count(*) AS n FROM events GROUP BY device_id)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(gaps, 0, "seq gaps: events lost");
+    (stored.len(), duplicates)
+}

@@ -61,7 +61,7 @@ impl BatchWriter {
             + context.len();
         let pad_field = r#","coupon":"""#.len();
         let pad = EVENT_BYTES.saturating_sub(fixed + pad_field);
-        w.tail = format!(r#"{props},"coupon":"{}{context}"#, "x".repeat(pad)).into_bytes();
+        w.tail = format!(r#"{props},"coupon":"{}"{context}"#, "x".repeat(pad)).into_bytes();
         w.capacity = 64 + events_per_batch * (EVENT_BYTES + 32);
         w
     }
@@ -144,7 +144,10 @@ mod tests {
                 last_seq = seq;
                 assert_eq!(e["device_id"], "dev-7");
                 let len = serde_json::to_string(e).expect("json").len();
-                assert!((EVENT_BYTES - 10..=EVENT_BYTES + 10).contains(&len), "{len}");
+                assert!(
+                    (EVENT_BYTES - 10..=EVENT_BYTES + 10).contains(&len),
+                    "{len}"
+                );
             }
         }
     }

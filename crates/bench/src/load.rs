@@ -83,7 +83,8 @@ pub struct PhaseResult {
 }
 
 impl PhaseResult {
-    fn empty() -> PhaseResult {
+    /// Nothing measured.
+    pub fn empty() -> PhaseResult {
         PhaseResult {
             elapsed: Duration::ZERO,
             requests: 0,

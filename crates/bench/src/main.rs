@@ -1,1 +1,602 @@
-fn main() {}
+//! `trueup-bench`: how many events per second the relay stores durably on this machine, at
+//! what latency and memory, next to an nginx that only answers `204`.
+//!
+//! ```text
+//! cargo build --release -p trueup-relay
+//! cargo run -p trueup-bench --release -- [--seconds 10] [--connections 32] \
+//!     [--events-per-batch 20] [--rate-fraction 0.5] [--json FILE]
+//! ```
+//!
+//! What it does, in order:
+//!
+//! 1. Starts the release relay (`target/release/trueup-relay`, never built from here) as a
+//!    child process on loopback, with a fresh temporary data directory and a config that
+//!    turns the rate limits off (fsync stays on: the relay answers only after its spool
+//!    has fsync'd the batch), and waits for `/readyz`.
+//! 2. Warm-up (`--warmup-seconds`, not measured), then the **closed loop**: `--connections`
+//!    keep-alive connections each POST a batch of `--events-per-batch` ~300-byte events to
+//!    `/_r/q` as soon as the previous one is answered, for `--seconds`. Every event of the
+//!    run has a fresh UUIDv7 id, so nothing is answered `duplicate`; an answer counts only
+//!    if it is `200` with `accepted` equal to the events sent. Reports events/s, requests/s
+//!    and p50/p99/max latency.
+//! 3. The **open loop** at `--rate-fraction` of the measured events/s: batches scheduled at
+//!    fixed intervals across the connections, latency measured from each batch's scheduled
+//!    send time (so a stall is charged to every request it delays: no coordinated omission).
+//! 4. Waits (up to 60 s) for the spool to drain (`trueup_spool_depth 0` on `/metrics`),
+//!    reads the relay's peak RSS (`VmHWM`), checks that the warehouse holds exactly as many
+//!    events as the relay acknowledged as accepted, then stops the relay with SIGTERM.
+//! 5. If nginx is installed: the same closed loop (same connections, same kind of bodies)
+//!    against nginx answering `204` with `worker_processes auto`, and the ratio.
+//!
+//! The load generator shares the machine's CPUs with the server under test, so it is kept
+//! cheap: a bare hyper HTTP/1.1 client, one tokio worker thread by default
+//! (`--client-threads`), bodies spliced from per-connection templates (see `batch`).
+//!
+//! Progress goes to stderr; the summary (stable, one figure per line) to stdout, and as
+//! JSON to `--json FILE`. Exit status: 0 when every relay request succeeded and the
+//! warehouse check passed, 1 otherwise, 2 when the benchmark could not run.
+
+mod batch;
+mod load;
+mod procs;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::json;
+
+use crate::load::{Expect, Load, PhaseResult, Target};
+use crate::procs::{NginxProc, RelayProc};
+
+/// Longest wait for a server to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for the spool to drain into the warehouse after the load.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the relay to exit after SIGTERM (it drains for up to 10 s by default).
+const STOP_GRACE: Duration = Duration::from_secs(30);
+/// The relay's collection path with the default prefix.
+const COLLECT_PATH: &str = "/_r/q";
+/// Device ids of the phases do not overlap: phase `k` uses `k * DEVICE_STRIDE + connection`.
+const DEVICE_STRIDE: usize = 100_000;
+
+/// Load benchmark of the trueup relay (durable, fsync'd ingest) against nginx answering 204.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Seconds of each measured phase.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: u64,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    connections: u64,
+    /// Events per batch (the relay's default limit is 500).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=500))]
+    events_per_batch: u64,
+    /// Rate of the open-loop phase, as a fraction of the closed loop's events/s.
+    #[arg(long, default_value_t = 0.5)]
+    rate_fraction: f64,
+    /// Unmeasured closed-loop seconds before the measured phases (0: none).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=60))]
+    warmup_seconds: u64,
+    /// The relay binary (relative paths are also tried from the workspace root).
+    #[arg(long, default_value = "target/release/trueup-relay")]
+    relay_bin: PathBuf,
+    /// The nginx binary (default: nginx on PATH, or in /usr/sbin, /usr/local/sbin).
+    #[arg(long)]
+    nginx_bin: Option<PathBuf>,
+    /// Skip the nginx baseline.
+    #[arg(long)]
+    no_nginx: bool,
+    /// Worker threads of the load generator.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    client_threads: u64,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep the relay's temporary directory (config, log, spool, warehouse) and print its path.
+    #[arg(long)]
+    keep_data: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if !(args.rate_fraction > 0.0 && args.rate_fraction <= 1.0) {
+        eprintln!("trueup-bench: --rate-fraction must be in (0, 1]");
+        return ExitCode::from(2);
+    }
+    let Some(relay_bin) = resolve_relay_bin(&args.relay_bin) else {
+        eprintln!(
+            "trueup-bench: the relay binary {} does not exist.\n\
+             Build it first:  cargo build --release -p trueup-relay\n\
+             (or point --relay-bin at a trueup-relay binary)",
+            args.relay_bin.display()
+        );
+        return ExitCode::from(2);
+    };
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "trueup-bench: warning: this is a debug build of the load generator; \
+             run it with --release or it will measure itself"
+        );
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads as usize)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trueup-bench: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(&args, &relay_bin)) {
+        Ok(report) => {
+            print!("{}", report.text(&args));
+            if let Some(path) = &args.json {
+                let json = serde_json::to_string_pretty(&report.json(&args)).expect("valid JSON");
+                if let Err(e) = std::fs::write(path, json + "\n") {
+                    eprintln!("trueup-bench: cannot write {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("trueup-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The relay binary: the path as given, else (if relative) from the workspace root.
+fn resolve_relay_bin(given: &Path) -> Option<PathBuf> {
+    if given.is_file() {
+        return Some(given.to_path_buf());
+    }
+    if given.is_relative() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let candidate = root.join(given);
+        if candidate.is_file() {
+            return candidate.canonicalize().ok().or(Some(candidate));
+        }
+    }
+    None
+}
+
+/// Everything measured.
+struct Report {
+    cpus: usize,
+    relay_max: PhaseResult,
+    fixed: Option<Fixed>,
+    nginx: Baseline,
+    peak_rss_bytes: Option<u64>,
+    warehouse: Warehouse,
+    relay_exit: String,
+    relay_exit_ok: bool,
+    warmup: PhaseResult,
+    kept_dir: Option<PathBuf>,
+}
+
+/// The open-loop phase.
+struct Fixed {
+    target_events_per_sec: f64,
+    result: PhaseResult,
+}
+
+enum Baseline {
+    Measured(Box<PhaseResult>),
+    Skipped(String),
+}
+
+/// The warehouse check.
+struct Warehouse {
+    /// Events the relay answered `accepted` for, over the whole run (warm-up included).
+    accepted: u64,
+    /// Rows of `events`, if they could be counted.
+    rows: Option<u64>,
+    /// Spool depth when the drain wait ended.
+    depth_left: Option<u64>,
+    drain_time: Duration,
+    problem: Option<String>,
+}
+
+impl Warehouse {
+    fn ok(&self) -> bool {
+        self.problem.is_none() && self.rows == Some(self.accepted)
+    }
+}
+
+async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load = |phase: usize, seconds: u64| Load {
+        connections: args.connections as usize,
+        events_per_batch: args.events_per_batch as usize,
+        duration: Duration::from_secs(seconds),
+        device_base: phase * DEVICE_STRIDE,
+    };
+
+    eprintln!("starting the relay: {}", relay_bin.display());
+    let mut relay = RelayProc::start(relay_bin, READY_TIMEOUT).await?;
+    eprintln!(
+        "relay ready on {} (admin {}), data in {}",
+        relay.addr,
+        relay.admin,
+        relay.dir().display()
+    );
+    let target = Target {
+        addr: relay.addr,
+        path: COLLECT_PATH.parse().expect("valid path"),
+        expect: Expect::RelayAccepted,
+    };
+
+    let warmup = if args.warmup_seconds > 0 {
+        eprintln!(
+            "warm-up: {} s closed loop (not measured)",
+            args.warmup_seconds
+        );
+        load::closed_loop(&target, load(0, args.warmup_seconds)).await?
+    } else {
+        PhaseResult::empty()
+    };
+
+    eprintln!(
+        "relay closed loop: {} connections, {} s",
+        args.connections, args.seconds
+    );
+    let relay_max = load::closed_loop(&target, load(1, args.seconds)).await?;
+    eprintln!("  {}", phase_line(&relay_max));
+    check_alive(&mut relay)?;
+
+    let fixed = if relay_max.events_per_sec() > 0.0 {
+        let target_events = relay_max.events_per_sec() * args.rate_fraction;
+        let rps = target_events / args.events_per_batch as f64;
+        eprintln!(
+            "relay open loop: {target_events:.0} events/s ({rps:.0} batches/s), {} s",
+            args.seconds
+        );
+        let result = load::open_loop(&target, load(2, args.seconds), rps).await?;
+        eprintln!("  {}", phase_line(&result));
+        check_alive(&mut relay)?;
+        Some(Fixed {
+            target_events_per_sec: target_events,
+            result,
+        })
+    } else {
+        eprintln!("relay open loop: skipped (the closed loop stored nothing)");
+        None
+    };
+
+    let accepted =
+        warmup.accepted + relay_max.accepted + fixed.as_ref().map_or(0, |f| f.result.accepted);
+    eprintln!(
+        "waiting for the spool to drain into the warehouse (at most {} s)",
+        DRAIN_TIMEOUT.as_secs()
+    );
+    let warehouse = check_warehouse(&relay, accepted).await;
+    let peak_rss_bytes = match relay.peak_rss_bytes() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("cannot read the relay's peak RSS: {e:#}");
+            None
+        }
+    };
+    eprintln!("stopping the relay (SIGTERM)");
+    let (relay_exit, relay_exit_ok) = match relay.stop(STOP_GRACE) {
+        Ok((status, false)) => (status.to_string(), status.success()),
+        Ok((status, true)) => (
+            format!(
+                "did not exit within {} s of SIGTERM; killed ({status})",
+                STOP_GRACE.as_secs()
+            ),
+            false,
+        ),
+        Err(e) => (format!("{e:#}"), false),
+    };
+    if !relay_exit_ok {
+        eprintln!("relay log (last lines):\n{}", relay.log_tail(20));
+    }
+    let kept_dir = args.keep_data.then(|| relay.keep());
+
+    let nginx = if args.no_nginx {
+        Baseline::Skipped("--no-nginx".into())
+    } else {
+        match args.nginx_bin.clone().or_else(NginxProc::find) {
+            None => Baseline::Skipped("nginx not found on PATH".into()),
+            Some(bin) => baseline(&bin, load(3, args.seconds)).await?,
+        }
+    };
+
+    Ok(Report {
+        cpus,
+        relay_max,
+        fixed,
+        nginx,
+        peak_rss_bytes,
+        warehouse,
+        relay_exit,
+        relay_exit_ok,
+        warmup,
+        kept_dir,
+    })
+}
+
+fn check_alive(relay: &mut RelayProc) -> anyhow::Result<()> {
+    if let Some(status) = relay.exited() {
+        anyhow::bail!(
+            "the relay exited during the load ({status}); last lines of its log:\n{}",
+            relay.log_tail(30)
+        );
+    }
+    Ok(())
+}
+
+async fn check_warehouse(relay: &RelayProc, accepted: u64) -> Warehouse {
+    let mut w = Warehouse {
+        accepted,
+        rows: None,
+        depth_left: None,
+        drain_time: Duration::ZERO,
+        problem: None,
+    };
+    match relay.wait_drained(DRAIN_TIMEOUT).await {
+        Ok((depth, took)) => {
+            w.depth_left = Some(depth);
+            w.drain_time = took;
+            if depth > 0 {
+                w.problem = Some(format!(
+                    "spool not drained after {} s: {depth} records left",
+                    DRAIN_TIMEOUT.as_secs()
+                ));
+            }
+        }
+        Err(e) => w.problem = Some(format!("cannot read the spool depth: {e:#}")),
+    }
+    match relay.warehouse_rows() {
+        Ok(n) => w.rows = Some(n),
+        Err(e) => {
+            w.problem
+                .get_or_insert(format!("cannot count the warehouse rows: {e:#}"));
+        }
+    }
+    eprintln!(
+        "  drained in {:.1} s; warehouse rows {}, accepted {accepted}",
+        w.drain_time.as_secs_f64(),
+        w.rows.map_or("?".into(), |n| n.to_string())
+    );
+    w
+}
+
+async fn baseline(bin: &Path, load: Load) -> anyhow::Result<Baseline> {
+    eprintln!("starting nginx: {}", bin.display());
+    let mut nginx = match NginxProc::start(bin, load.connections, READY_TIMEOUT).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("nginx baseline skipped: {e:#}");
+            return Ok(Baseline::Skipped(format!("nginx failed to start: {e}")));
+        }
+    };
+    let target = Target {
+        addr: nginx.addr,
+        path: COLLECT_PATH.parse().expect("valid path"),
+        expect: Expect::NoContent,
+    };
+    eprintln!(
+        "nginx closed loop: {} connections, {} s",
+        load.connections,
+        load.duration.as_secs()
+    );
+    let result = load::closed_loop(&target, load).await;
+    if let Err(e) = nginx.stop(Duration::from_secs(10)) {
+        eprintln!("stopping nginx: {e:#}");
+    }
+    let result = result?;
+    eprintln!("  {}", phase_line(&result));
+    Ok(Baseline::Measured(Box::new(result)))
+}
+
+/// Throughput and latency of one phase, as in the summary.
+fn phase_line(r: &PhaseResult) -> String {
+    format!(
+        "{:.0} events/s  {:.0} req/s  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  errors {}",
+        r.events_per_sec(),
+        r.requests_per_sec(),
+        r.latency_ms(0.50),
+        r.latency_ms(0.99),
+        r.max_latency_ms(),
+        r.error_count()
+    )
+}
+
+fn phase_json(r: &PhaseResult) -> serde_json::Value {
+    json!({
+        "seconds": r.elapsed.as_secs_f64(),
+        "requests": r.requests,
+        "events": r.events,
+        "events_per_sec": r.events_per_sec(),
+        "requests_per_sec": r.requests_per_sec(),
+        "latency_ms": {
+            "p50": r.latency_ms(0.50),
+            "p90": r.latency_ms(0.90),
+            "p99": r.latency_ms(0.99),
+            "p999": r.latency_ms(0.999),
+            "max": r.max_latency_ms(),
+        },
+        "errors": r.error_count(),
+        "error_kinds": r.errors,
+    })
+}
+
+impl Report {
+    fn relay_errors(&self) -> u64 {
+        self.warmup.error_count()
+            + self.relay_max.error_count()
+            + self.fixed.as_ref().map_or(0, |f| f.result.error_count())
+    }
+
+    fn passed(&self) -> bool {
+        self.relay_errors() == 0 && self.warehouse.ok() && self.relay_exit_ok
+    }
+
+    fn ratio(&self) -> Option<f64> {
+        match &self.nginx {
+            Baseline::Measured(n) if n.events_per_sec() > 0.0 => {
+                Some(self.relay_max.events_per_sec() / n.events_per_sec())
+            }
+            _ => None,
+        }
+    }
+
+    fn text(&self, args: &Args) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "trueup relay benchmark (batches of {} events, ~{} B each, fsync on, {} CPUs)",
+            args.events_per_batch,
+            batch::EVENT_BYTES,
+            self.cpus
+        );
+        let _ = writeln!(
+            s,
+            "relay   max      : {}  ({} connections, {} s)",
+            phase_line(&self.relay_max),
+            args.connections,
+            args.seconds
+        );
+        let label = format!("at {:.0}%", args.rate_fraction * 100.0);
+        match &self.fixed {
+            Some(f) => {
+                let _ = writeln!(
+                    s,
+                    "relay   {label:<9}: {}  (open loop, target {:.0} events/s, send lag p99 {:.1} ms)",
+                    phase_line(&f.result),
+                    f.target_events_per_sec,
+                    f.result.send_lag.value_at_quantile(0.99) as f64 / 1000.0
+                );
+            }
+            None => {
+                let _ = writeln!(s, "relay   {label:<9}: skipped (no throughput measured)");
+            }
+        }
+        match &self.nginx {
+            Baseline::Measured(n) => {
+                let _ = writeln!(
+                    s,
+                    "nginx   204      : {}  ({} connections, {} s)",
+                    phase_line(n),
+                    args.connections,
+                    args.seconds
+                );
+            }
+            Baseline::Skipped(why) => {
+                let _ = writeln!(s, "nginx   204      : skipped ({why})");
+            }
+        }
+        match self.ratio() {
+            Some(r) => {
+                let _ = writeln!(s, "ratio relay/nginx: {r:.3}");
+            }
+            None => {
+                let _ = writeln!(s, "ratio relay/nginx: n/a");
+            }
+        }
+        match self.peak_rss_bytes {
+            Some(b) => {
+                let _ = writeln!(s, "relay peak RSS   : {:.1} MiB", b as f64 / 1048576.0);
+            }
+            None => {
+                let _ = writeln!(s, "relay peak RSS   : n/a");
+            }
+        }
+        let w = &self.warehouse;
+        if w.ok() {
+            let _ = writeln!(s, "warehouse rows = accepted: OK ({})", w.accepted);
+        } else {
+            let _ = writeln!(
+                s,
+                "warehouse rows = accepted: FAILED (rows {}, accepted {}{})",
+                w.rows.map_or("?".into(), |n| n.to_string()),
+                w.accepted,
+                w.problem
+                    .as_ref()
+                    .map_or(String::new(), |p| format!("; {p}"))
+            );
+        }
+        let _ = writeln!(
+            s,
+            "relay exit       : {}",
+            if self.relay_exit_ok {
+                "OK (SIGTERM)".to_string()
+            } else {
+                format!("FAILED ({})", self.relay_exit)
+            }
+        );
+        let phases: [(&str, Option<&PhaseResult>); 4] = [
+            ("relay warm-up", Some(&self.warmup)),
+            ("relay max", Some(&self.relay_max)),
+            ("relay fixed", self.fixed.as_ref().map(|f| &f.result)),
+            (
+                "nginx",
+                match &self.nginx {
+                    Baseline::Measured(n) => Some(n),
+                    Baseline::Skipped(_) => None,
+                },
+            ),
+        ];
+        for (name, r) in phases {
+            for (kind, n) in r.map(|r| &r.errors).into_iter().flatten() {
+                let _ = writeln!(s, "error  {name}: {n} x {kind}");
+            }
+        }
+        if let Some(dir) = &self.kept_dir {
+            let _ = writeln!(s, "relay data kept  : {}", dir.display());
+        }
+        s
+    }
+
+    fn json(&self, args: &Args) -> serde_json::Value {
+        json!({
+            "config": {
+                "seconds": args.seconds,
+                "connections": args.connections,
+                "events_per_batch": args.events_per_batch,
+                "event_bytes": batch::EVENT_BYTES,
+                "rate_fraction": args.rate_fraction,
+                "client_threads": args.client_threads,
+                "cpus": self.cpus,
+                "fsync": true,
+            },
+            "relay_max": phase_json(&self.relay_max),
+            "relay_fixed": self.fixed.as_ref().map(|f| {
+                let mut v = phase_json(&f.result);
+                v["target_events_per_sec"] = json!(f.target_events_per_sec);
+                v["send_lag_p99_ms"] = json!(f.result.send_lag.value_at_quantile(0.99) as f64 / 1000.0);
+                v
+            }),
+            "nginx": match &self.nginx {
+                Baseline::Measured(n) => phase_json(n),
+                Baseline::Skipped(why) => json!({ "skipped": why }),
+            },
+            "ratio_relay_nginx": self.ratio(),
+            "relay_peak_rss_bytes": self.peak_rss_bytes,
+            "warehouse": {
+                "ok": self.warehouse.ok(),
+                "rows": self.warehouse.rows,
+                "accepted": self.warehouse.accepted,
+                "spool_depth_left": self.warehouse.depth_left,
+                "drain_seconds": self.warehouse.drain_time.as_secs_f64(),
+                "problem": self.warehouse.problem,
+            },
+            "relay_exit": { "ok": self.relay_exit_ok, "status": self.relay_exit },
+            "warmup_errors": self.warmup.errors,
+            "passed": self.passed(),
+        })
+    }
+}

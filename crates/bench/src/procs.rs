@@ -52,7 +52,10 @@ impl ChildGuard {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child.kill().ok();
-        let status = self.child.wait().with_context(|| format!("wait {}", self.name))?;
+        let status = self
+            .child
+            .wait()
+            .with_context(|| format!("wait {}", self.name))?;
         Ok((status, true))
     }
 }
