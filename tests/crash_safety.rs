@@ -23,7 +23,15 @@ async fn kill_9_under_load_loses_nothing_and_doubles_nothing() {
     let url = relay.collect_url();
     let stop = Arc::new(AtomicBool::new(false));
     let senders: Vec<_> = (0..SENDERS)
-        .map(|i| tokio::spawn(agent_loop(url.clone(), format!("dev-{i}"), 20, stop.clone(), Duration::from_secs(60))))
+        .map(|i| {
+            tokio::spawn(agent_loop(
+                url.clone(),
+                format!("dev-{i}"),
+                20,
+                stop.clone(),
+                Duration::from_secs(60),
+            ))
+        })
         .collect();
 
     let relay = tokio::task::spawn_blocking(move || {
@@ -43,7 +51,12 @@ async fn kill_9_under_load_loses_nothing_and_doubles_nothing() {
     stop.store(true, Ordering::Relaxed);
     let mut logs = Vec::new();
     for s in senders {
-        logs.push(tokio::time::timeout(Duration::from_secs(90), s).await.expect("senders finish").unwrap());
+        logs.push(
+            tokio::time::timeout(Duration::from_secs(90), s)
+                .await
+                .expect("senders finish")
+                .unwrap(),
+        );
     }
     relay.wait_drained();
     let (events, duplicates) = check_exactly_once(&relay, &logs);
@@ -52,5 +65,8 @@ async fn kill_9_under_load_loses_nothing_and_doubles_nothing() {
         "crash-safety: kills={KILLS} events={events} unanswered_attempts={unanswered} answered_duplicate={duplicates} lost=0 doubled=0"
     );
     assert!(events > 1000, "too little load to mean anything: {events}");
-    assert!(unanswered > 0, "the kills should have interrupted some requests");
+    assert!(
+        unanswered > 0,
+        "the kills should have interrupted some requests"
+    );
 }

@@ -11,7 +11,13 @@ use serde_json::{Value, json};
 use support::*;
 
 async fn post(url: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
-    let resp = client().post(url).header("content-type", "text/plain;charset=UTF-8").body(body).send().await.unwrap();
+    let resp = client()
+        .post(url)
+        .header("content-type", "text/plain;charset=UTF-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     let status = resp.status();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
@@ -37,15 +43,30 @@ async fn each_event_is_accepted_duplicate_or_rejected_and_stored_once() {
     no_id.as_object_mut().unwrap().remove("id");
     let mut bad_schema = event("dev-a", 5);
     bad_schema["schema"] = json!("nope/1");
-    let events = vec![good[0].clone(), no_id, good[1].clone(), bad_schema, good[2].clone()];
+    let events = vec![
+        good[0].clone(),
+        no_id,
+        good[1].clone(),
+        bad_schema,
+        good[2].clone(),
+    ];
 
     let (status, body) = post(&relay.collect_url(), batch(&events)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         statuses(&body),
-        ["accepted", "rejected:missing_id", "accepted", "rejected:unknown_schema", "accepted"]
+        [
+            "accepted",
+            "rejected:missing_id",
+            "accepted",
+            "rejected:unknown_schema",
+            "accepted"
+        ]
     );
-    assert_eq!((body["accepted"].as_u64(), body["rejected"].as_u64()), (Some(3), Some(2)));
+    assert_eq!(
+        (body["accepted"].as_u64(), body["rejected"].as_u64()),
+        (Some(3), Some(2))
+    );
     assert_eq!(body["results"][0]["id"], good[0]["id"]);
 
     // The same batch again (a retry): nothing new is stored.
@@ -53,7 +74,13 @@ async fn each_event_is_accepted_duplicate_or_rejected_and_stored_once() {
     assert_eq!(status, 200);
     assert_eq!(
         statuses(&body),
-        ["duplicate", "rejected:missing_id", "duplicate", "rejected:unknown_schema", "duplicate"]
+        [
+            "duplicate",
+            "rejected:missing_id",
+            "duplicate",
+            "rejected:unknown_schema",
+            "duplicate"
+        ]
     );
 
     relay.wait_drained();
@@ -66,8 +93,14 @@ async fn each_event_is_accepted_duplicate_or_rejected_and_stored_once() {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .unwrap();
-    assert_eq!((name.as_str(), source.as_str(), seq), ("button_clicked", "client", 2));
-    assert_eq!(serde_json::from_str::<Value>(&props).unwrap(), good[1]["props"]);
+    assert_eq!(
+        (name.as_str(), source.as_str(), seq),
+        ("button_clicked", "client", 2)
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&props).unwrap(),
+        good[1]["props"]
+    );
 
     // Rejected events are kept, with their reason and raw body, never dropped silently.
     let spool = relay.spool_db();
@@ -116,36 +149,94 @@ async fn bad_input_gets_its_exact_status_and_changes_nothing() {
     let code = |v: &Value| v["error"].as_str().unwrap_or("").to_string();
 
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
-        ("malformed JSON", b"{\"v\":1,\"events\":[".to_vec(), 400, "malformed_batch"),
+        (
+            "malformed JSON",
+            b"{\"v\":1,\"events\":[".to_vec(),
+            400,
+            "malformed_batch",
+        ),
         ("not an object", b"[1,2,3]".to_vec(), 400, "malformed_batch"),
-        ("events of the wrong type", br#"{"v":1,"site":"demo","events":5}"#.to_vec(), 400, "malformed_batch"),
-        ("v of the wrong type", br#"{"v":"1","site":"demo","events":[]}"#.to_vec(), 400, "malformed_batch"),
-        ("unknown version", br#"{"v":2,"site":"demo","events":[]}"#.to_vec(), 400, "unsupported_version"),
+        (
+            "events of the wrong type",
+            br#"{"v":1,"site":"demo","events":5}"#.to_vec(),
+            400,
+            "malformed_batch",
+        ),
+        (
+            "v of the wrong type",
+            br#"{"v":"1","site":"demo","events":[]}"#.to_vec(),
+            400,
+            "malformed_batch",
+        ),
+        (
+            "unknown version",
+            br#"{"v":2,"site":"demo","events":[]}"#.to_vec(),
+            400,
+            "unsupported_version",
+        ),
         ("empty body", Vec::new(), 400, "malformed_batch"),
-        ("invalid UTF-8", b"{\"v\":1,\"site\":\"demo\",\"events\":[{\"name\":\"\xff\xfe\"}]}".to_vec(), 400, "malformed_batch"),
-        ("no site key", br#"{"v":1,"events":[]}"#.to_vec(), 403, "unknown_site"),
-        ("unknown site key", br#"{"v":1,"site":"other","events":[]}"#.to_vec(), 403, "unknown_site"),
+        (
+            "invalid UTF-8",
+            b"{\"v\":1,\"site\":\"demo\",\"events\":[{\"name\":\"\xff\xfe\"}]}".to_vec(),
+            400,
+            "malformed_batch",
+        ),
+        (
+            "no site key",
+            br#"{"v":1,"events":[]}"#.to_vec(),
+            403,
+            "unknown_site",
+        ),
+        (
+            "unknown site key",
+            br#"{"v":1,"site":"other","events":[]}"#.to_vec(),
+            403,
+            "unknown_site",
+        ),
     ];
     for (what, body, want, want_code) in cases {
         let (status, v) = post(&url, body).await;
-        assert_eq!((status.as_u16(), code(&v).as_str()), (want, want_code), "{what}: {v}");
+        assert_eq!(
+            (status.as_u16(), code(&v).as_str()),
+            (want, want_code),
+            "{what}: {v}"
+        );
     }
 
     // Deep nesting: inside an event it is that event's defect; in the batch's own structure
     // (outside the events) it makes the batch unparseable.
     // (400,000 levels is also over the event size limit, which is checked first.)
-    for (depth, reason) in [(5_000, "rejected:too_deep"), (400_000, "rejected:too_large")] {
-        let body = format!("{{\"v\":1,\"site\":\"demo\",\"events\":[{}{}]}}", "[".repeat(depth), "]".repeat(depth));
+    for (depth, reason) in [
+        (5_000, "rejected:too_deep"),
+        (400_000, "rejected:too_large"),
+    ] {
+        let body = format!(
+            "{{\"v\":1,\"site\":\"demo\",\"events\":[{}{}]}}",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
         let (status, v) = post(&url, body).await;
         assert_eq!(status, 200, "depth {depth}: {v}");
         assert_eq!(statuses(&v), [reason]);
     }
-    let body = format!("{{\"v\":1,\"site\":\"demo\",\"counters\":{}{},\"events\":[]}}", "[".repeat(5000), "]".repeat(5000));
+    let body = format!(
+        "{{\"v\":1,\"site\":\"demo\",\"counters\":{}{},\"events\":[]}}",
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
     let (status, v) = post(&url, body).await;
-    assert_eq!((status.as_u16(), code(&v).as_str()), (400, "malformed_batch"));
+    assert_eq!(
+        (status.as_u16(), code(&v).as_str()),
+        (400, "malformed_batch")
+    );
 
     // 10 MB body: refused from Content-Length, before the body is sent at all.
-    let (status, body) = raw_post(relay.public, "/_r/q", "Content-Length: 10485760\r\n", vec![]);
+    let (status, body) = raw_post(
+        relay.public,
+        "/_r/q",
+        "Content-Length: 10485760\r\n",
+        vec![],
+    );
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("body_too_large"), "{body}");
     // 10 MB streamed without Content-Length (chunked): refused by the streamed cap.
@@ -155,7 +246,12 @@ async fn bad_input_gets_its_exact_status_and_changes_nothing() {
         c.extend(b"\r\n");
         c
     };
-    let (status, body) = raw_post(relay.public, "/_r/q", "Transfer-Encoding: chunked\r\n", vec![chunk; 160]);
+    let (status, body) = raw_post(
+        relay.public,
+        "/_r/q",
+        "Transfer-Encoding: chunked\r\n",
+        vec![chunk; 160],
+    );
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("body_too_large"), "{body}");
 
@@ -163,20 +259,35 @@ async fn bad_input_gets_its_exact_status_and_changes_nothing() {
     let bomb = gzip(&vec![b'['; 64 * 1024 * 1024]);
     assert!(bomb.len() < 1024 * 1024);
     let (status, v) = post(&format!("{url}?z=gzip"), bomb).await;
-    assert_eq!((status.as_u16(), code(&v).as_str()), (413, "decompressed_too_large"));
+    assert_eq!(
+        (status.as_u16(), code(&v).as_str()),
+        (413, "decompressed_too_large")
+    );
     let (status, v) = post(&format!("{url}?z=gzip"), b"not gzip".to_vec()).await;
     assert_eq!((status.as_u16(), code(&v).as_str()), (400, "bad_gzip"));
     let (status, v) = post(&format!("{url}?z=brotli"), b"{}".to_vec()).await;
     assert_eq!((status.as_u16(), code(&v).as_str()), (400, "bad_query"));
 
     // 100,000 events (tiny ones: the body is under the size limit).
-    let many = format!("{{\"v\":1,\"site\":\"demo\",\"events\":[{}]}}", vec!["{}"; 100_000].join(","));
+    let many = format!(
+        "{{\"v\":1,\"site\":\"demo\",\"events\":[{}]}}",
+        vec!["{}"; 100_000].join(",")
+    );
     assert!(many.len() < 1024 * 1024);
     let (status, v) = post(&url, many).await;
-    assert_eq!((status.as_u16(), code(&v).as_str()), (413, "too_many_events"));
+    assert_eq!(
+        (status.as_u16(), code(&v).as_str()),
+        (413, "too_many_events")
+    );
 
     // Wrong content type, wrong Origin.
-    let resp = client().post(&url).header("content-type", "application/x-www-form-urlencoded").body(batch(&[event("d", 1)])).send().await.unwrap();
+    let resp = client()
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(batch(&[event("d", 1)]))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 415);
     let resp = client()
         .post(&url)
@@ -192,7 +303,13 @@ async fn bad_input_gets_its_exact_status_and_changes_nothing() {
     // Server path: no secret, a wrong secret, a client event with the right secret.
     let server_url = relay.url("/_r/s");
     let body = json!({"v": 1, "events": [server_event("order_paid")]}).to_string();
-    let resp = client().post(&server_url).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
+    let resp = client()
+        .post(&server_url)
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 401);
     let resp = client()
         .post(&server_url)
@@ -218,16 +335,29 @@ async fn bad_input_gets_its_exact_status_and_changes_nothing() {
     let mut far_future = event("d", 4);
     far_future["ts"] = json!(now_ms() + 10 * 86_400_000);
     let wrong_source = server_event("order_paid");
-    let (status, v) = post(&url, batch(&[too_deep, too_big, wrong_type, far_future, wrong_source])).await;
+    let (status, v) = post(
+        &url,
+        batch(&[too_deep, too_big, wrong_type, far_future, wrong_source]),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(
         statuses(&v),
-        ["rejected:too_deep", "rejected:too_large", "rejected:invalid_envelope", "rejected:ts_out_of_range", "rejected:wrong_source"]
+        [
+            "rejected:too_deep",
+            "rejected:too_large",
+            "rejected:invalid_envelope",
+            "rejected:ts_out_of_range",
+            "rejected:wrong_source"
+        ]
     );
 
     // Nothing above stored an event, and the relay is still healthy.
     relay.wait_drained();
-    assert_eq!(relay.count(&relay.warehouse(), "SELECT count(*) FROM events"), 0);
+    assert_eq!(
+        relay.count(&relay.warehouse(), "SELECT count(*) FROM events"),
+        0
+    );
     assert_eq!(http_get(relay.admin, "/healthz").unwrap().0, 200);
     assert_eq!(relay.metric("trueup_events_accepted_total"), 0.0);
 }
@@ -245,19 +375,34 @@ async fn server_events_need_the_site_secret() {
             .body(body)
             .send()
     };
-    let resp = send(json!({"v": 1, "events": [ev.clone(), event("d", 1)]}).to_string()).await.unwrap();
+    let resp = send(json!({"v": 1, "events": [ev.clone(), event("d", 1)]}).to_string())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(statuses(&v), ["accepted", "rejected:wrong_source"]);
     // A retried server emit (same idempotency key) is a duplicate.
-    let v: Value = send(json!({"v": 1, "events": [ev.clone()]}).to_string()).await.unwrap().json().await.unwrap();
+    let v: Value = send(json!({"v": 1, "events": [ev.clone()]}).to_string())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(statuses(&v), ["duplicate"]);
     // A secret only works for its own site.
-    let resp = send(json!({"v": 1, "site": "someone-else", "events": [ev]}).to_string()).await.unwrap();
+    let resp = send(json!({"v": 1, "site": "someone-else", "events": [ev]}).to_string())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 403);
     relay.wait_drained();
     let wh = relay.warehouse();
-    assert_eq!(relay.count(&wh, "SELECT count(*) FROM events WHERE source = 'server' AND user_id = 'user-42'"), 1);
+    assert_eq!(
+        relay.count(
+            &wh,
+            "SELECT count(*) FROM events WHERE source = 'server' AND user_id = 'user-42'"
+        ),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -274,7 +419,10 @@ async fn allowed_origins_get_cors_and_same_origin_is_accepted() {
         .await
         .unwrap();
     assert!(resp.status().is_success());
-    assert_eq!(resp.headers()["access-control-allow-origin"], "https://shop.example");
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
     let resp = client()
         .post(&url)
         .header("content-type", "text/plain")
@@ -284,7 +432,10 @@ async fn allowed_origins_get_cors_and_same_origin_is_accepted() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["access-control-allow-origin"], "https://shop.example");
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
     // Same origin as the relay's own host: allowed (the relay behind the app's domain).
     let resp = client()
         .post(&url)
@@ -326,7 +477,11 @@ async fn rate_limits_answer_429_with_retry_after() {
     }
     let resp = send("198.51.100.1", 3).await.unwrap();
     assert_eq!(resp.status(), 429);
-    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=2).contains(&retry), "retry-after {retry}");
     // Another client IP (behind the trusted proxy) has its own bucket ...
     assert_eq!(send("198.51.100.2", 4).await.unwrap().status(), 200);
@@ -334,14 +489,22 @@ async fn rate_limits_answer_429_with_retry_after() {
     // ... but the site's bucket (burst 5) is now empty.
     let resp = send("198.51.100.4", 6).await.unwrap();
     assert_eq!(resp.status(), 429);
-    assert_eq!(resp.json::<Value>().await.unwrap()["message"].as_str().unwrap(), "too many requests for this site; retry later");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["message"]
+            .as_str()
+            .unwrap(),
+        "too many requests for this site; retry later"
+    );
     assert!(relay.metric("trueup_rate_limited_total") >= 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_spool_answers_503_fast_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(tmp.path(), "[spool]\nmax_bytes = 2000\n[forwarder]\ninitial_backoff_ms = 20\nmax_backoff_ms = 100\n");
+    let relay = RelayProc::start(
+        tmp.path(),
+        "[spool]\nmax_bytes = 2000\n[forwarder]\ninitial_backoff_ms = 20\nmax_backoff_ms = 100\n",
+    );
     // Hold the warehouse's write lock so the forwarder cannot deliver: the spool fills up.
     let wh = relay.warehouse();
     wh.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -350,10 +513,26 @@ async fn a_full_spool_answers_503_fast_and_loses_nothing() {
     for seq in 0..50 {
         let events: Vec<Value> = (0..5).map(|i| event("d", seq * 5 + i)).collect();
         let started = std::time::Instant::now();
-        let resp = client().post(relay.collect_url()).header("content-type", "text/plain").body(batch(&events)).send().await.unwrap();
+        let resp = client()
+            .post(relay.collect_url())
+            .header("content-type", "text/plain")
+            .body(batch(&events))
+            .send()
+            .await
+            .unwrap();
         if resp.status() == 503 {
-            assert!(started.elapsed() < std::time::Duration::from_millis(500), "503 must be fast");
-            assert!(resp.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+            assert!(
+                started.elapsed() < std::time::Duration::from_millis(500),
+                "503 must be fast"
+            );
+            assert!(
+                resp.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+                    >= 1
+            );
             assert_eq!(resp.json::<Value>().await.unwrap()["error"], "spool_full");
             got_503 = true;
             break;
@@ -364,7 +543,10 @@ async fn a_full_spool_answers_503_fast_and_loses_nothing() {
     assert!(got_503, "the spool never reported full");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while relay.metric("trueup_sink_errors_total") < 1.0 {
-        assert!(std::time::Instant::now() < deadline, "the forwarder should be retrying");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the forwarder should be retrying"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // Release the sink: the forwarder's retries deliver everything that was acknowledged.
@@ -373,10 +555,20 @@ async fn a_full_spool_answers_503_fast_and_loses_nothing() {
     let n = relay.count(&wh, "SELECT count(*) FROM events");
     assert_eq!(n as usize, accepted.len());
     for id in &accepted {
-        let c: i64 = wh.query_row("SELECT count(*) FROM events WHERE id = ?1", [id], |r| r.get(0)).unwrap();
+        let c: i64 = wh
+            .query_row("SELECT count(*) FROM events WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap();
         assert_eq!(c, 1, "{id}");
     }
     // And new batches are taken again.
-    let resp = client().post(relay.collect_url()).header("content-type", "text/plain").body(batch(&[event("d", 999)])).send().await.unwrap();
+    let resp = client()
+        .post(relay.collect_url())
+        .header("content-type", "text/plain")
+        .body(batch(&[event("d", 999)]))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
 }

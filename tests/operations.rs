@@ -18,7 +18,15 @@ async fn sigterm_finishes_requests_in_flight_and_flushes_the_spool() {
     let url = relay.collect_url();
     let stop = Arc::new(AtomicBool::new(false));
     let senders: Vec<_> = (0..4)
-        .map(|i| tokio::spawn(agent_loop(url.clone(), format!("dev-{i}"), 20, stop.clone(), Duration::from_secs(60))))
+        .map(|i| {
+            tokio::spawn(agent_loop(
+                url.clone(),
+                format!("dev-{i}"),
+                20,
+                stop.clone(),
+                Duration::from_secs(60),
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(700)).await;
     let status = tokio::task::spawn_blocking(move || {
@@ -26,19 +34,32 @@ async fn sigterm_finishes_requests_in_flight_and_flushes_the_spool() {
         (relay, status)
     });
     let (mut relay, status) = status.await.unwrap();
-    assert!(status.success(), "clean exit after SIGTERM: {status}\n{}", relay.log_text());
+    assert!(
+        status.success(),
+        "clean exit after SIGTERM: {status}\n{}",
+        relay.log_text()
+    );
     let log = relay.log_text();
     assert!(log.contains("shutdown complete"), "{log}");
     // The spool was flushed to the warehouse before exiting: nothing left waiting.
     let spool = relay.spool_db();
-    assert_eq!(relay.count(&spool, "SELECT count(*) FROM spool"), 0, "the spool was not flushed");
+    assert_eq!(
+        relay.count(&spool, "SELECT count(*) FROM spool"),
+        0,
+        "the spool was not flushed"
+    );
     drop(spool);
     // Senders with a batch in flight retry it once the relay is back.
     relay.restart();
     stop.store(true, Ordering::Relaxed);
     let mut logs = Vec::new();
     for s in senders {
-        logs.push(tokio::time::timeout(Duration::from_secs(60), s).await.unwrap().unwrap());
+        logs.push(
+            tokio::time::timeout(Duration::from_secs(60), s)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     relay.wait_drained();
     let (events, _) = check_exactly_once(&relay, &logs);
@@ -61,10 +82,18 @@ async fn serves_the_agent_files_and_the_demo_site() {
     let resp = get("/_r/a/agent_bg.3f9a1c2e.wasm").await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/wasm");
-    assert_eq!(resp.headers()["cache-control"], "public, max-age=31536000, immutable");
+    assert_eq!(
+        resp.headers()["cache-control"],
+        "public, max-age=31536000, immutable"
+    );
     let resp = get("/_r/a/loader.js").await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().contains("javascript"));
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("javascript")
+    );
     assert_eq!(resp.headers()["cache-control"], "public, max-age=300");
     assert_eq!(get("/_r/a/missing.js").await.unwrap().status(), 404);
     assert_eq!(get("/_r/a/../relay.toml").await.unwrap().status(), 404);
@@ -79,11 +108,23 @@ async fn serves_the_agent_files_and_the_demo_site() {
 async fn admin_endpoints_live_only_on_the_admin_address() {
     let tmp = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(tmp.path(), "");
-    let resp = client().post(relay.collect_url()).header("content-type", "text/plain").body(batch(&[event("d", 1)])).send().await.unwrap();
+    let resp = client()
+        .post(relay.collect_url())
+        .header("content-type", "text/plain")
+        .body(batch(&[event("d", 1)]))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     relay.wait_drained();
-    assert_eq!(http_get(relay.admin, "/healthz").unwrap(), (200, "ok\n".to_string()));
-    assert_eq!(http_get(relay.admin, "/readyz").unwrap(), (200, "ok\n".to_string()));
+    assert_eq!(
+        http_get(relay.admin, "/healthz").unwrap(),
+        (200, "ok\n".to_string())
+    );
+    assert_eq!(
+        http_get(relay.admin, "/readyz").unwrap(),
+        (200, "ok\n".to_string())
+    );
     let (status, metrics) = http_get(relay.admin, "/metrics").unwrap();
     assert_eq!(status, 200);
     for name in [
@@ -96,10 +137,17 @@ async fn admin_endpoints_live_only_on_the_admin_address() {
         "trueup_request_duration_seconds_bucket",
         "trueup_spool_commit_seconds_bucket",
     ] {
-        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
     }
     for path in ["/metrics", "/healthz", "/readyz"] {
-        assert_eq!(client().get(relay.url(path)).send().await.unwrap().status(), 404, "{path} on the public address");
+        assert_eq!(
+            client().get(relay.url(path)).send().await.unwrap().status(),
+            404,
+            "{path} on the public address"
+        );
     }
 }
 
@@ -113,11 +161,21 @@ fn print_config_shows_effective_values_and_public_paths() {
     let file = tmp.path().join("c.toml");
     std::fs::write(&file, "prefix = \"/edge/\"\n[limits]\nmax_events_per_batch = 100\n[[sites]]\nkey = \"shop\"\nserver_secrets = [\"a-very-secret-secret-123\"]\n").unwrap();
     let out = relay_cmd()
-        .args(["--config", file.to_str().unwrap(), "--print-config", "--listen", "0.0.0.0:8000"])
+        .args([
+            "--config",
+            file.to_str().unwrap(),
+            "--print-config",
+            "--listen",
+            "0.0.0.0:8000",
+        ])
         .env("TRUEUP_DATA_DIR", "/var/lib/trueup")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     for want in [
         "listen = \"0.0.0.0:8000\"",
@@ -129,13 +187,27 @@ fn print_config_shows_effective_values_and_public_paths() {
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
-    assert!(!text.contains("a-very-secret-secret-123"), "secrets must not be printed");
+    assert!(
+        !text.contains("a-very-secret-secret-123"),
+        "secrets must not be printed"
+    );
     // The printed configuration is itself a valid config file.
     let reprinted = tmp.path().join("printed.toml");
     let body: String = text.split("[public_paths]").next().unwrap().to_string();
-    std::fs::write(&reprinted, body.replace("<redacted>", "a-very-secret-secret-123")).unwrap();
-    let out = relay_cmd().args(["--config", reprinted.to_str().unwrap(), "--print-config"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        &reprinted,
+        body.replace("<redacted>", "a-very-secret-secret-123"),
+    )
+    .unwrap();
+    let out = relay_cmd()
+        .args(["--config", reprinted.to_str().unwrap(), "--print-config"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -143,20 +215,38 @@ fn bad_configuration_is_refused_with_a_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let cases = [
         ("lisen = \"127.0.0.1:1\"\n", "unknown field"),
-        ("[limits]\nmax_events_per_batch = 100000\n", "max_events_per_batch"),
-        ("[[sites]]\nkey = \"a\"\nserver_secrets = [\"short\"]\n", "at least 16"),
-        ("[[sites]]\nkey = \"a\"\norigins = [\"shop.example\"]\n", "origin"),
-        ("[spool]\ndedupe_retention_secs = 10\n", "dedupe_retention_secs"),
+        (
+            "[limits]\nmax_events_per_batch = 100000\n",
+            "max_events_per_batch",
+        ),
+        (
+            "[[sites]]\nkey = \"a\"\nserver_secrets = [\"short\"]\n",
+            "at least 16",
+        ),
+        (
+            "[[sites]]\nkey = \"a\"\norigins = [\"shop.example\"]\n",
+            "origin",
+        ),
+        (
+            "[spool]\ndedupe_retention_secs = 10\n",
+            "dedupe_retention_secs",
+        ),
     ];
     for (toml, want) in cases {
         let file = tmp.path().join("bad.toml");
         std::fs::write(&file, toml).unwrap();
-        let out = relay_cmd().args(["--config", file.to_str().unwrap(), "--print-config"]).output().unwrap();
+        let out = relay_cmd()
+            .args(["--config", file.to_str().unwrap(), "--print-config"])
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{toml}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{toml}: expected {want:?} in {err}");
     }
-    let out = relay_cmd().args(["--config", "/nonexistent.toml"]).output().unwrap();
+    let out = relay_cmd()
+        .args(["--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent.toml"));
 }

@@ -70,10 +70,10 @@ fn effective_config(args: &Args) -> anyhow::Result<Config> {
     if let Some(v) = &args.schemas {
         cfg.schemas_file = Some(v.clone());
     }
-    if let Some(secret) = &args.server_secret {
-        if let Some(site) = cfg.sites.first_mut() {
-            site.server_secrets.push(secret.clone());
-        }
+    if let Some(secret) = &args.server_secret
+        && let Some(site) = cfg.sites.first_mut()
+    {
+        site.server_secrets.push(secret.clone());
     }
     cfg.validate()?;
     Ok(cfg)

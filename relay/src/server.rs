@@ -277,13 +277,13 @@ async fn housekeeping(
             _ = stop.cancelled() => return,
         }
         spool.beat().await;
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             metrics.run_upkeep();
         }
-        if n % 60 == 0 {
+        if n.is_multiple_of(60) {
             limiters.shrink();
         }
-        if n % 3600 == 0 {
+        if n.is_multiple_of(3600) {
             spool
                 .prune(now_ms() - (retention_secs.min(i64::MAX as u64 / 1000) as i64) * 1000)
                 .await;

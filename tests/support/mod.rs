@@ -23,7 +23,11 @@ pub struct RelayProc {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl RelayProc {
@@ -48,13 +52,24 @@ impl RelayProc {
             ));
         }
         std::fs::write(&config, text).unwrap();
-        let mut relay = RelayProc { child: None, public, admin, dir: dir.to_path_buf(), config, log: dir.join("relay.log") };
+        let mut relay = RelayProc {
+            child: None,
+            public,
+            admin,
+            dir: dir.to_path_buf(),
+            config,
+            log: dir.join("relay.log"),
+        };
         relay.spawn();
         relay
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_trueup-relay"))
             .arg("--config")
             .arg(&self.config)
@@ -74,10 +89,17 @@ impl RelayProc {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!("relay exited during start ({status}):\n{}", self.log_text());
             }
-            if http_get(self.admin, "/readyz").map(|(s, _)| s == 200).unwrap_or(false) {
+            if http_get(self.admin, "/readyz")
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "relay not ready in 20 s:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "relay not ready in 20 s:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -113,7 +135,10 @@ impl RelayProc {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("relay did not exit 30 s after SIGTERM:\n{}", self.log_text());
+                panic!(
+                    "relay did not exit 30 s after SIGTERM:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -172,16 +197,25 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     use std::io::Read;
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     let status = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 pub fn new_id() -> String {
@@ -213,13 +247,21 @@ pub fn batch(events: &[Value]) -> String {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
 }
 
 /// POSTs over a raw socket: writes the head, then the body chunks from another thread
 /// (ignoring write errors: the relay may answer and close before reading everything, which
 /// is the point of an early 413), and returns the status and body of the answer.
-pub fn raw_post(addr: SocketAddr, path: &str, extra_headers: &str, chunks: Vec<Vec<u8>>) -> (u16, String) {
+pub fn raw_post(
+    addr: SocketAddr,
+    path: &str,
+    extra_headers: &str,
+    chunks: Vec<Vec<u8>>,
+) -> (u16, String) {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -237,7 +279,10 @@ pub fn raw_post(addr: SocketAddr, path: &str, extra_headers: &str, chunks: Vec<V
     let _ = writer.join();
     let text = String::from_utf8_lossy(&buf).to_string();
     let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -260,7 +305,10 @@ pub async fn agent_loop(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     give_up_after: Duration,
 ) -> SenderLog {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
     let mut log = SenderLog::default();
     let mut seq = 0u64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -270,12 +318,24 @@ pub async fn agent_loop(
                 event(&device, seq)
             })
             .collect();
-        let ids: Vec<String> = events.iter().map(|e| e["id"].as_str().unwrap().to_string()).collect();
+        let ids: Vec<String> = events
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
         let body = batch(&events);
         let started = Instant::now();
         loop {
-            assert!(started.elapsed() < give_up_after, "{device}: a batch was not acknowledged in {give_up_after:?}");
-            let answer = match http.post(&url).header("content-type", "text/plain").body(body.clone()).send().await {
+            assert!(
+                started.elapsed() < give_up_after,
+                "{device}: a batch was not acknowledged in {give_up_after:?}"
+            );
+            let answer = match http
+                .post(&url)
+                .header("content-type", "text/plain")
+                .body(body.clone())
+                .send()
+                .await
+            {
                 Ok(resp) if resp.status() == 200 => resp.json::<Value>().await.ok(),
                 _ => None,
             };
@@ -283,7 +343,8 @@ pub async fn agent_loop(
                 Some(v) => {
                     for (id, r) in ids.iter().zip(v["results"].as_array().unwrap()) {
                         assert_eq!(r["id"].as_str(), Some(id.as_str()));
-                        log.answers.push((id.clone(), r["status"].as_str().unwrap().to_string()));
+                        log.answers
+                            .push((id.clone(), r["status"].as_str().unwrap().to_string()));
                     }
                     break;
                 }
@@ -303,7 +364,10 @@ pub async fn agent_loop(
 /// Returns (events, answered duplicate).
 pub fn check_exactly_once(relay: &RelayProc, logs: &[SenderLog]) -> (usize, usize) {
     use std::collections::{HashMap, HashSet};
-    let sent: HashSet<&str> = logs.iter().flat_map(|l| l.sent.iter().map(String::as_str)).collect();
+    let sent: HashSet<&str> = logs
+        .iter()
+        .flat_map(|l| l.sent.iter().map(String::as_str))
+        .collect();
     let total_sent: usize = logs.iter().map(|l| l.sent.len()).sum();
     assert_eq!(sent.len(), total_sent, "test bug: ids must be unique");
     let mut accepted: HashMap<&str, usize> = HashMap::new();
@@ -316,17 +380,31 @@ pub fn check_exactly_once(relay: &RelayProc, logs: &[SenderLog]) -> (usize, usiz
         }
     }
     let twice: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "ids answered `accepted` more than once (stored twice): {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "ids answered `accepted` more than once (stored twice): {twice:?}"
+    );
 
     let wh = relay.warehouse();
     let mut stmt = wh.prepare("SELECT id FROM events").unwrap();
-    let stored: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    let stored: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     let stored_set: HashSet<&str> = stored.iter().map(String::as_str).collect();
     assert_eq!(stored.len(), stored_set.len(), "an id is stored twice");
     let missing: Vec<_> = sent.difference(&stored_set).take(5).collect();
-    assert!(missing.is_empty(), "{} acknowledged events missing from the warehouse, e.g. {missing:?}", sent.difference(&stored_set).count());
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events missing from the warehouse, e.g. {missing:?}",
+        sent.difference(&stored_set).count()
+    );
     let extra: Vec<_> = stored_set.difference(&sent).take(5).collect();
-    assert!(extra.is_empty(), "events in the warehouse that were never sent: {extra:?}");
+    assert!(
+        extra.is_empty(),
+        "events in the warehouse that were never sent: {extra:?}"
+    );
     let gaps: i64 = wh
         .query_row(
             "SELECT coalesce(sum(mx - n), 0) FROM (SELECT device_id, max(seq) AS mx, count(*) AS n FROM events GROUP BY device_id)",

@@ -204,10 +204,10 @@ impl SchemaDef {
                 Some(_) => {}
             }
         }
-        if !self.additional_props {
-            if let Some(key) = props.keys().find(|k| !self.props.contains_key(*k)) {
-                return Err(PropsMismatch::Unknown(key.clone()));
-            }
+        if !self.additional_props
+            && let Some(key) = props.keys().find(|k| !self.props.contains_key(*k))
+        {
+            return Err(PropsMismatch::Unknown(key.clone()));
         }
         Ok(())
     }

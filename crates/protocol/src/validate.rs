@@ -164,7 +164,11 @@ pub fn validate_event(
     }
     let value: Value = serde_json::from_str(raw).map_err(|e| {
         if e.to_string().starts_with("recursion limit exceeded") {
-            reject(peek_id(raw), Reason::TooDeep, "nested deeper than the JSON parser's limit of 128")
+            reject(
+                peek_id(raw),
+                Reason::TooDeep,
+                "nested deeper than the JSON parser's limit of 128",
+            )
         } else {
             reject(None, Reason::InvalidEnvelope, format!("not JSON: {e}"))
         }
@@ -234,16 +238,16 @@ fn check_event(
         ("session_id", event.session_id.as_ref()),
         ("device_id", event.device_id.as_ref()),
     ] {
-        if let Some(v) = value {
-            if !valid_text(v) {
-                return Err((
-                    Reason::InvalidField,
-                    format!(
-                        "{field} must be 1..={} characters without control characters",
-                        limits.max_id_chars
-                    ),
-                ));
-            }
+        if let Some(v) = value
+            && !valid_text(v)
+        {
+            return Err((
+                Reason::InvalidField,
+                format!(
+                    "{field} must be 1..={} characters without control characters",
+                    limits.max_id_chars
+                ),
+            ));
         }
     }
     if event.source != expected {
