@@ -208,7 +208,7 @@ impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
             max_bytes: 1024 * 1024 * 1024,
-            dedupe_retention_secs: 35 * 24 * 3600,
+            dedupe_retention_secs: 9 * 24 * 3600,
             max_group_requests: 512,
         }
     }

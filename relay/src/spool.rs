@@ -496,6 +496,21 @@ impl Writer {
                 ])?;
                 Ok(())
             };
+            // Housekeeping first, so a job group behaves as if the prune came before the writes.
+            if let Some(before_ms) = prune {
+                let bound = Uuid::new_v7(uuid::Timestamp::from_unix(
+                    uuid::NoContext,
+                    (before_ms.max(0) / 1000) as u64,
+                    ((before_ms.max(0) % 1000) * 1_000_000) as u32,
+                ));
+                // The lowest UUIDv7 of that millisecond: timestamp bytes, then zeros.
+                let mut low = [0u8; 16];
+                low[..6].copy_from_slice(&bound.as_bytes()[..6]);
+                let n = tx.execute("DELETE FROM seen WHERE id < ?1", params![low.as_slice()])?;
+                if n > 0 {
+                    tracing::info!(forgotten = n, "pruned dedupe ids past retention");
+                }
+            }
             for w in writes {
                 let mut adm = Vec::with_capacity(w.events.len());
                 for e in &w.events {
@@ -525,20 +540,6 @@ impl Writer {
                     insert_dead(d)?;
                 }
             }
-            if let Some(before_ms) = prune {
-                let bound = Uuid::new_v7(uuid::Timestamp::from_unix(
-                    uuid::NoContext,
-                    (before_ms.max(0) / 1000) as u64,
-                    ((before_ms.max(0) % 1000) * 1_000_000) as u32,
-                ));
-                // The lowest UUIDv7 of that millisecond: timestamp bytes, then zeros.
-                let mut low = [0u8; 16];
-                low[..6].copy_from_slice(&bound.as_bytes()[..6]);
-                let n = tx.execute("DELETE FROM seen WHERE id < ?1", params![low.as_slice()])?;
-                if n > 0 {
-                    tracing::info!(forgotten = n, "pruned dedupe ids past retention");
-                }
-            }
         }
         tx.commit()?;
         Ok((all, rows, bytes))
@@ -554,4 +555,140 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    //! A model-based test: random writes (with repeated ids), acks and restarts are applied to
+    //! the real spool and to a plain model (a set of seen ids and a list of pending records);
+    //! after every step they must agree on admissions, on what is pending, and on the stats.
+
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Write events picked (by index) from a small pool, so duplicates are common.
+        Write(Vec<usize>),
+        /// Deliver and ack the first n pending records.
+        Ack(usize),
+        /// Close and reopen the spool (a clean restart).
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => prop::collection::vec(0..40usize, 0..8).prop_map(Op::Write),
+            2 => (0..10usize).prop_map(Op::Ack),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn spool_agrees_with_a_model(ops in prop::collection::vec(op(), 1..30)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("spool.sqlite");
+                let pool: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
+                let mut spool = Spool::open(&path, 8).unwrap();
+                let mut seen: HashSet<Uuid> = HashSet::new();
+                let mut pending: Vec<(Uuid, String)> = Vec::new();
+                for op in ops {
+                    match op {
+                        Op::Write(picks) => {
+                            let events: Vec<NewEvent> = picks
+                                .iter()
+                                .map(|&i| NewEvent { id: pool[i], site: "s".into(), body: format!("{{\"i\":{i}}}") })
+                                .collect();
+                            let got = spool.write(events.clone(), None, vec![]).await.unwrap();
+                            let want: Vec<Admission> = events
+                                .iter()
+                                .map(|e| {
+                                    if seen.insert(e.id) {
+                                        pending.push((e.id, e.body.clone()));
+                                        Admission::New
+                                    } else {
+                                        Admission::Duplicate
+                                    }
+                                })
+                                .collect();
+                            assert_eq!(got, want);
+                        }
+                        Op::Ack(n) => {
+                            let mut reader = spool.reader().unwrap();
+                            let records = reader.read_after(0, n).unwrap();
+                            if let Some(last) = records.last() {
+                                let bytes = records.iter().map(|r| r.body.len() as u64).sum();
+                                spool.ack(last.pos, records.len() as u64, bytes, vec![]).await.unwrap();
+                                pending.drain(..records.len());
+                            }
+                        }
+                        Op::Reopen => {
+                            spool.close().await;
+                            spool = Spool::open(&path, 8).unwrap();
+                        }
+                    }
+                    let records = spool.reader().unwrap().read_after(0, 1000).unwrap();
+                    let bodies: Vec<&str> = records.iter().map(|r| r.body.as_str()).collect();
+                    let want: Vec<&str> = pending.iter().map(|(_, b)| b.as_str()).collect();
+                    assert_eq!(bodies, want, "pending records, in order");
+                    assert_eq!(spool.stats().rows.load(Ordering::Relaxed), pending.len() as u64);
+                    let bytes: u64 = pending.iter().map(|(_, b)| b.len() as u64).sum();
+                    assert_eq!(spool.stats().bytes.load(Ordering::Relaxed), bytes);
+                }
+                spool.close().await;
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn prune_forgets_only_ids_older_than_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.sqlite"), 8).unwrap();
+        let old = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, 1_000_000, 0));
+        let new = Uuid::now_v7();
+        let ev = |id| NewEvent {
+            id,
+            site: "s".into(),
+            body: "{}".into(),
+        };
+        spool
+            .write(vec![ev(old), ev(new)], None, vec![])
+            .await
+            .unwrap();
+        spool.prune(now_ms() - 60_000).await;
+        let again = spool
+            .write(vec![ev(old), ev(new)], None, vec![])
+            .await
+            .unwrap();
+        assert_eq!(again, vec![Admission::New, Admission::Duplicate]);
+        spool.close().await;
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_kept_with_their_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.sqlite"), 8).unwrap();
+        let dead = DeadLetter {
+            stage: "ingest",
+            site: Some("s".into()),
+            reason: "too_large".into(),
+            detail: "big".into(),
+            event_id: None,
+            raw: "é".repeat(MAX_DEAD_RAW),
+        };
+        spool.write(vec![], None, vec![dead]).await.unwrap();
+        let counts = spool.reader().unwrap().dead_letter_counts().unwrap();
+        assert_eq!(
+            counts,
+            vec![("ingest".to_string(), "too_large".to_string(), 1)]
+        );
+        spool.close().await;
+    }
 }

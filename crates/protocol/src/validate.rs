@@ -121,7 +121,7 @@ impl Default for Limits {
             max_event_bytes: 32 * 1024,
             max_depth: 10,
             max_future_ms: 24 * 3600 * 1000,
-            max_past_ms: 31 * 24 * 3600 * 1000,
+            max_past_ms: 8 * 24 * 3600 * 1000,
             max_id_chars: 200,
         }
     }
