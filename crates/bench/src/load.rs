@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::header::HeaderValue;
 use hyper::{Method, Request, StatusCode, Uri, header};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -26,6 +28,10 @@ use crate::batch::BatchWriter;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause before reconnecting after a connection failed.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+/// How long an open-loop phase may run past its end to send what was scheduled.
+const OVERRUN_LIMIT: Duration = Duration::from_secs(10);
+/// The error counted for each scheduled request not sent within [`OVERRUN_LIMIT`].
+const OVERRUN: &str = "not sent: the server was more than 10 s behind schedule";
 /// Highest latency the histograms track, microseconds (beyond: clamped).
 const MAX_TRACKED_US: u64 = 120_000_000;
 
@@ -47,6 +53,20 @@ pub struct Target {
     pub path: Uri,
     /// How answers are checked.
     pub expect: Expect,
+    /// The `Host` header: the address.
+    pub host: HeaderValue,
+}
+
+impl Target {
+    /// POSTs to `http://<addr><path>`, answers checked as `expect` says.
+    pub fn new(addr: SocketAddr, path: &str, expect: Expect) -> anyhow::Result<Target> {
+        Ok(Target {
+            addr,
+            path: path.parse().context("invalid path")?,
+            expect,
+            host: HeaderValue::from_str(&addr.to_string()).context("invalid address")?,
+        })
+    }
 }
 
 /// The shape of a phase's load.
@@ -58,9 +78,8 @@ pub struct Load {
     pub events_per_batch: usize,
     /// How long new requests are started for.
     pub duration: Duration,
-    /// Connection `c` of this phase simulates device `device_base + c` (so `seq` keeps
-    /// growing per device across phases).
-    pub device_base: usize,
+    /// Connection `c` simulates device `<phase>-<c>`: each phase has its own devices.
+    pub phase: usize,
 }
 
 /// What one phase measured.
@@ -72,6 +91,8 @@ pub struct PhaseResult {
     pub requests: u64,
     /// Events in the requests answered as expected.
     pub events: u64,
+    /// Body bytes of the requests answered as expected.
+    pub bytes: u64,
     /// Events the relay answered `accepted` for, in any 200 answer (also partial ones).
     pub accepted: u64,
     /// Latency of the requests answered as expected, microseconds.
@@ -80,6 +101,10 @@ pub struct PhaseResult {
     pub send_lag: Histogram<u64>,
     /// Failed requests by kind.
     pub errors: BTreeMap<String, u64>,
+    /// CPU time the load generator used during the phase.
+    pub client_cpu: Option<Duration>,
+    /// CPU time the server under test used during the phase.
+    pub server_cpu: Option<Duration>,
 }
 
 impl PhaseResult {
@@ -89,16 +114,20 @@ impl PhaseResult {
             elapsed: Duration::ZERO,
             requests: 0,
             events: 0,
+            bytes: 0,
             accepted: 0,
             latency: histogram(),
             send_lag: histogram(),
             errors: BTreeMap::new(),
+            client_cpu: None,
+            server_cpu: None,
         }
     }
 
     fn merge(&mut self, other: PhaseResult) {
         self.requests += other.requests;
         self.events += other.events;
+        self.bytes += other.bytes;
         self.accepted += other.accepted;
         self.latency
             .add(&other.latency)
@@ -113,6 +142,31 @@ impl PhaseResult {
 
     fn error(&mut self, kind: String) {
         *self.errors.entry(kind).or_default() += 1;
+    }
+
+    /// Mean size of an event as sent (its share of the batch body), bytes.
+    pub fn bytes_per_event(&self) -> f64 {
+        if self.events == 0 {
+            0.0
+        } else {
+            self.bytes as f64 / self.events as f64
+        }
+    }
+
+    /// Mean CPU cores used over the phase.
+    fn cores(&self, cpu: Option<Duration>) -> Option<f64> {
+        let secs = self.elapsed.as_secs_f64();
+        cpu.filter(|_| secs > 0.0).map(|c| c.as_secs_f64() / secs)
+    }
+
+    /// Mean CPU cores the load generator used.
+    pub fn client_cores(&self) -> Option<f64> {
+        self.cores(self.client_cpu)
+    }
+
+    /// Mean CPU cores the server under test used.
+    pub fn server_cores(&self) -> Option<f64> {
+        self.cores(self.server_cpu)
     }
 
     /// Failed requests, all kinds.
@@ -160,21 +214,63 @@ fn micros(d: Duration) -> u64 {
     d.as_micros().min(u128::from(MAX_TRACKED_US)) as u64
 }
 
-/// A keep-alive HTTP/1.1 connection.
-type Conn = SendRequest<Full<Bytes>>;
+/// A keep-alive HTTP/1.1 connection, driven by the task that uses it (no separate task for
+/// the connection: one wake-up per exchange instead of several, which matters when the load
+/// generator shares two CPUs with the server).
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    driver: Pin<Box<http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
+    /// The connection future has completed (closed by either side, or failed).
+    closed: bool,
+}
 
-async fn connect(addr: SocketAddr) -> anyhow::Result<Conn> {
-    let stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .context("connect timed out")??;
-    stream.set_nodelay(true)?;
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        // Ends when the server closes the connection or the sender is dropped; a failure
-        // shows up on the sender's next request.
-        let _ = conn.await;
-    });
-    Ok(sender)
+impl Conn {
+    async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
+        let stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .context("connect timed out")??;
+        stream.set_nodelay(true)?;
+        let (sender, driver) = http1::handshake(TokioIo::new(stream)).await?;
+        Ok(Conn {
+            sender,
+            driver: Box::pin(driver),
+            closed: false,
+        })
+    }
+
+    /// Sends a request and reads the whole answer, within [`REQUEST_TIMEOUT`].
+    async fn exchange(&mut self, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String> {
+        let Conn {
+            sender,
+            driver,
+            closed,
+        } = self;
+        let exchange = async {
+            sender.ready().await?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, body))
+        };
+        let timeout = tokio::time::sleep(REQUEST_TIMEOUT);
+        tokio::pin!(exchange, timeout);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut exchange => return done.map_err(|e| format!("HTTP error: {e}")),
+                end = driver.as_mut(), if !*closed => {
+                    *closed = true;
+                    if let Err(e) = end {
+                        return Err(format!("connection failed: {e}"));
+                    }
+                    // Closed cleanly: the exchange now fails (or has its answer) at once.
+                }
+                () = &mut timeout => {
+                    return Err(format!("timeout after {} s", REQUEST_TIMEOUT.as_secs()));
+                }
+            }
+        }
+    }
 }
 
 /// One request's failure: what to count it as, and whether the connection is unusable.
@@ -218,32 +314,14 @@ async fn post_batch(
     body: Bytes,
     events: u64,
 ) -> Result<u64, Failure> {
-    if let Err(e) = conn.ready().await {
-        return Err(Failure::broken(format!("connection lost: {e}")));
-    }
     let req = Request::builder()
         .method(Method::POST)
         .uri(target.path.clone())
-        .header(header::HOST, target.addr.to_string())
+        .header(header::HOST, target.host.clone())
         .header(header::CONTENT_TYPE, "text/plain")
         .body(Full::new(body))
         .expect("valid request");
-    let exchange = async {
-        let resp = conn.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok::<_, hyper::Error>((status, body))
-    };
-    let (status, body) = match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-        Err(_) => {
-            return Err(Failure::broken(format!(
-                "timeout after {} s",
-                REQUEST_TIMEOUT.as_secs()
-            )));
-        }
-        Ok(Err(e)) => return Err(Failure::broken(format!("HTTP error: {e}"))),
-        Ok(Ok(answer)) => answer,
-    };
+    let (status, body) = conn.exchange(req).await.map_err(Failure::broken)?;
     match target.expect {
         Expect::NoContent if status == StatusCode::NO_CONTENT => Ok(0),
         Expect::RelayAccepted if status == StatusCode::OK => {
@@ -281,7 +359,7 @@ async fn post_batch(
 async fn connect_all(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Conn>> {
     let mut pending = Vec::with_capacity(n);
     for _ in 0..n {
-        pending.push(tokio::spawn(connect(addr)));
+        pending.push(tokio::spawn(Conn::open(addr)));
     }
     let mut conns = Vec::with_capacity(n);
     for p in pending {
@@ -306,12 +384,13 @@ pub async fn closed_loop(target: &Target, load: Load) -> anyhow::Result<PhaseRes
         let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let mut out = PhaseResult::empty();
-            let mut writer = BatchWriter::new(load.device_base + c, load.events_per_batch);
+            let mut writer =
+                BatchWriter::new(&format!("{}-{c}", load.phase), load.events_per_batch);
             let events = load.events_per_batch as u64;
             let mut conn = Some(conn);
             while Instant::now() < deadline {
                 let Some(sender) = conn.as_mut() else {
-                    match connect(target.addr).await {
+                    match Conn::open(target.addr).await {
                         Ok(s) => conn = Some(s),
                         Err(e) => {
                             out.error(format!("connect: {e}"));
@@ -321,12 +400,14 @@ pub async fn closed_loop(target: &Target, load: Load) -> anyhow::Result<PhaseRes
                     continue;
                 };
                 let body = writer.next_batch();
+                let len = body.len() as u64;
                 let sent = Instant::now();
                 match post_batch(sender, &target, body, events).await {
                     Ok(accepted) => {
                         out.latency.saturating_record(micros(sent.elapsed()));
                         out.requests += 1;
                         out.events += events;
+                        out.bytes += len;
                         out.accepted += accepted;
                     }
                     Err(f) => {
@@ -365,12 +446,14 @@ pub async fn open_loop(
     let start = Instant::now() + Duration::from_millis(10);
     let deadline = start + load.duration;
     let stride = load.connections as u32;
+    let hard_stop = deadline + OVERRUN_LIMIT;
     let mut tasks = Vec::with_capacity(conns.len());
     for (c, conn) in conns.into_iter().enumerate() {
         let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let mut out = PhaseResult::empty();
-            let mut writer = BatchWriter::new(load.device_base + c, load.events_per_batch);
+            let mut writer =
+                BatchWriter::new(&format!("{}-{c}", load.phase), load.events_per_batch);
             let events = load.events_per_batch as u64;
             let mut conn = Some(conn);
             let mut slot = c as u32;
@@ -379,11 +462,20 @@ pub async fn open_loop(
                 if scheduled >= deadline {
                     break;
                 }
+                if Instant::now() >= hard_stop {
+                    // The server fell so far behind that finishing the schedule would take
+                    // unbounded time: what is left counts as failed.
+                    let left =
+                        (deadline - scheduled).as_secs_f64() / (interval * stride).as_secs_f64();
+                    *out.errors.entry(OVERRUN.to_string()).or_default() += left.ceil() as u64;
+                    break;
+                }
                 slot += stride;
                 tokio::time::sleep_until(scheduled).await;
                 let body = writer.next_batch();
+                let len = body.len() as u64;
                 if conn.is_none() {
-                    match connect(target.addr).await {
+                    match Conn::open(target.addr).await {
                         Ok(s) => conn = Some(s),
                         Err(e) => {
                             out.error(format!("connect: {e}"));
@@ -399,6 +491,7 @@ pub async fn open_loop(
                         out.latency.saturating_record(micros(scheduled.elapsed()));
                         out.requests += 1;
                         out.events += events;
+                        out.bytes += len;
                         out.accepted += accepted;
                     }
                     Err(f) => {
@@ -430,19 +523,13 @@ async fn join(
 
 /// A plain GET on a fresh connection (readiness, metrics); returns the status and body.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
-    let mut conn = connect(addr).await?;
+    let mut conn = Conn::open(addr).await?;
     let req = Request::builder()
         .method(Method::GET)
         .uri(path)
         .header(header::HOST, addr.to_string())
         .body(Full::new(Bytes::new()))?;
-    let exchange = async {
-        let resp = conn.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok::<_, hyper::Error>((status, body))
-    };
-    Ok(tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+    conn.exchange(req)
         .await
-        .with_context(|| format!("GET {path} timed out"))??)
+        .map_err(|e| anyhow::anyhow!("GET {path}: {e}"))
 }

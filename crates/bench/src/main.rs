@@ -14,7 +14,7 @@
 //!    turns the rate limits off (fsync stays on: the relay answers only after its spool
 //!    has fsync'd the batch), and waits for `/readyz`.
 //! 2. Warm-up (`--warmup-seconds`, not measured), then the **closed loop**: `--connections`
-//!    keep-alive connections each POST a batch of `--events-per-batch` ~300-byte events to
+//!    keep-alive connections each POST a batch of `--events-per-batch` ~380-byte events to
 //!    `/_r/q` as soon as the previous one is answered, for `--seconds`. Every event of the
 //!    run has a fresh UUIDv7 id, so nothing is answered `duplicate`; an answer counts only
 //!    if it is `200` with `accepted` equal to the events sent. Reports events/s, requests/s
@@ -58,8 +58,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// The relay's collection path with the default prefix.
 const COLLECT_PATH: &str = "/_r/q";
-/// Device ids of the phases do not overlap: phase `k` uses `k * DEVICE_STRIDE + connection`.
-const DEVICE_STRIDE: usize = 100_000;
 
 /// Load benchmark of the trueup relay (durable, fsync'd ingest) against nginx answering 204.
 #[derive(Debug, Parser)]
@@ -155,19 +153,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// The relay binary: the path as given, else (if relative) from the workspace root.
+/// The relay binary, absolute (the relay runs in its temporary directory): the path as
+/// given, else (if relative) from the workspace root.
 fn resolve_relay_bin(given: &Path) -> Option<PathBuf> {
-    if given.is_file() {
-        return Some(given.to_path_buf());
-    }
+    let mut candidates = vec![given.to_path_buf()];
     if given.is_relative() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let candidate = root.join(given);
-        if candidate.is_file() {
-            return candidate.canonicalize().ok().or(Some(candidate));
-        }
+        candidates.push(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../..")
+                .join(given),
+        );
     }
-    None
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .and_then(|p| p.canonicalize().ok())
 }
 
 /// Everything measured.
@@ -190,6 +190,7 @@ struct Fixed {
     result: PhaseResult,
 }
 
+/// The nginx phase, or why there is none.
 enum Baseline {
     Measured(Box<PhaseResult>),
     Skipped(String),
@@ -219,7 +220,7 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
         connections: args.connections as usize,
         events_per_batch: args.events_per_batch as usize,
         duration: Duration::from_secs(seconds),
-        device_base: phase * DEVICE_STRIDE,
+        phase,
     };
 
     eprintln!("starting the relay: {}", relay_bin.display());
@@ -230,11 +231,7 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
         relay.admin,
         relay.dir().display()
     );
-    let target = Target {
-        addr: relay.addr,
-        path: COLLECT_PATH.parse().expect("valid path"),
-        expect: Expect::RelayAccepted,
-    };
+    let target = Target::new(relay.addr, COLLECT_PATH, Expect::RelayAccepted)?;
 
     let warmup = if args.warmup_seconds > 0 {
         eprintln!(
@@ -250,8 +247,13 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
         "relay closed loop: {} connections, {} s",
         args.connections, args.seconds
     );
-    let relay_max = load::closed_loop(&target, load(1, args.seconds)).await?;
-    eprintln!("  {}", phase_line(&relay_max));
+    let relay_max = with_cpu(
+        relay.pid(),
+        load::closed_loop(&target, load(1, args.seconds)),
+        procs::cpu_time,
+    )
+    .await?;
+    eprintln!("  {}; {}", phase_line(&relay_max), cpu_line(&relay_max));
     check_alive(&mut relay)?;
 
     let fixed = if relay_max.events_per_sec() > 0.0 {
@@ -261,8 +263,13 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
             "relay open loop: {target_events:.0} events/s ({rps:.0} batches/s), {} s",
             args.seconds
         );
-        let result = load::open_loop(&target, load(2, args.seconds), rps).await?;
-        eprintln!("  {}", phase_line(&result));
+        let result = with_cpu(
+            relay.pid(),
+            load::open_loop(&target, load(2, args.seconds), rps),
+            procs::cpu_time,
+        )
+        .await?;
+        eprintln!("  {}; {}", phase_line(&result), cpu_line(&result));
         check_alive(&mut relay)?;
         Some(Fixed {
             target_events_per_sec: target_events,
@@ -327,6 +334,21 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
     })
 }
 
+/// Runs a phase and notes the CPU time the load generator and the server used meanwhile.
+async fn with_cpu(
+    server: u32,
+    phase: impl Future<Output = anyhow::Result<PhaseResult>>,
+    server_cpu: fn(u32) -> Option<Duration>,
+) -> anyhow::Result<PhaseResult> {
+    let me = std::process::id();
+    let before = (procs::cpu_time(me), server_cpu(server));
+    let mut result = phase.await?;
+    let delta = |a: Option<Duration>, b: Option<Duration>| Some(a?.saturating_sub(b?));
+    result.client_cpu = delta(procs::cpu_time(me), before.0);
+    result.server_cpu = delta(server_cpu(server), before.1);
+    Ok(result)
+}
+
 fn check_alive(relay: &mut RelayProc) -> anyhow::Result<()> {
     if let Some(status) = relay.exited() {
         anyhow::bail!(
@@ -382,22 +404,23 @@ async fn baseline(bin: &Path, load: Load) -> anyhow::Result<Baseline> {
             return Ok(Baseline::Skipped(format!("nginx failed to start: {e}")));
         }
     };
-    let target = Target {
-        addr: nginx.addr,
-        path: COLLECT_PATH.parse().expect("valid path"),
-        expect: Expect::NoContent,
-    };
+    let target = Target::new(nginx.addr, COLLECT_PATH, Expect::NoContent)?;
     eprintln!(
         "nginx closed loop: {} connections, {} s",
         load.connections,
         load.duration.as_secs()
     );
-    let result = load::closed_loop(&target, load).await;
+    let result = with_cpu(
+        nginx.pid(),
+        load::closed_loop(&target, load),
+        procs::tree_cpu_time,
+    )
+    .await;
     if let Err(e) = nginx.stop(Duration::from_secs(10)) {
         eprintln!("stopping nginx: {e:#}");
     }
     let result = result?;
-    eprintln!("  {}", phase_line(&result));
+    eprintln!("  {}; {}", phase_line(&result), cpu_line(&result));
     Ok(Baseline::Measured(Box::new(result)))
 }
 
@@ -411,6 +434,16 @@ fn phase_line(r: &PhaseResult) -> String {
         r.latency_ms(0.99),
         r.max_latency_ms(),
         r.error_count()
+    )
+}
+
+/// CPU cores the server and the load generator used in one phase.
+fn cpu_line(r: &PhaseResult) -> String {
+    let cores = |c: Option<f64>| c.map_or("?".into(), |c| format!("{c:.2}"));
+    format!(
+        "server {} cores, load generator {} cores",
+        cores(r.server_cores()),
+        cores(r.client_cores())
     )
 }
 
@@ -430,6 +463,8 @@ fn phase_json(r: &PhaseResult) -> serde_json::Value {
         },
         "errors": r.error_count(),
         "error_kinds": r.errors,
+        "server_cpu_cores": r.server_cores(),
+        "client_cpu_cores": r.client_cores(),
     })
 }
 
@@ -458,9 +493,9 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "trueup relay benchmark (batches of {} events, ~{} B each, fsync on, {} CPUs)",
+            "trueup relay benchmark (batches of {} events, ~{:.0} B each, fsync on, {} CPUs)",
             args.events_per_batch,
-            batch::EVENT_BYTES,
+            self.relay_max.bytes_per_event(),
             self.cpus
         );
         let _ = writeln!(
@@ -498,6 +533,16 @@ impl Report {
             Baseline::Skipped(why) => {
                 let _ = writeln!(s, "nginx   204      : skipped ({why})");
             }
+        }
+        let client_bound = match &self.nginx {
+            Baseline::Measured(n) => n.client_cores().filter(|c| *c >= 0.9),
+            Baseline::Skipped(_) => None,
+        };
+        if let Some(c) = client_bound {
+            let _ = writeln!(
+                s,
+                "note   nginx: the load generator was CPU-bound ({c:.2} cores): nginx's figure is a lower bound, the ratio an upper bound"
+            );
         }
         match self.ratio() {
             Some(r) => {
@@ -555,6 +600,21 @@ impl Report {
                 let _ = writeln!(s, "error  {name}: {n} x {kind}");
             }
         }
+        for (name, r) in [
+            ("relay max", Some(&self.relay_max)),
+            ("relay fixed", self.fixed.as_ref().map(|f| &f.result)),
+            (
+                "nginx",
+                match &self.nginx {
+                    Baseline::Measured(n) => Some(&**n),
+                    Baseline::Skipped(_) => None,
+                },
+            ),
+        ] {
+            if let Some(r) = r {
+                let _ = writeln!(s, "cpu    {name}: {}", cpu_line(r));
+            }
+        }
         if let Some(dir) = &self.kept_dir {
             let _ = writeln!(s, "relay data kept  : {}", dir.display());
         }
@@ -567,7 +627,7 @@ impl Report {
                 "seconds": args.seconds,
                 "connections": args.connections,
                 "events_per_batch": args.events_per_batch,
-                "event_bytes": batch::EVENT_BYTES,
+                "event_bytes": self.relay_max.bytes_per_event(),
                 "rate_fraction": args.rate_fraction,
                 "client_threads": args.client_threads,
                 "cpus": self.cpus,

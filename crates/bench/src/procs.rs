@@ -21,6 +21,33 @@ pub fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; the fields after it are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// CPU time of a process and its direct children (nginx's master and its workers).
+pub fn tree_cpu_time(pid: u32) -> Option<Duration> {
+    let own = cpu_time(pid)?;
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    Some(
+        children
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .filter_map(cpu_time)
+            .fold(own, |total, c| total + c),
+    )
+}
+
 /// A child process that is stopped if dropped while still running.
 struct ChildGuard {
     child: Child,
@@ -171,6 +198,8 @@ impl RelayProc {
                 cmd.env_remove(key);
             }
         }
+        // Its log is a file: no colour codes.
+        cmd.env("NO_COLOR", "1");
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
@@ -193,6 +222,11 @@ impl RelayProc {
         )
         .await?;
         Ok(relay)
+    }
+
+    /// The relay's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
     }
 
     /// The temporary directory (config, log, data).
@@ -389,6 +423,11 @@ http {{
         )
         .await?;
         Ok(nginx)
+    }
+
+    /// The master's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
     }
 
     /// SIGTERM (fast shutdown), SIGKILL after `grace`.
