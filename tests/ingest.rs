@@ -572,3 +572,27 @@ async fn a_full_spool_answers_503_fast_and_loses_nothing() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dedupe_window_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut relay = RelayProc::start(tmp.path(), "");
+    let events = [event("d", 1), event("d", 2)];
+    let (_, v) = post(&relay.collect_url(), batch(&events)).await;
+    assert_eq!(statuses(&v), ["accepted", "accepted"]);
+    relay.wait_drained();
+    tokio::task::spawn_blocking(move || {
+        relay.terminate();
+        relay.restart();
+        relay
+    })
+    .await
+    .map(|relay| async move {
+        let (_, v) = post(&relay.collect_url(), batch(&events)).await;
+        assert_eq!(statuses(&v), ["duplicate", "duplicate"]);
+        relay.wait_drained();
+        assert_eq!(relay.count(&relay.warehouse(), "SELECT count(*) FROM events"), 2);
+    })
+    .unwrap()
+    .await;
+}
