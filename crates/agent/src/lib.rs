@@ -1,0 +1,874 @@
+//! trueup's browser agent, compiled to WebAssembly and driven by a tiny JS stub.
+//!
+//! # What it promises
+//!
+//! - Every event gets, at `track()` time, its id (UUIDv7, made by the stub), its capture
+//!   time, and its `seq`; its JSON is made once, then persisted in IndexedDB in a
+//!   transaction issued in the same task (one transaction per task, not per event).
+//! - Events leave the queue only when the relay has answered for them (accepted or
+//!   duplicate → `acked`; rejected → `dropped.rejected`), when they are too old
+//!   (`dropped.expired`), when the queue is over its byte cap (oldest first,
+//!   `dropped.queue_full`), or on opt-out (`dropped.consent`). So
+//!   `enqueued = acked + dropped + pending` at every commit.
+//! - One tab sends (a Web Lock); every tab writes. On `pagehide`/`visibilitychange→hidden`,
+//!   each tab beacons its own unacknowledged events (deduped by id at the relay); what does
+//!   not fit stays queued for the next page load. No `unload` listener, and the lock is
+//!   released on `pagehide`, so the page stays bfcache-eligible.
+//! - Nothing here throws into the page: every export catches, and the stub catches around it.
+//!
+//! # Sequence streams
+//!
+//! `seq` must be known synchronously at `track()` time (so a beacon sent at `pagehide` can
+//! carry it) and unique, but tabs share the device. So each tab numbers its own stream:
+//! events carry `device_id = "<device>.<tab>"`, where `<tab>` lives in `sessionStorage`
+//! (it survives reloads and navigations in the tab) and `seq` counts 1, 2, 3… per stream. A
+//! gap in a stream's `seq` at the relay is an event that left `track()` and never arrived.
+//! The counters are per device (`<device>`), shared by the tabs.
+
+#![deny(missing_docs)]
+
+mod attribution;
+pub mod policy;
+pub mod queue;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use js_sys::{Array, Function, JsString, Object, Promise, Reflect, JSON};
+use trueup_protocol::Counters;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::{future_to_promise, spawn_local, JsFuture};
+
+use crate::policy::Verdict;
+use crate::queue::{Entry, Mem, Queue, Settle};
+
+/// Options, as passed to `init()` (camelCase in JS); read with js-sys, not serde, for size.
+#[derive(Clone)]
+struct Options {
+    /// The site key.
+    site: String,
+    /// The collection endpoint.
+    endpoint: String,
+    /// Queue byte cap; the oldest events are evicted beyond it.
+    max_queue_bytes: f64,
+    /// Events older than this are dropped as expired.
+    max_age_ms: f64,
+    /// Largest event (JSON), bytes; larger ones are dropped as too_large.
+    max_event_bytes: f64,
+    /// Delay between an event and its batch being sent.
+    flush_interval_ms: f64,
+    /// Largest batch body, bytes (under the page's 64 KiB keepalive budget).
+    batch_bytes: f64,
+    /// Most events per batch.
+    max_batch_events: f64,
+    /// `granted` (default) or `pending` (store and send nothing until `consent(true)`).
+    consent: String,
+    /// Idle time after which a new session starts.
+    session_timeout_ms: f64,
+    /// Send timeout.
+    request_timeout_ms: f64,
+    /// `auto` (IndexedDB, else memory) or `memory`.
+    storage: String,
+    /// First retry delay.
+    retry_base_ms: f64,
+    /// Cap of the exponential backoff.
+    retry_cap_ms: f64,
+}
+
+impl Options {
+    fn from_js(o: &JsValue) -> Options {
+        let f = |k: &str, d: f64| Reflect::get(o, &k.into()).ok().and_then(|v| v.as_f64()).filter(|n| *n > 0.0).unwrap_or(d);
+        let s = |k: &str, d: &str| Reflect::get(o, &k.into()).ok().and_then(|v| v.as_string()).unwrap_or_else(|| d.into());
+        Options {
+            site: s("site", ""),
+            endpoint: s("endpoint", "/_r/q"),
+            max_queue_bytes: f("maxQueueBytes", 5_000_000.0),
+            max_age_ms: f("maxAgeMs", 7.0 * 86_400_000.0),
+            max_event_bytes: f("maxEventBytes", 32_000.0),
+            flush_interval_ms: f("flushIntervalMs", 1_000.0),
+            batch_bytes: f("batchBytes", 60_000.0).min(63_000.0),
+            max_batch_events: f("maxBatchEvents", 200.0),
+            consent: s("consent", "granted"),
+            session_timeout_ms: f("sessionTimeoutMs", 30.0 * 60_000.0),
+            request_timeout_ms: f("requestTimeoutMs", 10_000.0),
+            storage: s("storage", "auto"),
+            retry_base_ms: f("retryBaseMs", 1_000.0),
+            retry_cap_ms: f("retryCapMs", 5.0 * 60_000.0),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Consent {
+    Granted,
+    Pending,
+    Denied,
+}
+
+struct State {
+    queue: Option<Rc<Queue>>,
+    /// Calls made before the queue was open, replayed in order.
+    early: Vec<(String, Array, JsValue)>,
+    /// Events made this task, persisted by one transaction in a microtask.
+    writes: Vec<Entry>,
+    write_scheduled: bool,
+    /// This page's events not known to be acknowledged, for the `pagehide` beacon.
+    mirror: Vec<(Entry, bool)>,
+    /// Events held while consent is pending.
+    held: Vec<Entry>,
+    device: String,
+    stream: String,
+    seq: f64,
+    anon: String,
+    user: Option<String>,
+    session: String,
+    session_last: f64,
+    /// `{first?, last?}`; undefined when there is no touch yet.
+    attribution: JsValue,
+    consent: Consent,
+    leader: bool,
+    release_lock: Option<Function>,
+    in_flight: bool,
+    failures: u32,
+    backoff_until: f64,
+    split_limit: usize,
+    due_at: f64,
+    stopped: bool,
+    /// Drops counted while nothing may be stored (consent denied).
+    unstored_drops: u64,
+}
+
+struct Core {
+    opts: Options,
+    st: RefCell<State>,
+    channel: Option<web_sys::BroadcastChannel>,
+}
+
+/// The agent. The stub constructs one per page and forwards every call.
+#[wasm_bindgen]
+pub struct Agent {
+    core: Rc<Core>,
+}
+
+fn now() -> f64 {
+    js_sys::Date::now()
+}
+
+fn random_id() -> String {
+    let crypto = Reflect::get(&js_sys::global(), &"crypto".into()).unwrap_or_default();
+    Reflect::get(&crypto, &"randomUUID".into())
+        .ok()
+        .and_then(|f| f.dyn_into::<Function>().ok())
+        .and_then(|f| f.call0(&crypto).ok())
+        .and_then(|v| v.as_string())
+        .unwrap_or_else(|| {
+            let n = (js_sys::Math::random() * 9e15) as u64;
+            let m = (js_sys::Math::random() * 9e15) as u64;
+            let mut s = String::new();
+            for x in [n, m] {
+                let mut x = x;
+                while x > 0 {
+                    s.push(char::from_digit((x % 36) as u32, 36).unwrap_or('0'));
+                    x /= 36;
+                }
+            }
+            s
+        })
+}
+
+fn set(o: &Object, k: &str, v: &JsValue) {
+    let _ = Reflect::set(o, &k.into(), v);
+}
+
+fn get_str(v: &JsValue, k: &str) -> Option<String> {
+    Reflect::get(v, &k.into()).ok()?.as_string()
+}
+
+fn session_storage(key: &str, make: impl FnOnce() -> String) -> String {
+    let storage = web_sys::window().and_then(|w| w.session_storage().ok().flatten());
+    if let Some(s) = &storage
+        && let Ok(Some(v)) = s.get_item(key)
+    {
+        return v;
+    }
+    let v = make();
+    if let Some(s) = storage {
+        let _ = s.set_item(key, &v);
+    }
+    v
+}
+
+#[wasm_bindgen]
+impl Agent {
+    /// Creates the agent; it opens its storage in the background and replays the calls
+    /// made meanwhile in order. Never throws.
+    #[wasm_bindgen(constructor)]
+    pub fn new(options: JsValue) -> Agent {
+        let opts = Options::from_js(&options);
+        let stream = session_storage("trueup.tab", random_id);
+        let seq = js_sys::parse_float(&session_storage("trueup.seq", || "0".into()));
+        let seq = if seq.is_finite() { seq } else { 0.0 };
+        let consent = if opts.consent == "pending" { Consent::Pending } else { Consent::Granted };
+        let channel = web_sys::BroadcastChannel::new("trueup").ok();
+        let core = Rc::new(Core {
+            opts,
+            channel,
+            st: RefCell::new(State {
+                queue: None,
+                early: Vec::new(),
+                writes: Vec::new(),
+                write_scheduled: false,
+                mirror: Vec::new(),
+                held: Vec::new(),
+                device: String::new(),
+                stream,
+                seq,
+                anon: String::new(),
+                user: None,
+                session: String::new(),
+                session_last: 0.0,
+                attribution: JsValue::UNDEFINED,
+                consent,
+                leader: false,
+                release_lock: None,
+                in_flight: false,
+                failures: 0,
+                backoff_until: 0.0,
+                split_limit: usize::MAX,
+                due_at: f64::INFINITY,
+                stopped: false,
+                unstored_drops: 0,
+            }),
+        });
+        let c = core.clone();
+        spawn_local(async move {
+            if let Err(e) = c.start().await {
+                web_sys::console::warn_2(&"trueup: agent start failed".into(), &e);
+            }
+        });
+        Agent { core }
+    }
+
+    /// Handles `track`, `page`, `identify`, `reset` and `consent`, with the call-time
+    /// context `{id, ts, url, referrer, title}`. Never throws.
+    pub fn call(&self, method: &str, args: Array, ctx: JsValue) {
+        let ready = self.core.st.borrow().queue.is_some();
+        if ready {
+            self.core.apply(method, &args, &ctx);
+        } else {
+            self.core.st.borrow_mut().early.push((method.to_string(), args, ctx));
+        }
+    }
+
+    /// Sends what is queued now. Resolves when the attempt is over (or, in a tab that is not
+    /// the sender, once the sending tab has been asked).
+    pub fn flush(&self) -> Promise {
+        let c = self.core.clone();
+        future_to_promise(async move {
+            c.persist().await;
+            if c.st.borrow().leader {
+                c.send_round().await;
+            } else if let Some(ch) = &c.channel {
+                let _ = ch.post_message(&"f".into());
+            }
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// The loss counters (a Promise of `{device_id, enqueued, sent, acked, retried, pending,
+    /// dropped, degraded}`).
+    pub fn stats(&self) -> Promise {
+        let c = self.core.clone();
+        future_to_promise(async move {
+            let queue = c.st.borrow().queue.clone();
+            let mut counters = match queue {
+                Some(q) => q.counters().await,
+                None => Counters::default(),
+            };
+            let extra = c.st.borrow().unstored_drops;
+            if extra > 0 {
+                counters.enqueued += extra;
+                *counters.dropped.entry("consent".into()).or_default() += extra;
+            }
+            Ok(queue::counters_to(&counters))
+        })
+    }
+
+    /// First- and last-touch attribution, for a signup form to hand to the server.
+    pub fn attribution(&self) -> JsValue {
+        let a = self.core.st.borrow().attribution.clone();
+        if a.is_object() { a } else { Object::new().into() }
+    }
+
+    /// Persists and flushes, then stops sending (timers, lock).
+    pub fn shutdown(&self) -> Promise {
+        let c = self.core.clone();
+        future_to_promise(async move {
+            c.persist().await;
+            if c.st.borrow().leader {
+                c.send_round().await;
+            }
+            let mut st = c.st.borrow_mut();
+            st.stopped = true;
+            if let Some(release) = st.release_lock.take() {
+                let _ = release.call0(&JsValue::UNDEFINED);
+            }
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+}
+
+impl Core {
+    async fn start(self: &Rc<Self>) -> Result<(), JsValue> {
+        let queue = if self.opts.storage == "memory" {
+            None
+        } else {
+            queue::open_idb("trueup").await.ok().map(Queue::Idb)
+        };
+        let queue = Rc::new(queue.unwrap_or_else(|| Queue::Mem(RefCell::new(Mem::default()))));
+        let read = |k: &'static str| {
+            let q = queue.clone();
+            async move { q.get(k).await.ok().and_then(|v| v.as_string()) }
+        };
+        let device = match read("dev").await {
+            Some(d) => d,
+            None => random_id(),
+        };
+        let anon = match read("anon").await {
+            Some(a) => a,
+            None => random_id(),
+        };
+        let user = read("user").await;
+        let stored_consent = read("consent").await;
+        let sess = queue.get("sess").await.unwrap_or_default();
+        let stored_attr = queue.get("attr").await.unwrap_or_default();
+        let t = now();
+        let (href, referrer) = web_sys::window()
+            .map(|w| {
+                let href = w.location().href().unwrap_or_default();
+                let referrer = w.document().map(|d| d.referrer()).unwrap_or_default();
+                (href, referrer)
+            })
+            .unwrap_or_default();
+        let (attribution, new_campaign) = attribution::apply(&stored_attr, attribution::touch_of(&href, &referrer, t));
+        let (mut session, mut session_last) = (get_str(&sess, "id").unwrap_or_default(), Reflect::get(&sess, &"t".into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0));
+        if session.is_empty() || new_campaign || t - session_last > self.opts.session_timeout_ms {
+            session = random_id();
+            session_last = t;
+        }
+        {
+            let attr_js: JsValue = attribution.into();
+            let mut st = self.st.borrow_mut();
+            st.device = device.clone();
+            st.anon = anon.clone();
+            st.user = user;
+            st.session = session;
+            st.session_last = session_last;
+            let has_touch = Reflect::has(&attr_js, &"first".into()).unwrap_or(false);
+            st.attribution = if has_touch { attr_js.clone() } else { JsValue::UNDEFINED };
+            st.consent = match stored_consent.as_deref() {
+                Some("granted") => Consent::Granted,
+                Some("denied") => Consent::Denied,
+                _ => st.consent,
+            };
+            let pairs = [("dev", JsValue::from(device.as_str())), ("anon", JsValue::from(anon.as_str())), ("attr", attr_js)];
+            if st.consent != Consent::Pending && st.consent != Consent::Denied {
+                drop(st);
+                let _ = queue.set(&pairs).await;
+            }
+        }
+        let degraded = !queue.durable();
+        let dev = device.clone();
+        let _ = queue
+            .update_counters(move |c| {
+                c.device_id = dev;
+                c.degraded = degraded.then(|| "memory_queue".to_string());
+            })
+            .await;
+        let early = {
+            let mut st = self.st.borrow_mut();
+            st.queue = Some(queue);
+            std::mem::take(&mut st.early)
+        };
+        for (method, args, ctx) in early {
+            self.apply(&method, &args, &ctx);
+        }
+        self.listen();
+        self.request_lock();
+        Ok(())
+    }
+
+    fn apply(self: &Rc<Self>, method: &str, args: &Array, ctx: &JsValue) {
+        match method {
+            "track" => {
+                if let Some(name) = args.get(0).as_string() {
+                    self.event(&name, "event/1", args.get(1), ctx);
+                }
+            }
+            "page" => self.event("page_view", "page_view/1", args.get(0), ctx),
+            "identify" => {
+                let Some(user) = args.get(0).as_string() else { return };
+                self.st.borrow_mut().user = Some(user.clone());
+                self.store_state(vec![("user", user.into())]);
+                let props = Object::new();
+                let traits = args.get(1);
+                if traits.is_object() {
+                    set(&props, "traits", &traits);
+                }
+                self.event("identify", "identify/1", props.into(), ctx);
+            }
+            "reset" => {
+                let anon = random_id();
+                {
+                    let mut st = self.st.borrow_mut();
+                    st.user = None;
+                    st.anon = anon.clone();
+                    st.session = random_id();
+                }
+                self.store_state(vec![("anon", anon.into()), ("user", JsValue::UNDEFINED)]);
+            }
+            "consent" => self.consent(args.get(0).is_truthy()),
+            _ => {}
+        }
+    }
+
+    fn store_state(self: &Rc<Self>, pairs: Vec<(&'static str, JsValue)>) {
+        let (queue, consent) = {
+            let st = self.st.borrow();
+            (st.queue.clone(), st.consent)
+        };
+        if consent != Consent::Granted {
+            return;
+        }
+        if let Some(q) = queue {
+            spawn_local(async move {
+                let _ = q.set(&pairs).await;
+            });
+        }
+    }
+
+    fn consent(self: &Rc<Self>, granted: bool) {
+        let (queue, held) = {
+            let mut st = self.st.borrow_mut();
+            st.consent = if granted { Consent::Granted } else { Consent::Denied };
+            (st.queue.clone(), std::mem::take(&mut st.held))
+        };
+        let Some(q) = queue else { return };
+        let me = self.clone();
+        spawn_local(async move {
+            if granted {
+                let (dev, anon) = {
+                    let st = me.st.borrow();
+                    (st.device.clone(), st.anon.clone())
+                };
+                let _ = q.set(&[("consent", "granted".into()), ("dev", dev.into()), ("anon", anon.into())]).await;
+                for e in held {
+                    me.st.borrow_mut().mirror.push((e.clone(), false));
+                    me.st.borrow_mut().writes.push(e);
+                }
+                me.persist().await;
+            } else {
+                let _ = q.set(&[("consent", "denied".into())]).await;
+                if !held.is_empty() {
+                    let _ = q.drop_uncounted("consent", held.len() as u64).await;
+                }
+                let _ = q.clear("consent").await;
+                me.st.borrow_mut().mirror.clear();
+            }
+        });
+    }
+
+    /// Builds the event's JSON now (so later changes to `props` do not leak in) and queues
+    /// its persistence for the end of the task.
+    fn event(self: &Rc<Self>, name: &str, schema: &str, props: JsValue, ctx: &JsValue) {
+        let ts = Reflect::get(ctx, &"ts".into()).ok().and_then(|v| v.as_f64()).unwrap_or_else(now);
+        let Some(id) = get_str(ctx, "id") else { return };
+        let mut st = self.st.borrow_mut();
+        if st.consent == Consent::Denied {
+            st.unstored_drops += 1;
+            return;
+        }
+        if ts - st.session_last > self.opts.session_timeout_ms {
+            st.session = random_id();
+        }
+        st.session_last = st.session_last.max(ts);
+        st.seq += 1.0;
+        let seq = st.seq;
+        if let Some(s) = web_sys::window().and_then(|w| w.session_storage().ok().flatten()) {
+            if let Some(text) = JsValue::from(js_sys::Number::from(seq).to_string_with_radix(10).unwrap_or_else(|_| "0".into())).as_string() {
+                let _ = s.set_item("trueup.seq", &text);
+            }
+        }
+        let ev = Object::new();
+        set(&ev, "id", &id.as_str().into());
+        set(&ev, "name", &name.into());
+        set(&ev, "schema", &schema.into());
+        set(&ev, "ts", &ts.into());
+        set(&ev, "source", &"client".into());
+        set(&ev, "anon_id", &st.anon.as_str().into());
+        if let Some(u) = &st.user {
+            set(&ev, "user_id", &u.as_str().into());
+        }
+        set(&ev, "session_id", &st.session.as_str().into());
+        let device_id = String::new() + &st.device + "." + &st.stream;
+        set(&ev, "device_id", &device_id.into());
+        set(&ev, "seq", &seq.into());
+        set(&ev, "props", &if props.is_object() { props } else { Object::new().into() });
+        let cx = Object::new();
+        for k in ["url", "referrer", "title"] {
+            if let Some(v) = get_str(ctx, k).filter(|v| !v.is_empty()) {
+                set(&cx, k, &v.into());
+            }
+        }
+        if !st.attribution.is_undefined() {
+            set(&cx, "attribution", &st.attribution);
+        }
+        let degraded = st.queue.as_ref().is_some_and(|q| !q.durable());
+        if degraded {
+            set(&cx, "degraded", &"memory_queue".into());
+        }
+        set(&ev, "context", &cx);
+        let json = JSON::stringify(&ev).ok();
+        let queue = st.queue.clone();
+        let fits = json.as_ref().is_some_and(|j| f64::from(j.length()) <= self.opts.max_event_bytes);
+        let Some(json) = json.filter(|_| fits) else {
+            drop(st);
+            if let Some(q) = queue {
+                spawn_local(async move {
+                    let _ = q.drop_uncounted("too_large", 1).await;
+                });
+            }
+            return;
+        };
+        let entry = Entry { id: JsString::from(id), bytes: f64::from(json.length()), json, ts };
+        if st.consent == Consent::Pending {
+            st.held.push(entry);
+            return;
+        }
+        if st.mirror.len() >= 2_000 {
+            st.mirror.remove(0);
+        }
+        st.mirror.push((entry.clone(), false));
+        st.writes.push(entry);
+        if !st.write_scheduled {
+            st.write_scheduled = true;
+            drop(st);
+            let me = self.clone();
+            spawn_local(async move { me.persist().await });
+        }
+    }
+
+    /// Persists this task's events in one transaction, then tells the sender.
+    async fn persist(self: &Rc<Self>) {
+        let (queue, writes, session) = {
+            let mut st = self.st.borrow_mut();
+            st.write_scheduled = false;
+            let sess = Object::new();
+            set(&sess, "id", &st.session.as_str().into());
+            set(&sess, "t", &st.session_last.into());
+            (st.queue.clone(), std::mem::take(&mut st.writes), sess)
+        };
+        let Some(q) = queue else { return };
+        if writes.is_empty() {
+            return;
+        }
+        let n = writes.len() as u64;
+        if q.enqueue(&writes, self.opts.max_queue_bytes).await.is_err() {
+            // Storage failed (quota, private mode): these events are counted, not lost silently.
+            let _ = q.drop_uncounted("storage_unavailable", n).await;
+            let mut st = self.st.borrow_mut();
+            st.mirror.retain(|(m, _)| !writes.iter().any(|w| w.id == m.id));
+            return;
+        }
+        let _ = q.set(&[("sess", session.into())]).await;
+        self.wake();
+        if let Some(ch) = &self.channel {
+            let _ = ch.post_message(&"w".into());
+        }
+    }
+
+    fn wake(&self) {
+        let mut st = self.st.borrow_mut();
+        let due = now() + self.opts.flush_interval_ms;
+        if due < st.due_at {
+            st.due_at = due;
+        }
+    }
+
+    fn listen(self: &Rc<Self>) {
+        let Some(window) = web_sys::window() else { return };
+        let me = self.clone();
+        let on_hide = Closure::<dyn FnMut(web_sys::Event)>::new(move |e: web_sys::Event| {
+            let hidden = e.type_() == "pagehide"
+                || web_sys::window()
+                    .and_then(|w| w.document())
+                    .is_some_and(|d| d.visibility_state() == web_sys::VisibilityState::Hidden);
+            if hidden {
+                me.beacon();
+                if e.type_() == "pagehide" {
+                    me.release_lock();
+                }
+            }
+        });
+        let _ = window.add_event_listener_with_callback("pagehide", on_hide.as_ref().unchecked_ref());
+        if let Some(doc) = window.document() {
+            let _ = doc.add_event_listener_with_callback("visibilitychange", on_hide.as_ref().unchecked_ref());
+        }
+        on_hide.forget();
+        let me = self.clone();
+        let on_show = Closure::<dyn FnMut(web_sys::Event)>::new(move |e: web_sys::Event| match e.type_().as_str() {
+            "online" => me.wake(),
+            _ => {
+                // Back from the bfcache: take part in sending again.
+                if !me.st.borrow().leader {
+                    me.request_lock();
+                }
+                me.wake();
+            }
+        });
+        let _ = window.add_event_listener_with_callback("online", on_show.as_ref().unchecked_ref());
+        let _ = window.add_event_listener_with_callback("pageshow", on_show.as_ref().unchecked_ref());
+        on_show.forget();
+        if let Some(ch) = &self.channel {
+            let me = self.clone();
+            let on_msg = Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |e: web_sys::MessageEvent| {
+                if e.data().as_string().as_deref() == Some("f") {
+                    me.st.borrow_mut().due_at = 0.0;
+                } else {
+                    me.wake();
+                }
+            });
+            ch.set_onmessage(Some(on_msg.as_ref().unchecked_ref()));
+            on_msg.forget();
+        }
+    }
+
+    /// Becomes the sending tab when the lock is granted (at once, or when the sending tab
+    /// goes away); without Web Locks, every tab sends (the relay dedupes).
+    fn request_lock(self: &Rc<Self>) {
+        let locks = web_sys::window()
+            .map(|w| w.navigator())
+            .and_then(|n| Reflect::get(&n, &"locks".into()).ok())
+            .filter(|l| l.is_object());
+        let Some(locks) = locks else {
+            self.lead();
+            return;
+        };
+        let me = self.clone();
+        let granted = Closure::once_into_js(move |_lock: JsValue| -> Promise {
+            me.lead();
+            let me2 = me.clone();
+            Promise::new(&mut |resolve, _| {
+                me2.st.borrow_mut().release_lock = Some(resolve);
+            })
+        });
+        let request = Reflect::get(&locks, &"request".into()).ok().and_then(|f| f.dyn_into::<Function>().ok());
+        if let Some(request) = request
+            && request.call2(&locks, &"trueup-sender".into(), &granted).is_ok()
+        {
+            return;
+        }
+        self.lead();
+    }
+
+    fn release_lock(&self) {
+        let mut st = self.st.borrow_mut();
+        if let Some(release) = st.release_lock.take() {
+            st.leader = false;
+            let _ = release.call0(&JsValue::UNDEFINED);
+        }
+    }
+
+    fn lead(self: &Rc<Self>) {
+        {
+            let mut st = self.st.borrow_mut();
+            if st.leader || st.stopped {
+                return;
+            }
+            st.leader = true;
+            st.due_at = 0.0; // send what earlier pages left at once
+        }
+        let me = self.clone();
+        spawn_local(async move {
+            loop {
+                gloo_timers::future::TimeoutFuture::new(200).await;
+                let (go, stop) = {
+                    let st = me.st.borrow();
+                    let online = web_sys::window().map(|w| w.navigator().on_line()).unwrap_or(true);
+                    let t = now();
+                    (online && t >= st.due_at && t >= st.backoff_until, st.stopped || !st.leader)
+                };
+                if stop {
+                    break;
+                }
+                if go {
+                    me.send_round().await;
+                }
+            }
+        });
+    }
+
+    /// Sends batches until the queue is empty or an attempt fails.
+    async fn send_round(self: &Rc<Self>) {
+        let Some(q) = self.st.borrow().queue.clone() else { return };
+        if std::mem::replace(&mut self.st.borrow_mut().in_flight, true) {
+            return;
+        }
+        loop {
+            let limit = self.st.borrow().split_limit.min(self.opts.max_batch_events as usize);
+            let entries = match q.peek(self.opts.batch_bytes - 1_000.0, limit, now(), self.opts.max_age_ms).await {
+                Ok(e) => e,
+                Err(_) => break,
+            };
+            if entries.is_empty() {
+                self.st.borrow_mut().due_at = f64::INFINITY;
+                break;
+            }
+            let counters = q.counters().await;
+            let body = envelope(&self.opts.site, &entries, &counters);
+            let (status, retry_after, answer) = post(&self.opts.endpoint, &body, self.opts.request_timeout_ms as u32).await;
+            let n = entries.len() as u64;
+            let retried = if self.st.borrow().failures > 0 { n } else { 0 };
+            let verdict = policy::classify(status);
+            let outcomes: Vec<(JsString, Settle)> = match verdict {
+                Verdict::Answered => answered(&entries, answer),
+                Verdict::Split if entries.len() == 1 => vec![(entries[0].id.clone(), Settle::Dropped("too_large"))],
+                Verdict::Split => {
+                    self.st.borrow_mut().split_limit = (entries.len() / 2).max(1);
+                    Vec::new()
+                }
+                Verdict::Drop => entries.iter().map(|e| (e.id.clone(), Settle::Dropped("rejected"))).collect(),
+                Verdict::Retry => Vec::new(),
+            };
+            let settled = !outcomes.is_empty();
+            let _ = q.settle(&outcomes, n, retried).await;
+            let mut st = self.st.borrow_mut();
+            st.mirror.retain(|(m, _)| !outcomes.iter().any(|(id, _)| *id == m.id));
+            if settled {
+                st.failures = 0;
+                st.split_limit = usize::MAX.min(st.split_limit.saturating_mul(2));
+            } else if verdict != Verdict::Split {
+                st.failures += 1;
+                let wait = policy::backoff_ms(st.failures, js_sys::Math::random(), retry_after, self.opts.retry_base_ms, self.opts.retry_cap_ms);
+                st.backoff_until = now() + wait;
+                break;
+            }
+        }
+        self.st.borrow_mut().in_flight = false;
+    }
+
+    /// On `pagehide`/hidden: hands this page's unacknowledged events to `sendBeacon`, in
+    /// bodies under the batch budget, until the browser refuses (the keepalive quota).
+    fn beacon(&self) {
+        let Some(nav) = web_sys::window().map(|w| w.navigator()) else { return };
+        let mut st = self.st.borrow_mut();
+        let counters = Counters { device_id: st.device.clone(), ..Counters::default() };
+        let mut i = 0;
+        while i < st.mirror.len() {
+            let mut batch = Vec::new();
+            let mut bytes = 0.0;
+            let start = i;
+            while i < st.mirror.len() {
+                let (e, beaconed) = &st.mirror[i];
+                if !*beaconed {
+                    if !batch.is_empty() && bytes + e.bytes > self.opts.batch_bytes - 1_000.0 {
+                        break;
+                    }
+                    bytes += e.bytes;
+                    batch.push(e.clone());
+                }
+                i += 1;
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let body = envelope(&self.opts.site, &batch, &counters);
+            // The counters of a beacon are a placeholder (device only): its answer is never
+            // read, so the sender's next batch reports the real ones.
+            if !nav.send_beacon_with_opt_str(&self.opts.endpoint, Some(&String::from(body))).unwrap_or(false) {
+                break;
+            }
+            for (_, b) in st.mirror[start..i].iter_mut() {
+                *b = true;
+            }
+        }
+    }
+}
+
+/// Reads the relay's per-event answer (`trueup_protocol::BatchResponse`): accepted or
+/// duplicate → acked, rejected → dropped. An answer that does not match the batch settles
+/// nothing (everything is retried; the relay dedupes).
+fn answered(entries: &[Entry], answer: Option<JsValue>) -> Vec<(JsString, Settle)> {
+    let results = answer
+        .and_then(|a| Reflect::get(&a, &"results".into()).ok())
+        .and_then(|r| r.dyn_into::<Array>().ok());
+    let Some(results) = results.filter(|r| r.length() as usize == entries.len()) else { return Vec::new() };
+    let mut out = Vec::with_capacity(entries.len());
+    for (e, r) in entries.iter().zip(results.iter()) {
+        let settle = match get_str(&r, "status").as_deref() {
+            Some("accepted") | Some("duplicate") => Settle::Acked,
+            Some("rejected") => Settle::Dropped("rejected"),
+            _ => return Vec::new(),
+        };
+        out.push((e.id.clone(), settle));
+    }
+    out
+}
+
+/// The batch body: the events' JSON texts joined, with the site and the counters.
+fn envelope(site: &str, entries: &[Entry], counters: &Counters) -> JsString {
+    let events = Array::new();
+    for e in entries {
+        events.push(&e.json);
+    }
+    let head = Object::new();
+    set(&head, "v", &1.into());
+    set(&head, "site", &site.into());
+    set(&head, "sent_at", &now().into());
+    if !counters.device_id.is_empty() {
+        set(&head, "counters", &queue::counters_to(counters));
+    }
+    let head = JSON::stringify(&head).unwrap_or_else(|_| JsString::from("{}"));
+    // `{"v":1,...}` → `{"v":1,...,"events":[e1,e2]}`
+    head.slice(0, head.length() - 1).concat(&",\"events\":[".into()).concat(&events.join(",")).concat(&"]}".into())
+}
+
+/// POSTs a CORS-simple `text/plain` body with `keepalive`. Returns the status (None for a
+/// network error or timeout), `Retry-After` in seconds, and the JSON answer of a 2xx.
+async fn post(endpoint: &str, body: &JsString, timeout_ms: u32) -> (Option<u16>, Option<f64>, Option<JsValue>) {
+    let Some(window) = web_sys::window() else { return (None, None, None) };
+    let init = web_sys::RequestInit::new();
+    init.set_method("POST");
+    init.set_body(body);
+    let _ = Reflect::set(&init, &"keepalive".into(), &JsValue::TRUE);
+    let abort = web_sys::AbortController::new().ok();
+    if let Some(a) = &abort {
+        init.set_signal(Some(&a.signal()));
+    }
+    let timer = abort.map(|a| gloo_timers::callback::Timeout::new(timeout_ms, move || a.abort()));
+    let resp = JsFuture::from(window.fetch_with_str_and_init(endpoint, &init)).await;
+    let result = match resp.and_then(|r| r.dyn_into::<web_sys::Response>()) {
+        Err(_) => (None, None, None),
+        Ok(r) => {
+            let status = r.status();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .ok()
+                .flatten()
+                .and_then(|v| policy::retry_after(js_sys::parse_float(&v)));
+            let answer = if r.ok() {
+                match r.json() {
+                    Ok(p) => JsFuture::from(p).await.ok(),
+                    Err(_) => None,
+                }
+            } else {
+                None
+            };
+            (Some(status), retry_after, answer)
+        }
+    };
+    drop(timer);
+    result
+}

@@ -1,0 +1,496 @@
+//! The durable queue and the loss counters, in IndexedDB (or in memory when IndexedDB is
+//! unavailable, flagged as degraded).
+//!
+//! # Promise
+//!
+//! `enqueued = acked + dropped + pending` holds at every commit: every change to the queue
+//! and the matching change to the counters happen in one IndexedDB transaction, which all
+//! tabs of the site share (IndexedDB serialises overlapping read-write transactions, so two
+//! tabs never hand out the same `seq`).
+//!
+//! # Layout (database `trueup`, version 1)
+//!
+//! - store `q`: key = the event id (a UUIDv7, so keys sort by capture time across tabs),
+//!   value `{s: the event's JSON text, b: its size, t: its capture time}`. The text is made
+//!   once, at `track()` time, and sent as is.
+//! - store `kv`: `qb` (bytes queued), `c` (the counters), and the agent's small state
+//!   (`dev`, `anon`, `user`, `sess`, `attr`, `consent`).
+//!
+//! Writes issue all their requests before awaiting anything but the counters, and commit
+//! explicitly, so a tab closed right after `track()` has the best chance to keep its events
+//! (the page's `pagehide` beacon covers the rest).
+//!
+//! The queue is bounded by bytes (`max_queue_bytes`; the oldest are evicted, counted as
+//! `queue_full`) and by age (events older than `max_age_ms` are dropped as `expired` when
+//! the sender reads them).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+
+use js_sys::{JsString, Object, Promise, Reflect};
+use trueup_protocol::Counters;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{IdbDatabase, IdbObjectStore, IdbRequest, IdbTransaction, IdbTransactionMode};
+
+use crate::policy::expired;
+
+/// How an event left the queue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    /// The relay answered accepted or duplicate.
+    Acked,
+    /// Given up, with the reason counted in `dropped`.
+    Dropped(&'static str),
+}
+
+/// One queued event.
+#[derive(Clone)]
+pub struct Entry {
+    /// Its id (the queue key).
+    pub id: JsString,
+    /// Its JSON text, as sent.
+    pub json: JsString,
+    /// Its size in bytes (UTF-16 code units of the JSON, close enough for budgets).
+    pub bytes: f64,
+    /// Its capture time, ms since the epoch.
+    pub ts: f64,
+}
+
+/// Where the queue lives.
+pub enum Queue {
+    /// IndexedDB: durable and shared by the site's tabs.
+    Idb(IdbDatabase),
+    /// Memory: lost with the page; the counters say `degraded: memory_queue`.
+    Mem(RefCell<Mem>),
+}
+
+/// The memory queue.
+#[derive(Default)]
+pub struct Mem {
+    q: VecDeque<Entry>,
+    kv: Vec<(&'static str, JsValue)>,
+}
+
+impl Mem {
+    fn get(&self, key: &str) -> JsValue {
+        self.kv.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()).unwrap_or(JsValue::UNDEFINED)
+    }
+    fn set(&mut self, key: &'static str, value: JsValue) {
+        match self.kv.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.kv.push((key, value)),
+        }
+    }
+}
+
+/// Awaits an IndexedDB request. The continuation runs in a microtask of the success event,
+/// while the transaction is still active, so more requests can be made in it.
+pub async fn done(req: &IdbRequest) -> Result<JsValue, JsValue> {
+    let promise = Promise::new(&mut |resolve, reject| {
+        req.set_onsuccess(Some(&resolve));
+        req.set_onerror(Some(&reject));
+    });
+    JsFuture::from(promise).await?;
+    req.result()
+}
+
+/// Asks the browser to commit now rather than when the renderer is idle, so a tab that goes
+/// away right after still has its transaction committed.
+fn commit(tx: &IdbTransaction) {
+    if let Ok(f) = Reflect::get(tx, &"commit".into()).and_then(|f| f.dyn_into::<js_sys::Function>()) {
+        let _ = f.call0(tx);
+    }
+}
+
+/// Awaits a transaction's commit.
+pub async fn committed(tx: &IdbTransaction) -> Result<(), JsValue> {
+    let promise = Promise::new(&mut |resolve, reject| {
+        tx.set_oncomplete(Some(&resolve));
+        tx.set_onerror(Some(&reject));
+        tx.set_onabort(Some(&reject));
+    });
+    JsFuture::from(promise).await.map(|_| ())
+}
+
+/// Opens (creating if needed) the database `name` (the agent uses `trueup`).
+pub async fn open_idb(name: &str) -> Result<IdbDatabase, JsValue> {
+    let factory = web_sys::window()
+        .ok_or(JsValue::NULL)?
+        .indexed_db()?
+        .ok_or(JsValue::NULL)?;
+    let req = factory.open_with_u32(name, 1)?;
+    let upgrade = Closure::<dyn FnMut(web_sys::IdbVersionChangeEvent)>::new(move |ev: web_sys::IdbVersionChangeEvent| {
+        let db: Option<IdbDatabase> = ev
+            .target()
+            .and_then(|t| t.dyn_into::<IdbRequest>().ok())
+            .and_then(|r| r.result().ok())
+            .and_then(|r| r.dyn_into().ok());
+        if let Some(db) = db {
+            let _ = db.create_object_store("q");
+            let _ = db.create_object_store("kv");
+        }
+    });
+    req.set_onupgradeneeded(Some(upgrade.as_ref().unchecked_ref()));
+    let result = done(&req).await;
+    req.set_onupgradeneeded(None);
+    drop(upgrade);
+    result?.dyn_into()
+}
+
+fn num(v: &JsValue) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+// The counters cross to JS by hand (js-sys) rather than through serde: it keeps the wasm
+// small, and the field names are the wire contract's (`trueup_protocol::Counters`).
+const COUNTS: [&str; 5] = ["enqueued", "sent", "acked", "retried", "pending"];
+
+fn count_slots(c: &mut Counters) -> [&mut u64; 5] {
+    [&mut c.enqueued, &mut c.sent, &mut c.acked, &mut c.retried, &mut c.pending]
+}
+
+/// Reads the counters from their stored form (absent → zero).
+pub fn counters_from(v: JsValue) -> Counters {
+    let mut c = Counters::default();
+    if !v.is_object() {
+        return c;
+    }
+    let field = |k: &str| Reflect::get(&v, &k.into()).unwrap_or_default();
+    c.device_id = field("device_id").as_string().unwrap_or_default();
+    c.degraded = field("degraded").as_string();
+    for (slot, k) in count_slots(&mut c).into_iter().zip(COUNTS) {
+        *slot = num(&field(k)) as u64;
+    }
+    let dropped = field("dropped");
+    if let Some(obj) = dropped.dyn_ref::<Object>() {
+        for k in Object::keys(obj).iter() {
+            if let Some(name) = k.as_string() {
+                let n = num(&Reflect::get(obj, &k).unwrap_or_default()) as u64;
+                c.dropped.insert(name, n);
+            }
+        }
+    }
+    c
+}
+
+/// The counters' stored (and wire) form.
+pub fn counters_to(c: &Counters) -> JsValue {
+    let o = Object::new();
+    let put = |k: &str, v: JsValue| drop(Reflect::set(&o, &k.into(), &v));
+    put("device_id", c.device_id.as_str().into());
+    let mut c2 = c.clone();
+    for (slot, k) in count_slots(&mut c2).into_iter().zip(COUNTS) {
+        put(k, (*slot as f64).into());
+    }
+    let dropped = Object::new();
+    for (k, n) in &c.dropped {
+        let _ = Reflect::set(&dropped, &k.as_str().into(), &(*n as f64).into());
+    }
+    put("dropped", dropped.into());
+    if let Some(d) = &c.degraded {
+        put("degraded", d.as_str().into());
+    }
+    o.into()
+}
+
+fn entry_value(e: &Entry) -> JsValue {
+    let o = Object::new();
+    let _ = Reflect::set(&o, &"s".into(), &e.json);
+    let _ = Reflect::set(&o, &"b".into(), &e.bytes.into());
+    let _ = Reflect::set(&o, &"t".into(), &e.ts.into());
+    o.into()
+}
+
+fn entry_from(key: JsValue, value: &JsValue) -> Result<Entry, JsValue> {
+    Ok(Entry {
+        id: key.dyn_into()?,
+        json: Reflect::get(value, &"s".into())?.dyn_into()?,
+        bytes: num(&Reflect::get(value, &"b".into())?),
+        ts: num(&Reflect::get(value, &"t".into())?),
+    })
+}
+
+fn bump(c: &mut Counters, reason: &str, n: u64) {
+    *c.dropped.entry(reason.to_string()).or_default() += n;
+}
+
+struct Rw {
+    tx: IdbTransaction,
+    q: IdbObjectStore,
+    kv: IdbObjectStore,
+}
+
+impl Rw {
+    fn begin(db: &IdbDatabase) -> Result<Rw, JsValue> {
+        let names = js_sys::Array::of2(&"q".into(), &"kv".into());
+        let tx = db.transaction_with_str_sequence_and_mode(&names, IdbTransactionMode::Readwrite)?;
+        Ok(Rw { q: tx.object_store("q")?, kv: tx.object_store("kv")?, tx })
+    }
+    async fn get(&self, key: &str) -> Result<JsValue, JsValue> {
+        done(&self.kv.get(&key.into())?).await
+    }
+    fn put(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
+        self.kv.put_with_key(value, &key.into()).map(|_| ())
+    }
+}
+
+impl Queue {
+    /// Whether events survive the page.
+    pub fn durable(&self) -> bool {
+        matches!(self, Queue::Idb(_))
+    }
+
+    /// Reads one small state value.
+    pub async fn get(&self, key: &'static str) -> Result<JsValue, JsValue> {
+        match self {
+            Queue::Idb(db) => {
+                let tx = db.transaction_with_str("kv")?;
+                done(&tx.object_store("kv")?.get(&key.into())?).await
+            }
+            Queue::Mem(m) => Ok(m.borrow().get(key)),
+        }
+    }
+
+    /// Writes small state values in one transaction.
+    pub async fn set(&self, pairs: &[(&'static str, JsValue)]) -> Result<(), JsValue> {
+        match self {
+            Queue::Idb(db) => {
+                let tx = db.transaction_with_str_and_mode("kv", IdbTransactionMode::Readwrite)?;
+                let kv = tx.object_store("kv")?;
+                for (k, v) in pairs {
+                    kv.put_with_key(v, &(*k).into())?;
+                }
+                committed(&tx).await
+            }
+            Queue::Mem(m) => {
+                let mut m = m.borrow_mut();
+                for (k, v) in pairs {
+                    m.set(k, v.clone());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Appends events and evicts the oldest while over `max_bytes`.
+    pub async fn enqueue(&self, events: &[Entry], max_bytes: f64) -> Result<(), JsValue> {
+        let n = events.len() as u64;
+        let added: f64 = events.iter().map(|e| e.bytes).sum();
+        match self {
+            Queue::Idb(db) => {
+                let rw = Rw::begin(db)?;
+                for e in events {
+                    rw.q.put_with_key(&entry_value(e), &e.id)?;
+                }
+                let mut qb = num(&rw.get("qb").await?) + added;
+                let mut c = counters_from(rw.get("c").await?);
+                c.enqueued += n;
+                c.pending += n;
+                if qb > max_bytes {
+                    let cursor_req = rw.q.open_cursor()?;
+                    while qb > max_bytes {
+                        let Ok(cursor) = done(&cursor_req).await?.dyn_into::<web_sys::IdbCursorWithValue>() else { break };
+                        qb -= num(&Reflect::get(&cursor.value()?, &"b".into())?);
+                        cursor.delete()?;
+                        c.pending = c.pending.saturating_sub(1);
+                        bump(&mut c, "queue_full", 1);
+                        cursor.continue_()?;
+                    }
+                }
+                rw.put("qb", &qb.max(0.0).into())?;
+                rw.put("c", &counters_to(&c))?;
+                commit(&rw.tx);
+                committed(&rw.tx).await
+            }
+            Queue::Mem(m) => {
+                let mut m = m.borrow_mut();
+                let mut qb = num(&m.get("qb")) + added;
+                let mut c = counters_from(m.get("c"));
+                m.q.extend(events.iter().cloned());
+                c.enqueued += n;
+                c.pending += n;
+                while qb > max_bytes {
+                    let Some(old) = m.q.pop_front() else { break };
+                    qb -= old.bytes;
+                    c.pending = c.pending.saturating_sub(1);
+                    bump(&mut c, "queue_full", 1);
+                }
+                m.set("qb", qb.max(0.0).into());
+                m.set("c", counters_to(&c));
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts events that never entered the queue (consent withheld, too large, storage
+    /// failed) as enqueued and dropped at once, so the identity keeps holding.
+    pub async fn drop_uncounted(&self, reason: &'static str, n: u64) -> Result<(), JsValue> {
+        self.update_counters(|c| {
+            c.enqueued += n;
+            bump(c, reason, n);
+        })
+        .await
+    }
+
+    /// Applies a change to the counters in its own transaction.
+    pub async fn update_counters(&self, f: impl FnOnce(&mut Counters)) -> Result<(), JsValue> {
+        match self {
+            Queue::Idb(db) => {
+                let rw = Rw::begin(db)?;
+                let mut c = counters_from(rw.get("c").await?);
+                f(&mut c);
+                rw.put("c", &counters_to(&c))?;
+                committed(&rw.tx).await
+            }
+            Queue::Mem(m) => {
+                let mut m = m.borrow_mut();
+                let mut c = counters_from(m.get("c"));
+                f(&mut c);
+                m.set("c", counters_to(&c));
+                Ok(())
+            }
+        }
+    }
+
+    /// The oldest events, in order, up to `max_bytes` and `max_events` (at least one, if
+    /// any); events older than `max_age_ms` are dropped as `expired` on the way.
+    pub async fn peek(&self, max_bytes: f64, max_events: usize, now: f64, max_age_ms: f64) -> Result<Vec<Entry>, JsValue> {
+        let mut out: Vec<Entry> = Vec::new();
+        let mut total = 0.0;
+        let (mut n_expired, mut bytes_expired) = (0u64, 0.0);
+        let mut take = |e: Entry, out: &mut Vec<Entry>| -> bool {
+            if expired(e.ts, now, max_age_ms) {
+                n_expired += 1;
+                bytes_expired += e.bytes;
+                return true; // drop it, go on
+            }
+            if out.len() >= max_events || (!out.is_empty() && total + e.bytes > max_bytes) {
+                return false;
+            }
+            total += e.bytes;
+            out.push(e);
+            true
+        };
+        match self {
+            Queue::Idb(db) => {
+                let rw = Rw::begin(db)?;
+                let cursor_req = rw.q.open_cursor()?;
+                loop {
+                    let Ok(cursor) = done(&cursor_req).await?.dyn_into::<web_sys::IdbCursorWithValue>() else { break };
+                    let e = entry_from(cursor.key()?, &cursor.value()?)?;
+                    let was_expired = expired(e.ts, now, max_age_ms);
+                    if !take(e, &mut out) {
+                        break;
+                    }
+                    if was_expired {
+                        cursor.delete()?;
+                    }
+                    cursor.continue_()?;
+                }
+                if n_expired > 0 {
+                    let qb = num(&rw.get("qb").await?);
+                    let mut c = counters_from(rw.get("c").await?);
+                    c.pending = c.pending.saturating_sub(n_expired);
+                    bump(&mut c, "expired", n_expired);
+                    rw.put("qb", &(qb - bytes_expired).max(0.0).into())?;
+                    rw.put("c", &counters_to(&c))?;
+                }
+                commit(&rw.tx);
+                committed(&rw.tx).await?;
+            }
+            Queue::Mem(m) => {
+                let mut m = m.borrow_mut();
+                let mut keep = VecDeque::with_capacity(m.q.len());
+                let mut full = false;
+                while let Some(e) = m.q.pop_front() {
+                    if full {
+                        keep.push_back(e);
+                        continue;
+                    }
+                    let was_expired = expired(e.ts, now, max_age_ms);
+                    if !was_expired {
+                        keep.push_back(e.clone());
+                    }
+                    full = !take(e, &mut out);
+                }
+                m.q = keep;
+                if n_expired > 0 {
+                    let qb = num(&m.get("qb"));
+                    let mut c = counters_from(m.get("c"));
+                    c.pending = c.pending.saturating_sub(n_expired);
+                    bump(&mut c, "expired", n_expired);
+                    m.set("qb", (qb - bytes_expired).max(0.0).into());
+                    m.set("c", counters_to(&c));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes settled events and counts them. An event already gone (settled by another
+    /// path) is not counted twice. `sent`/`retried` are added in the same transaction.
+    pub async fn settle(&self, outcomes: &[(JsString, Settle)], sent: u64, retried: u64) -> Result<(), JsValue> {
+        let count = |c: &mut Counters, s: &Settle| {
+            c.pending = c.pending.saturating_sub(1);
+            match s {
+                Settle::Acked => c.acked += 1,
+                Settle::Dropped(reason) => bump(c, reason, 1),
+            }
+        };
+        match self {
+            Queue::Idb(db) => {
+                let rw = Rw::begin(db)?;
+                let mut qb = num(&rw.get("qb").await?);
+                let mut c = counters_from(rw.get("c").await?);
+                c.sent += sent;
+                c.retried += retried;
+                for (id, s) in outcomes {
+                    let key: &JsValue = id;
+                    let value = done(&rw.q.get(key)?).await?;
+                    if value.is_undefined() {
+                        continue;
+                    }
+                    qb -= num(&Reflect::get(&value, &"b".into())?);
+                    rw.q.delete(key)?;
+                    count(&mut c, s);
+                }
+                rw.put("qb", &qb.max(0.0).into())?;
+                rw.put("c", &counters_to(&c))?;
+                commit(&rw.tx);
+                committed(&rw.tx).await
+            }
+            Queue::Mem(m) => {
+                let mut m = m.borrow_mut();
+                let mut qb = num(&m.get("qb"));
+                let mut c = counters_from(m.get("c"));
+                c.sent += sent;
+                c.retried += retried;
+                for (id, s) in outcomes {
+                    if let Some(i) = m.q.iter().position(|e| e.id == *id) {
+                        if let Some(e) = m.q.remove(i) {
+                            qb -= e.bytes;
+                            count(&mut c, s);
+                        }
+                    }
+                }
+                m.set("qb", qb.max(0.0).into());
+                m.set("c", counters_to(&c));
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops everything queued with `reason` (opt-out).
+    pub async fn clear(&self, reason: &'static str) -> Result<(), JsValue> {
+        let all = self.peek(f64::INFINITY, usize::MAX, 0.0, f64::INFINITY).await?;
+        let outcomes: Vec<(JsString, Settle)> = all.into_iter().map(|e| (e.id, Settle::Dropped(reason))).collect();
+        self.settle(&outcomes, 0, 0).await
+    }
+
+    /// The counters as stored.
+    pub async fn counters(&self) -> Counters {
+        counters_from(self.get("c").await.unwrap_or(JsValue::UNDEFINED))
+    }
+}
