@@ -1,0 +1,146 @@
+// The e2e harness: a real relay (fresh data dir, embedded warehouse) serving the built agent
+// (dist/) and a site folder, and headless Chromium driven by playwright-core.
+//
+// Every wait is bounded. The warehouse is read with the sqlite3 CLI (JSON output).
+
+import { spawn, execFileSync } from "node:child_process";
+import { mkdtempSync, writeFileSync, rmSync, existsSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { chromium } from "playwright-core";
+
+export const ROOT = resolve(import.meta.dirname, "..");
+const RELAY = process.env.TRUEUP_RELAY_BIN || join(ROOT, "target/debug/trueup-relay");
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function freePort() {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => res(port));
+    });
+    s.on("error", rej);
+  });
+}
+
+/** Polls `check` (sync or async) until it returns a truthy value or `ms` pass. */
+export async function until(what, check, ms = 15000, every = 50) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await check();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await sleep(every);
+  }
+}
+
+export class Relay {
+  /** Starts the relay binary with a fresh data dir; `site` is served at `/`. */
+  static async start({ site = join(ROOT, "www"), toml = "" } = {}) {
+    if (!existsSync(RELAY)) throw new Error(`${RELAY} is missing: run cargo build -p trueup-relay`);
+    if (!existsSync(join(ROOT, "dist/loader.js"))) throw new Error("dist/ is missing: run npm run build");
+    const r = new Relay();
+    r.dir = mkdtempSync(join(tmpdir(), "trueup-e2e-"));
+    r.port = await freePort();
+    r.adminPort = await freePort();
+    r.origin = `http://127.0.0.1:${r.port}`;
+    r.config = join(r.dir, "relay.toml");
+    writeFileSync(
+      r.config,
+      [
+        `listen = "127.0.0.1:${r.port}"`,
+        `admin_listen = "127.0.0.1:${r.adminPort}"`,
+        `data_dir = "${join(r.dir, "data")}"`,
+        `asset_dir = "${join(ROOT, "dist")}"`,
+        `www_dir = "${site}"`,
+        toml,
+        toml.includes("[rate_limit]") ? "" : "[rate_limit]\nper_ip_per_sec = 0\nper_site_per_sec = 0",
+        toml.includes("[[sites]]") ? "" : `[[sites]]\nkey = "demo"\norigins = ["${r.origin}"]`,
+      ].join("\n"),
+    );
+    await r.spawn();
+    return r;
+  }
+
+  async spawn() {
+    this.proc = spawn(RELAY, ["--config", this.config], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, TRUEUP_LOG: "warn" } });
+    this.log = "";
+    this.proc.stdout.on("data", (d) => (this.log += d));
+    this.proc.stderr.on("data", (d) => (this.log += d));
+    this.exited = new Promise((r) => this.proc.once("exit", r));
+    await until("the relay to be ready", async () => {
+      if (this.proc.exitCode !== null) throw new Error(`relay exited:\n${this.log}`);
+      try {
+        return (await fetch(`http://127.0.0.1:${this.adminPort}/readyz`)).ok;
+      } catch {
+        return false;
+      }
+    });
+  }
+
+  /** SIGKILL (no cleanup) or SIGTERM (graceful), then wait for the exit. */
+  async stop(signal = "SIGTERM") {
+    if (!this.proc || this.proc.exitCode !== null) return;
+    this.proc.kill(signal);
+    await Promise.race([this.exited, sleep(30000)]);
+  }
+
+  async metric(name) {
+    const text = await (await fetch(`http://127.0.0.1:${this.adminPort}/metrics`)).text();
+    return text
+      .split("\n")
+      .filter((l) => l.startsWith(name + " ") || l.startsWith(name + "{"))
+      .reduce((sum, l) => sum + Number(l.split(" ").pop()), 0);
+  }
+
+  /** Waits until the spool is empty: everything received is in the warehouse. */
+  async drained() {
+    await until("the spool to drain", async () => (await this.metric("trueup_spool_depth")) === 0);
+  }
+
+  /** Runs a query on the warehouse; rows as objects. */
+  query(sql) {
+    const db = join(this.dir, "data/warehouse.sqlite");
+    const out = execFileSync("sqlite3", ["-json", db, sql], { encoding: "utf8" }).trim();
+    return out ? JSON.parse(out) : [];
+  }
+
+  async dispose() {
+    await this.stop("SIGKILL");
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+export const CHROMIUM_ARGS = [
+  "--headless=new",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
+export function launch() {
+  return chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: CHROMIUM_ARGS });
+}
+
+/** Events of one run (props.run = run) in the warehouse, by props.i: {count, distinct, missing, dup}. */
+export function delivery(relay, run, expected) {
+  const rows = relay.query(
+    `SELECT props->>'i' AS i, count(*) AS n FROM events WHERE props->>'run' = '${run}' GROUP BY 1`,
+  );
+  const seen = new Map(rows.map((r) => [Number(r.i), r.n]));
+  const missing = [];
+  for (let i = 0; i < expected; i++) if (!seen.has(i)) missing.push(i);
+  const dup = rows.filter((r) => r.n > 1).length;
+  return { delivered: seen.size, missing, dup };
+}
+
+export function runId() {
+  return Math.random().toString(36).slice(2, 10);
+}
