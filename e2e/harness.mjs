@@ -85,7 +85,9 @@ export class Relay {
   async stop(signal = "SIGTERM") {
     if (!this.proc || this.proc.exitCode !== null) return;
     this.proc.kill(signal);
-    await Promise.race([this.exited, sleep(30000)]);
+    let timer;
+    await Promise.race([this.exited, new Promise((r) => (timer = setTimeout(r, 30000)))]);
+    clearTimeout(timer);
   }
 
   async metric(name) {

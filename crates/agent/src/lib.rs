@@ -24,6 +24,13 @@
 //! (it survives reloads and navigations in the tab) and `seq` counts 1, 2, 3… per stream. A
 //! gap in a stream's `seq` at the relay is an event that left `track()` and never arrived.
 //! The counters are per device (`<device>`), shared by the tabs.
+//!
+//! # Identity
+//!
+//! The device id, visitor id (`anon_id`), user id, session and attribution live in
+//! `localStorage` (written only with consent): it is synchronous, so the agent stamps events
+//! the moment it is constructed, before IndexedDB has opened. Events tracked meanwhile wait
+//! in memory (and go out by beacon if the page is hidden first).
 
 #![deny(missing_docs)]
 
@@ -108,8 +115,6 @@ enum Consent {
 
 struct State {
     queue: Option<Rc<Queue>>,
-    /// Calls made before the queue was open, replayed in order.
-    early: Vec<(String, Array, JsValue)>,
     /// Events made this task, persisted by one transaction in a microtask.
     writes: Vec<Entry>,
     write_scheduled: bool,
@@ -185,6 +190,44 @@ fn get_str(v: &JsValue, k: &str) -> Option<String> {
     Reflect::get(v, &k.into()).ok()?.as_string()
 }
 
+fn local_storage() -> Option<web_sys::Storage> {
+    web_sys::window().and_then(|w| w.local_storage().ok().flatten())
+}
+
+fn local_get(key: &str) -> Option<String> {
+    local_storage()?.get_item(&(String::from("trueup.") + key)).ok().flatten()
+}
+
+fn local_set(key: &str, value: &str) {
+    if let Some(s) = local_storage() {
+        let _ = s.set_item(&(String::from("trueup.") + key), value);
+    }
+}
+
+fn local_remove(key: &str) {
+    if let Some(s) = local_storage() {
+        let _ = s.remove_item(&(String::from("trueup.") + key));
+    }
+}
+
+/// The URL the page was loaded with (the navigation entry: unaffected by later
+/// `history.replaceState`) and the referrer.
+fn landing_page() -> (String, String) {
+    let Some(w) = web_sys::window() else { return Default::default() };
+    let nav = Reflect::get(&w, &"performance".into())
+        .ok()
+        .and_then(|p| {
+            let f: Function = Reflect::get(&p, &"getEntriesByType".into()).ok()?.dyn_into().ok()?;
+            f.call1(&p, &"navigation".into()).ok()
+        })
+        .map(|entries| Reflect::get(&entries, &0.into()).unwrap_or_default());
+    let href = nav
+        .and_then(|e| get_str(&e, "name"))
+        .filter(|n| n.starts_with("http"))
+        .unwrap_or_else(|| w.location().href().unwrap_or_default());
+    (href, w.document().map(|d| d.referrer()).unwrap_or_default())
+}
+
 fn session_storage(key: &str, make: impl FnOnce() -> String) -> String {
     let storage = web_sys::window().and_then(|w| w.session_storage().ok().flatten());
     if let Some(s) = &storage
@@ -209,26 +252,42 @@ impl Agent {
         let stream = session_storage("trueup.tab", random_id);
         let seq = js_sys::parse_float(&session_storage("trueup.seq", || "0".into()));
         let seq = if seq.is_finite() { seq } else { 0.0 };
-        let consent = if opts.consent == "pending" { Consent::Pending } else { Consent::Granted };
+        let consent = match local_get("consent").as_deref() {
+            Some("granted") => Consent::Granted,
+            Some("denied") => Consent::Denied,
+            _ if opts.consent == "pending" => Consent::Pending,
+            _ => Consent::Granted,
+        };
+        let t = now();
+        let (landing, referrer) = landing_page();
+        let stored_attr = local_get("attr").and_then(|a| JSON::parse(&a).ok()).unwrap_or_default();
+        let (attribution, new_campaign) = attribution::apply(&stored_attr, attribution::touch_of(&landing, &referrer, t));
+        let (mut session, mut session_last) = local_get("sess")
+            .and_then(|s| s.split_once(' ').map(|(id, last)| (id.to_string(), js_sys::parse_float(last))))
+            .unwrap_or_default();
+        if session.is_empty() || new_campaign || !(t - session_last <= opts.session_timeout_ms) {
+            session = random_id();
+            session_last = t;
+        }
+        let has_touch = Reflect::has(&attribution, &"first".into()).unwrap_or(false);
         let channel = web_sys::BroadcastChannel::new("trueup").ok();
         let core = Rc::new(Core {
             opts,
             channel,
             st: RefCell::new(State {
                 queue: None,
-                early: Vec::new(),
                 writes: Vec::new(),
                 write_scheduled: false,
                 mirror: Vec::new(),
                 held: Vec::new(),
-                device: String::new(),
+                device: local_get("dev").unwrap_or_else(random_id),
                 stream,
                 seq,
-                anon: String::new(),
-                user: None,
-                session: String::new(),
-                session_last: 0.0,
-                attribution: JsValue::UNDEFINED,
+                anon: local_get("anon").unwrap_or_else(random_id),
+                user: local_get("user"),
+                session,
+                session_last,
+                attribution: if has_touch { attribution.into() } else { JsValue::UNDEFINED },
                 consent,
                 leader: false,
                 release_lock: None,
@@ -241,24 +300,19 @@ impl Agent {
                 unstored_drops: 0,
             }),
         });
+        core.save_identity();
+        core.listen();
         let c = core.clone();
-        spawn_local(async move {
-            if let Err(e) = c.start().await {
-                web_sys::console::warn_2(&"trueup: agent start failed".into(), &e);
-            }
-        });
+        spawn_local(async move { c.start().await });
         Agent { core }
     }
 
     /// Handles `track`, `page`, `identify`, `reset` and `consent`, with the call-time
-    /// context `{id, ts, url, referrer, title}`. Never throws.
+    /// context `{id, ts, url, referrer, title}`. Never throws. Events are stamped (ids,
+    /// `seq`, identity) at once, even before the queue is open, so a `pagehide` beacon can
+    /// carry them whatever the agent's start-up has reached.
     pub fn call(&self, method: &str, args: Array, ctx: JsValue) {
-        let ready = self.core.st.borrow().queue.is_some();
-        if ready {
-            self.core.apply(method, &args, &ctx);
-        } else {
-            self.core.st.borrow_mut().early.push((method.to_string(), args, ctx));
-        }
+        self.core.apply(method, &args, &ctx);
     }
 
     /// Sends what is queued now. Resolves when the attempt is over (or, in a tab that is not
@@ -320,83 +374,45 @@ impl Agent {
 }
 
 impl Core {
-    async fn start(self: &Rc<Self>) -> Result<(), JsValue> {
-        let queue = if self.opts.storage == "memory" {
-            None
-        } else {
-            queue::open_idb("trueup").await.ok().map(Queue::Idb)
-        };
-        let queue = Rc::new(queue.unwrap_or_else(|| Queue::Mem(RefCell::new(Mem::default()))));
-        let read = |k: &'static str| {
-            let q = queue.clone();
-            async move { q.get(k).await.ok().and_then(|v| v.as_string()) }
-        };
-        let device = match read("dev").await {
-            Some(d) => d,
-            None => random_id(),
-        };
-        let anon = match read("anon").await {
-            Some(a) => a,
-            None => random_id(),
-        };
-        let user = read("user").await;
-        let stored_consent = read("consent").await;
-        let sess = queue.get("sess").await.unwrap_or_default();
-        let stored_attr = queue.get("attr").await.unwrap_or_default();
-        let t = now();
-        let (href, referrer) = web_sys::window()
-            .map(|w| {
-                let href = w.location().href().unwrap_or_default();
-                let referrer = w.document().map(|d| d.referrer()).unwrap_or_default();
-                (href, referrer)
-            })
-            .unwrap_or_default();
-        let (attribution, new_campaign) = attribution::apply(&stored_attr, attribution::touch_of(&href, &referrer, t));
-        let (mut session, mut session_last) = (get_str(&sess, "id").unwrap_or_default(), Reflect::get(&sess, &"t".into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0));
-        if session.is_empty() || new_campaign || t - session_last > self.opts.session_timeout_ms {
-            session = random_id();
-            session_last = t;
-        }
-        {
-            let attr_js: JsValue = attribution.into();
-            let mut st = self.st.borrow_mut();
-            st.device = device.clone();
-            st.anon = anon.clone();
-            st.user = user;
-            st.session = session;
-            st.session_last = session_last;
-            let has_touch = Reflect::has(&attr_js, &"first".into()).unwrap_or(false);
-            st.attribution = if has_touch { attr_js.clone() } else { JsValue::UNDEFINED };
-            st.consent = match stored_consent.as_deref() {
-                Some("granted") => Consent::Granted,
-                Some("denied") => Consent::Denied,
-                _ => st.consent,
-            };
-            let pairs = [("dev", JsValue::from(device.as_str())), ("anon", JsValue::from(anon.as_str())), ("attr", attr_js)];
-            if st.consent != Consent::Pending && st.consent != Consent::Denied {
-                drop(st);
-                let _ = queue.set(&pairs).await;
-            }
-        }
+    /// Opens the queue (IndexedDB, else memory), then persists what was tracked meanwhile
+    /// and takes part in sending.
+    async fn start(self: &Rc<Self>) {
+        let idb = if self.opts.storage == "memory" { None } else { queue::open_idb("trueup").await.ok() };
+        let queue = Rc::new(match idb {
+            Some(db) => Queue::Idb(db),
+            None => Queue::Mem(RefCell::new(Mem::default())),
+        });
         let degraded = !queue.durable();
-        let dev = device.clone();
+        let dev = self.st.borrow().device.clone();
         let _ = queue
             .update_counters(move |c| {
                 c.device_id = dev;
                 c.degraded = degraded.then(|| "memory_queue".to_string());
             })
             .await;
-        let early = {
-            let mut st = self.st.borrow_mut();
-            st.queue = Some(queue);
-            std::mem::take(&mut st.early)
-        };
-        for (method, args, ctx) in early {
-            self.apply(&method, &args, &ctx);
-        }
-        self.listen();
+        self.st.borrow_mut().queue = Some(queue);
+        self.persist().await;
         self.request_lock();
-        Ok(())
+    }
+
+    /// Keeps the identity in localStorage (only with consent): device, visitor, user,
+    /// session and attribution.
+    fn save_identity(&self) {
+        let st = self.st.borrow();
+        if st.consent != Consent::Granted {
+            return;
+        }
+        local_set("dev", &st.device);
+        local_set("anon", &st.anon);
+        match &st.user {
+            Some(u) => local_set("user", u),
+            None => local_remove("user"),
+        }
+        let last = js_sys::Number::from(st.session_last).to_string_with_radix(10).ok().and_then(|v| JsValue::from(v).as_string()).unwrap_or_default();
+        local_set("sess", &(st.session.clone() + " " + &last));
+        if let Some(a) = JSON::stringify(&st.attribution).ok().and_then(|a| JsValue::from(a).as_string()).filter(|_| st.attribution.is_object()) {
+            local_set("attr", &a);
+        }
     }
 
     fn apply(self: &Rc<Self>, method: &str, args: &Array, ctx: &JsValue) {
@@ -409,8 +425,8 @@ impl Core {
             "page" => self.event("page_view", "page_view/1", args.get(0), ctx),
             "identify" => {
                 let Some(user) = args.get(0).as_string() else { return };
-                self.st.borrow_mut().user = Some(user.clone());
-                self.store_state(vec![("user", user.into())]);
+                self.st.borrow_mut().user = Some(user);
+                self.save_identity();
                 let props = Object::new();
                 let traits = args.get(1);
                 if traits.is_object() {
@@ -419,64 +435,60 @@ impl Core {
                 self.event("identify", "identify/1", props.into(), ctx);
             }
             "reset" => {
-                let anon = random_id();
                 {
                     let mut st = self.st.borrow_mut();
                     st.user = None;
-                    st.anon = anon.clone();
+                    st.anon = random_id();
                     st.session = random_id();
                 }
-                self.store_state(vec![("anon", anon.into()), ("user", JsValue::UNDEFINED)]);
+                self.save_identity();
             }
             "consent" => self.consent(args.get(0).is_truthy()),
             _ => {}
         }
     }
 
-    fn store_state(self: &Rc<Self>, pairs: Vec<(&'static str, JsValue)>) {
-        let (queue, consent) = {
-            let st = self.st.borrow();
-            (st.queue.clone(), st.consent)
-        };
-        if consent != Consent::Granted {
-            return;
-        }
-        if let Some(q) = queue {
-            spawn_local(async move {
-                let _ = q.set(&pairs).await;
-            });
-        }
-    }
-
     fn consent(self: &Rc<Self>, granted: bool) {
-        let (queue, held) = {
+        let held = {
             let mut st = self.st.borrow_mut();
             st.consent = if granted { Consent::Granted } else { Consent::Denied };
-            (st.queue.clone(), std::mem::take(&mut st.held))
+            std::mem::take(&mut st.held)
         };
-        let Some(q) = queue else { return };
-        let me = self.clone();
-        spawn_local(async move {
-            if granted {
-                let (dev, anon) = {
-                    let st = me.st.borrow();
-                    (st.device.clone(), st.anon.clone())
-                };
-                let _ = q.set(&[("consent", "granted".into()), ("dev", dev.into()), ("anon", anon.into())]).await;
+        if granted {
+            local_set("consent", "granted");
+            self.save_identity();
+            {
+                let mut st = self.st.borrow_mut();
                 for e in held {
-                    me.st.borrow_mut().mirror.push((e.clone(), false));
-                    me.st.borrow_mut().writes.push(e);
+                    st.mirror.push((e.clone(), false));
+                    st.writes.push(e);
                 }
-                me.persist().await;
-            } else {
-                let _ = q.set(&[("consent", "denied".into())]).await;
-                if !held.is_empty() {
-                    let _ = q.drop_uncounted("consent", held.len() as u64).await;
+            }
+            let me = self.clone();
+            spawn_local(async move { me.persist().await });
+            return;
+        }
+        // Opt-out: forget the identity, drop what is held and queued, and count it.
+        local_set("consent", "denied");
+        for k in ["dev", "anon", "user", "sess", "attr"] {
+            local_remove(k);
+        }
+        let n_held = held.len() as u64;
+        let queue = {
+            let mut st = self.st.borrow_mut();
+            st.mirror.clear();
+            st.writes.clear();
+            st.queue.clone()
+        };
+        match queue {
+            Some(q) => spawn_local(async move {
+                if n_held > 0 {
+                    let _ = q.drop_uncounted("consent", n_held).await;
                 }
                 let _ = q.clear("consent").await;
-                me.st.borrow_mut().mirror.clear();
-            }
-        });
+            }),
+            None => self.st.borrow_mut().unstored_drops += n_held,
+        }
     }
 
     /// Builds the event's JSON now (so later changes to `props` do not leak in) and queues
@@ -561,18 +573,18 @@ impl Core {
 
     /// Persists this task's events in one transaction, then tells the sender.
     async fn persist(self: &Rc<Self>) {
-        let (queue, writes, session) = {
+        let (queue, writes) = {
             let mut st = self.st.borrow_mut();
             st.write_scheduled = false;
-            let sess = Object::new();
-            set(&sess, "id", &st.session.as_str().into());
-            set(&sess, "t", &st.session_last.into());
-            (st.queue.clone(), std::mem::take(&mut st.writes), sess)
+            // Until the queue is open, events wait here (and in the beacon mirror).
+            let Some(q) = st.queue.clone() else { return };
+            (q, std::mem::take(&mut st.writes))
         };
-        let Some(q) = queue else { return };
+        let q = queue;
         if writes.is_empty() {
             return;
         }
+        self.save_identity();
         let n = writes.len() as u64;
         if q.enqueue(&writes, self.opts.max_queue_bytes).await.is_err() {
             // Storage failed (quota, private mode): these events are counted, not lost silently.
@@ -581,7 +593,6 @@ impl Core {
             st.mirror.retain(|(m, _)| !writes.iter().any(|w| w.id == m.id));
             return;
         }
-        let _ = q.set(&[("sess", session.into())]).await;
         self.wake();
         if let Some(ch) = &self.channel {
             let _ = ch.post_message(&"w".into());

@@ -13,8 +13,8 @@
 //! - store `q`: key = the event id (a UUIDv7, so keys sort by capture time across tabs),
 //!   value `{s: the event's JSON text, b: its size, t: its capture time}`. The text is made
 //!   once, at `track()` time, and sent as is.
-//! - store `kv`: `qb` (bytes queued), `c` (the counters), and the agent's small state
-//!   (`dev`, `anon`, `user`, `sess`, `attr`, `consent`).
+//! - store `kv`: `qb` (bytes queued) and `c` (the counters). The agent's identity lives in
+//!   `localStorage` instead (see the crate docs): it must be readable synchronously.
 //!
 //! Writes issue all their requests before awaiting anything but the counters, and commit
 //! explicitly, so a tab closed right after `track()` has the best chance to keep its events
