@@ -591,7 +591,10 @@ async fn the_dedupe_window_survives_a_restart() {
         let (_, v) = post(&relay.collect_url(), batch(&events)).await;
         assert_eq!(statuses(&v), ["duplicate", "duplicate"]);
         relay.wait_drained();
-        assert_eq!(relay.count(&relay.warehouse(), "SELECT count(*) FROM events"), 2);
+        assert_eq!(
+            relay.count(&relay.warehouse(), "SELECT count(*) FROM events"),
+            2
+        );
     })
     .unwrap()
     .await;

@@ -33,7 +33,9 @@ pub fn touch_of(href: &str, referrer: &str, now: f64) -> Option<Object> {
             campaign = true;
         }
     }
-    let external = Url::new(referrer).map(|r| r.host() != url.host()).unwrap_or(false);
+    let external = Url::new(referrer)
+        .map(|r| r.host() != url.host())
+        .unwrap_or(false);
     if !campaign && !external {
         return None;
     }

@@ -41,11 +41,11 @@ pub mod queue;
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use js_sys::{Array, Function, JsString, Object, Promise, Reflect, JSON};
+use js_sys::{Array, Function, JSON, JsString, Object, Promise, Reflect};
 use trueup_protocol::Counters;
-use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
-use wasm_bindgen_futures::{future_to_promise, spawn_local, JsFuture};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{JsFuture, future_to_promise, spawn_local};
 
 use crate::policy::Verdict;
 use crate::queue::{Entry, Mem, Queue, Settle};
@@ -85,8 +85,19 @@ struct Options {
 
 impl Options {
     fn from_js(o: &JsValue) -> Options {
-        let f = |k: &str, d: f64| Reflect::get(o, &k.into()).ok().and_then(|v| v.as_f64()).filter(|n| *n > 0.0).unwrap_or(d);
-        let s = |k: &str, d: &str| Reflect::get(o, &k.into()).ok().and_then(|v| v.as_string()).unwrap_or_else(|| d.into());
+        let f = |k: &str, d: f64| {
+            Reflect::get(o, &k.into())
+                .ok()
+                .and_then(|v| v.as_f64())
+                .filter(|n| *n > 0.0)
+                .unwrap_or(d)
+        };
+        let s = |k: &str, d: &str| {
+            Reflect::get(o, &k.into())
+                .ok()
+                .and_then(|v| v.as_string())
+                .unwrap_or_else(|| d.into())
+        };
         Options {
             site: s("site", ""),
             endpoint: s("endpoint", "/_r/q"),
@@ -190,12 +201,24 @@ fn get_str(v: &JsValue, k: &str) -> Option<String> {
     Reflect::get(v, &k.into()).ok()?.as_string()
 }
 
+/// A number as text, by JS (keeps Rust's float formatting out of the wasm).
+fn num_text(n: f64) -> String {
+    js_sys::Number::from(n)
+        .to_string_with_radix(10)
+        .ok()
+        .and_then(|t| JsValue::from(t).as_string())
+        .unwrap_or_default()
+}
+
 fn local_storage() -> Option<web_sys::Storage> {
     web_sys::window().and_then(|w| w.local_storage().ok().flatten())
 }
 
 fn local_get(key: &str) -> Option<String> {
-    local_storage()?.get_item(&(String::from("trueup.") + key)).ok().flatten()
+    local_storage()?
+        .get_item(&(String::from("trueup.") + key))
+        .ok()
+        .flatten()
 }
 
 fn local_set(key: &str, value: &str) {
@@ -213,11 +236,16 @@ fn local_remove(key: &str) {
 /// The URL the page was loaded with (the navigation entry: unaffected by later
 /// `history.replaceState`) and the referrer.
 fn landing_page() -> (String, String) {
-    let Some(w) = web_sys::window() else { return Default::default() };
+    let Some(w) = web_sys::window() else {
+        return Default::default();
+    };
     let nav = Reflect::get(&w, &"performance".into())
         .ok()
         .and_then(|p| {
-            let f: Function = Reflect::get(&p, &"getEntriesByType".into()).ok()?.dyn_into().ok()?;
+            let f: Function = Reflect::get(&p, &"getEntriesByType".into())
+                .ok()?
+                .dyn_into()
+                .ok()?;
             f.call1(&p, &"navigation".into()).ok()
         })
         .map(|entries| Reflect::get(&entries, &0.into()).unwrap_or_default());
@@ -260,12 +288,20 @@ impl Agent {
         };
         let t = now();
         let (landing, referrer) = landing_page();
-        let stored_attr = local_get("attr").and_then(|a| JSON::parse(&a).ok()).unwrap_or_default();
-        let (attribution, new_campaign) = attribution::apply(&stored_attr, attribution::touch_of(&landing, &referrer, t));
-        let (mut session, mut session_last) = local_get("sess")
-            .and_then(|s| s.split_once(' ').map(|(id, last)| (id.to_string(), js_sys::parse_float(last))))
+        let stored_attr = local_get("attr")
+            .and_then(|a| JSON::parse(&a).ok())
             .unwrap_or_default();
-        if session.is_empty() || new_campaign || !(t - session_last <= opts.session_timeout_ms) {
+        let (attribution, new_campaign) =
+            attribution::apply(&stored_attr, attribution::touch_of(&landing, &referrer, t));
+        let (mut session, mut session_last) = local_get("sess")
+            .and_then(|s| {
+                s.split_once(' ')
+                    .map(|(id, last)| (id.to_string(), js_sys::parse_float(last)))
+            })
+            .unwrap_or_default();
+        let idle = t - session_last;
+        // (A NaN last time, from a damaged value, counts as expired.)
+        if session.is_empty() || new_campaign || idle.is_nan() || idle > opts.session_timeout_ms {
             session = random_id();
             session_last = t;
         }
@@ -287,7 +323,11 @@ impl Agent {
                 user: local_get("user"),
                 session,
                 session_last,
-                attribution: if has_touch { attribution.into() } else { JsValue::UNDEFINED },
+                attribution: if has_touch {
+                    attribution.into()
+                } else {
+                    JsValue::UNDEFINED
+                },
                 consent,
                 leader: false,
                 release_lock: None,
@@ -352,7 +392,11 @@ impl Agent {
     /// First- and last-touch attribution, for a signup form to hand to the server.
     pub fn attribution(&self) -> JsValue {
         let a = self.core.st.borrow().attribution.clone();
-        if a.is_object() { a } else { Object::new().into() }
+        if a.is_object() {
+            a
+        } else {
+            Object::new().into()
+        }
     }
 
     /// Persists and flushes, then stops sending (timers, lock).
@@ -377,7 +421,11 @@ impl Core {
     /// Opens the queue (IndexedDB, else memory), then persists what was tracked meanwhile
     /// and takes part in sending.
     async fn start(self: &Rc<Self>) {
-        let idb = if self.opts.storage == "memory" { None } else { queue::open_idb("trueup").await.ok() };
+        let idb = if self.opts.storage == "memory" {
+            None
+        } else {
+            queue::open_idb("trueup").await.ok()
+        };
         let queue = Rc::new(match idb {
             Some(db) => Queue::Idb(db),
             None => Queue::Mem(RefCell::new(Mem::default())),
@@ -408,9 +456,13 @@ impl Core {
             Some(u) => local_set("user", u),
             None => local_remove("user"),
         }
-        let last = js_sys::Number::from(st.session_last).to_string_with_radix(10).ok().and_then(|v| JsValue::from(v).as_string()).unwrap_or_default();
+        let last = num_text(st.session_last);
         local_set("sess", &(st.session.clone() + " " + &last));
-        if let Some(a) = JSON::stringify(&st.attribution).ok().and_then(|a| JsValue::from(a).as_string()).filter(|_| st.attribution.is_object()) {
+        if let Some(a) = JSON::stringify(&st.attribution)
+            .ok()
+            .and_then(|a| JsValue::from(a).as_string())
+            .filter(|_| st.attribution.is_object())
+        {
             local_set("attr", &a);
         }
     }
@@ -424,7 +476,9 @@ impl Core {
             }
             "page" => self.event("page_view", "page_view/1", args.get(0), ctx),
             "identify" => {
-                let Some(user) = args.get(0).as_string() else { return };
+                let Some(user) = args.get(0).as_string() else {
+                    return;
+                };
                 self.st.borrow_mut().user = Some(user);
                 self.save_identity();
                 let props = Object::new();
@@ -451,7 +505,11 @@ impl Core {
     fn consent(self: &Rc<Self>, granted: bool) {
         let held = {
             let mut st = self.st.borrow_mut();
-            st.consent = if granted { Consent::Granted } else { Consent::Denied };
+            st.consent = if granted {
+                Consent::Granted
+            } else {
+                Consent::Denied
+            };
             std::mem::take(&mut st.held)
         };
         if granted {
@@ -494,7 +552,10 @@ impl Core {
     /// Builds the event's JSON now (so later changes to `props` do not leak in) and queues
     /// its persistence for the end of the task.
     fn event(self: &Rc<Self>, name: &str, schema: &str, props: JsValue, ctx: &JsValue) {
-        let ts = Reflect::get(ctx, &"ts".into()).ok().and_then(|v| v.as_f64()).unwrap_or_else(now);
+        let ts = Reflect::get(ctx, &"ts".into())
+            .ok()
+            .and_then(|v| v.as_f64())
+            .unwrap_or_else(now);
         let Some(id) = get_str(ctx, "id") else { return };
         let mut st = self.st.borrow_mut();
         if st.consent == Consent::Denied {
@@ -508,9 +569,7 @@ impl Core {
         st.seq += 1.0;
         let seq = st.seq;
         if let Some(s) = web_sys::window().and_then(|w| w.session_storage().ok().flatten()) {
-            if let Some(text) = JsValue::from(js_sys::Number::from(seq).to_string_with_radix(10).unwrap_or_else(|_| "0".into())).as_string() {
-                let _ = s.set_item("trueup.seq", &text);
-            }
+            let _ = s.set_item("trueup.seq", &num_text(seq));
         }
         let ev = Object::new();
         set(&ev, "id", &id.as_str().into());
@@ -526,7 +585,15 @@ impl Core {
         let device_id = String::new() + &st.device + "." + &st.stream;
         set(&ev, "device_id", &device_id.into());
         set(&ev, "seq", &seq.into());
-        set(&ev, "props", &if props.is_object() { props } else { Object::new().into() });
+        set(
+            &ev,
+            "props",
+            &if props.is_object() {
+                props
+            } else {
+                Object::new().into()
+            },
+        );
         let cx = Object::new();
         for k in ["url", "referrer", "title"] {
             if let Some(v) = get_str(ctx, k).filter(|v| !v.is_empty()) {
@@ -543,7 +610,9 @@ impl Core {
         set(&ev, "context", &cx);
         let json = JSON::stringify(&ev).ok();
         let queue = st.queue.clone();
-        let fits = json.as_ref().is_some_and(|j| f64::from(j.length()) <= self.opts.max_event_bytes);
+        let fits = json
+            .as_ref()
+            .is_some_and(|j| f64::from(j.length()) <= self.opts.max_event_bytes);
         let Some(json) = json.filter(|_| fits) else {
             drop(st);
             if let Some(q) = queue {
@@ -553,7 +622,12 @@ impl Core {
             }
             return;
         };
-        let entry = Entry { id: JsString::from(id), bytes: f64::from(json.length()), json, ts };
+        let entry = Entry {
+            id: JsString::from(id),
+            bytes: f64::from(json.length()),
+            json,
+            ts,
+        };
         if st.consent == Consent::Pending {
             st.held.push(entry);
             return;
@@ -590,7 +664,8 @@ impl Core {
             // Storage failed (quota, private mode): these events are counted, not lost silently.
             let _ = q.drop_uncounted("storage_unavailable", n).await;
             let mut st = self.st.borrow_mut();
-            st.mirror.retain(|(m, _)| !writes.iter().any(|w| w.id == m.id));
+            st.mirror
+                .retain(|(m, _)| !writes.iter().any(|w| w.id == m.id));
             return;
         }
         self.wake();
@@ -608,7 +683,9 @@ impl Core {
     }
 
     fn listen(self: &Rc<Self>) {
-        let Some(window) = web_sys::window() else { return };
+        let Some(window) = web_sys::window() else {
+            return;
+        };
         let me = self.clone();
         let on_hide = Closure::<dyn FnMut(web_sys::Event)>::new(move |e: web_sys::Event| {
             let hidden = e.type_() == "pagehide"
@@ -622,34 +699,43 @@ impl Core {
                 }
             }
         });
-        let _ = window.add_event_listener_with_callback("pagehide", on_hide.as_ref().unchecked_ref());
+        let _ =
+            window.add_event_listener_with_callback("pagehide", on_hide.as_ref().unchecked_ref());
         if let Some(doc) = window.document() {
-            let _ = doc.add_event_listener_with_callback("visibilitychange", on_hide.as_ref().unchecked_ref());
+            let _ = doc.add_event_listener_with_callback(
+                "visibilitychange",
+                on_hide.as_ref().unchecked_ref(),
+            );
         }
         on_hide.forget();
         let me = self.clone();
-        let on_show = Closure::<dyn FnMut(web_sys::Event)>::new(move |e: web_sys::Event| match e.type_().as_str() {
-            "online" => me.wake(),
-            _ => {
-                // Back from the bfcache: take part in sending again.
-                if !me.st.borrow().leader {
-                    me.request_lock();
+        let on_show = Closure::<dyn FnMut(web_sys::Event)>::new(move |e: web_sys::Event| {
+            match e.type_().as_str() {
+                "online" => me.wake(),
+                _ => {
+                    // Back from the bfcache: take part in sending again.
+                    if !me.st.borrow().leader {
+                        me.request_lock();
+                    }
+                    me.wake();
                 }
-                me.wake();
             }
         });
         let _ = window.add_event_listener_with_callback("online", on_show.as_ref().unchecked_ref());
-        let _ = window.add_event_listener_with_callback("pageshow", on_show.as_ref().unchecked_ref());
+        let _ =
+            window.add_event_listener_with_callback("pageshow", on_show.as_ref().unchecked_ref());
         on_show.forget();
         if let Some(ch) = &self.channel {
             let me = self.clone();
-            let on_msg = Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |e: web_sys::MessageEvent| {
-                if e.data().as_string().as_deref() == Some("f") {
-                    me.st.borrow_mut().due_at = 0.0;
-                } else {
-                    me.wake();
-                }
-            });
+            let on_msg = Closure::<dyn FnMut(web_sys::MessageEvent)>::new(
+                move |e: web_sys::MessageEvent| {
+                    if e.data().as_string().as_deref() == Some("f") {
+                        me.st.borrow_mut().due_at = 0.0;
+                    } else {
+                        me.wake();
+                    }
+                },
+            );
             ch.set_onmessage(Some(on_msg.as_ref().unchecked_ref()));
             on_msg.forget();
         }
@@ -674,9 +760,13 @@ impl Core {
                 me2.st.borrow_mut().release_lock = Some(resolve);
             })
         });
-        let request = Reflect::get(&locks, &"request".into()).ok().and_then(|f| f.dyn_into::<Function>().ok());
+        let request = Reflect::get(&locks, &"request".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<Function>().ok());
         if let Some(request) = request
-            && request.call2(&locks, &"trueup-sender".into(), &granted).is_ok()
+            && request
+                .call2(&locks, &"trueup-sender".into(), &granted)
+                .is_ok()
         {
             return;
         }
@@ -706,9 +796,14 @@ impl Core {
                 gloo_timers::future::TimeoutFuture::new(200).await;
                 let (go, stop) = {
                     let st = me.st.borrow();
-                    let online = web_sys::window().map(|w| w.navigator().on_line()).unwrap_or(true);
+                    let online = web_sys::window()
+                        .map(|w| w.navigator().on_line())
+                        .unwrap_or(true);
                     let t = now();
-                    (online && t >= st.due_at && t >= st.backoff_until, st.stopped || !st.leader)
+                    (
+                        online && t >= st.due_at && t >= st.backoff_until,
+                        st.stopped || !st.leader,
+                    )
                 };
                 if stop {
                     break;
@@ -722,13 +817,27 @@ impl Core {
 
     /// Sends batches until the queue is empty or an attempt fails.
     async fn send_round(self: &Rc<Self>) {
-        let Some(q) = self.st.borrow().queue.clone() else { return };
+        let Some(q) = self.st.borrow().queue.clone() else {
+            return;
+        };
         if std::mem::replace(&mut self.st.borrow_mut().in_flight, true) {
             return;
         }
         loop {
-            let limit = self.st.borrow().split_limit.min(self.opts.max_batch_events as usize);
-            let entries = match q.peek(self.opts.batch_bytes - 1_000.0, limit, now(), self.opts.max_age_ms).await {
+            let limit = self
+                .st
+                .borrow()
+                .split_limit
+                .min(self.opts.max_batch_events as usize);
+            let entries = match q
+                .peek(
+                    self.opts.batch_bytes - 1_000.0,
+                    limit,
+                    now(),
+                    self.opts.max_age_ms,
+                )
+                .await
+            {
                 Ok(e) => e,
                 Err(_) => break,
             };
@@ -738,30 +847,47 @@ impl Core {
             }
             let counters = q.counters().await;
             let body = envelope(&self.opts.site, &entries, &counters);
-            let (status, retry_after, answer) = post(&self.opts.endpoint, &body, self.opts.request_timeout_ms as u32).await;
+            let (status, retry_after, answer) = post(
+                &self.opts.endpoint,
+                &body,
+                self.opts.request_timeout_ms as u32,
+            )
+            .await;
             let n = entries.len() as u64;
             let retried = if self.st.borrow().failures > 0 { n } else { 0 };
             let verdict = policy::classify(status);
             let outcomes: Vec<(JsString, Settle)> = match verdict {
                 Verdict::Answered => answered(&entries, answer),
-                Verdict::Split if entries.len() == 1 => vec![(entries[0].id.clone(), Settle::Dropped("too_large"))],
+                Verdict::Split if entries.len() == 1 => {
+                    vec![(entries[0].id.clone(), Settle::Dropped("too_large"))]
+                }
                 Verdict::Split => {
                     self.st.borrow_mut().split_limit = (entries.len() / 2).max(1);
                     Vec::new()
                 }
-                Verdict::Drop => entries.iter().map(|e| (e.id.clone(), Settle::Dropped("rejected"))).collect(),
+                Verdict::Drop => entries
+                    .iter()
+                    .map(|e| (e.id.clone(), Settle::Dropped("rejected")))
+                    .collect(),
                 Verdict::Retry => Vec::new(),
             };
             let settled = !outcomes.is_empty();
             let _ = q.settle(&outcomes, n, retried).await;
             let mut st = self.st.borrow_mut();
-            st.mirror.retain(|(m, _)| !outcomes.iter().any(|(id, _)| *id == m.id));
+            st.mirror
+                .retain(|(m, _)| !outcomes.iter().any(|(id, _)| *id == m.id));
             if settled {
                 st.failures = 0;
-                st.split_limit = usize::MAX.min(st.split_limit.saturating_mul(2));
+                st.split_limit = st.split_limit.saturating_mul(2);
             } else if verdict != Verdict::Split {
                 st.failures += 1;
-                let wait = policy::backoff_ms(st.failures, js_sys::Math::random(), retry_after, self.opts.retry_base_ms, self.opts.retry_cap_ms);
+                let wait = policy::backoff_ms(
+                    st.failures,
+                    js_sys::Math::random(),
+                    retry_after,
+                    self.opts.retry_base_ms,
+                    self.opts.retry_cap_ms,
+                );
                 st.backoff_until = now() + wait;
                 break;
             }
@@ -772,9 +898,14 @@ impl Core {
     /// On `pagehide`/hidden: hands this page's unacknowledged events to `sendBeacon`, in
     /// bodies under the batch budget, until the browser refuses (the keepalive quota).
     fn beacon(&self) {
-        let Some(nav) = web_sys::window().map(|w| w.navigator()) else { return };
+        let Some(nav) = web_sys::window().map(|w| w.navigator()) else {
+            return;
+        };
         let mut st = self.st.borrow_mut();
-        let counters = Counters { device_id: st.device.clone(), ..Counters::default() };
+        let counters = Counters {
+            device_id: st.device.clone(),
+            ..Counters::default()
+        };
         let mut i = 0;
         while i < st.mirror.len() {
             let mut batch = Vec::new();
@@ -797,7 +928,10 @@ impl Core {
             let body = envelope(&self.opts.site, &batch, &counters);
             // The counters of a beacon are a placeholder (device only): its answer is never
             // read, so the sender's next batch reports the real ones.
-            if !nav.send_beacon_with_opt_str(&self.opts.endpoint, Some(&String::from(body))).unwrap_or(false) {
+            if !nav
+                .send_beacon_with_opt_str(&self.opts.endpoint, Some(&String::from(body)))
+                .unwrap_or(false)
+            {
                 break;
             }
             for (_, b) in st.mirror[start..i].iter_mut() {
@@ -814,7 +948,9 @@ fn answered(entries: &[Entry], answer: Option<JsValue>) -> Vec<(JsString, Settle
     let results = answer
         .and_then(|a| Reflect::get(&a, &"results".into()).ok())
         .and_then(|r| r.dyn_into::<Array>().ok());
-    let Some(results) = results.filter(|r| r.length() as usize == entries.len()) else { return Vec::new() };
+    let Some(results) = results.filter(|r| r.length() as usize == entries.len()) else {
+        return Vec::new();
+    };
     let mut out = Vec::with_capacity(entries.len());
     for (e, r) in entries.iter().zip(results.iter()) {
         let settle = match get_str(&r, "status").as_deref() {
@@ -842,13 +978,22 @@ fn envelope(site: &str, entries: &[Entry], counters: &Counters) -> JsString {
     }
     let head = JSON::stringify(&head).unwrap_or_else(|_| JsString::from("{}"));
     // `{"v":1,...}` → `{"v":1,...,"events":[e1,e2]}`
-    head.slice(0, head.length() - 1).concat(&",\"events\":[".into()).concat(&events.join(",")).concat(&"]}".into())
+    head.slice(0, head.length() - 1)
+        .concat(&",\"events\":[".into())
+        .concat(&events.join(","))
+        .concat(&"]}".into())
 }
 
 /// POSTs a CORS-simple `text/plain` body with `keepalive`. Returns the status (None for a
 /// network error or timeout), `Retry-After` in seconds, and the JSON answer of a 2xx.
-async fn post(endpoint: &str, body: &JsString, timeout_ms: u32) -> (Option<u16>, Option<f64>, Option<JsValue>) {
-    let Some(window) = web_sys::window() else { return (None, None, None) };
+async fn post(
+    endpoint: &str,
+    body: &JsString,
+    timeout_ms: u32,
+) -> (Option<u16>, Option<f64>, Option<JsValue>) {
+    let Some(window) = web_sys::window() else {
+        return (None, None, None);
+    };
     let init = web_sys::RequestInit::new();
     init.set_method("POST");
     init.set_body(body);

@@ -32,7 +32,13 @@ pub fn classify(status: Option<u16>) -> Verdict {
 
 /// The wait before retry number `failures` (1 = after the first failure), in ms, given a
 /// uniform random number in `[0, 1)` and the server's `Retry-After` (seconds) if any.
-pub fn backoff_ms(failures: u32, random: f64, retry_after_secs: Option<f64>, base_ms: f64, cap_ms: f64) -> f64 {
+pub fn backoff_ms(
+    failures: u32,
+    random: f64,
+    retry_after_secs: Option<f64>,
+    base_ms: f64,
+    cap_ms: f64,
+) -> f64 {
     let exp = base_ms * 2f64.powi(failures.saturating_sub(1).min(30) as i32);
     let jittered = exp.min(cap_ms) * random.clamp(0.0, 1.0);
     match retry_after_secs {
@@ -83,9 +89,16 @@ mod tests {
         assert_eq!(backoff_ms(1, 1.0, None, 500.0, 60_000.0), 500.0);
         assert_eq!(backoff_ms(3, 1.0, None, 500.0, 60_000.0), 2000.0);
         assert_eq!(backoff_ms(30, 1.0, None, 500.0, 60_000.0), 60_000.0);
-        assert_eq!(backoff_ms(3, 0.0, None, 500.0, 60_000.0), 0.0, "full jitter reaches 0");
+        assert_eq!(
+            backoff_ms(3, 0.0, None, 500.0, 60_000.0),
+            0.0,
+            "full jitter reaches 0"
+        );
         assert_eq!(backoff_ms(1, 0.5, Some(10.0), 500.0, 60_000.0), 10_000.0);
-        assert_eq!(backoff_ms(1, 0.5, Some(1e12), 500.0, 60_000.0), 86_400_000.0);
+        assert_eq!(
+            backoff_ms(1, 0.5, Some(1e12), 500.0, 60_000.0),
+            86_400_000.0
+        );
         assert_eq!(backoff_ms(u32::MAX, 0.99, None, 500.0, 60_000.0), 59_400.0);
     }
 

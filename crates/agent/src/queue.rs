@@ -75,7 +75,11 @@ pub struct Mem {
 
 impl Mem {
     fn get(&self, key: &str) -> JsValue {
-        self.kv.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()).unwrap_or(JsValue::UNDEFINED)
+        self.kv
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or(JsValue::UNDEFINED)
     }
     fn set(&mut self, key: &'static str, value: JsValue) {
         match self.kv.iter_mut().find(|(k, _)| *k == key) {
@@ -99,7 +103,8 @@ pub async fn done(req: &IdbRequest) -> Result<JsValue, JsValue> {
 /// Asks the browser to commit now rather than when the renderer is idle, so a tab that goes
 /// away right after still has its transaction committed.
 fn commit(tx: &IdbTransaction) {
-    if let Ok(f) = Reflect::get(tx, &"commit".into()).and_then(|f| f.dyn_into::<js_sys::Function>()) {
+    if let Ok(f) = Reflect::get(tx, &"commit".into()).and_then(|f| f.dyn_into::<js_sys::Function>())
+    {
         let _ = f.call0(tx);
     }
 }
@@ -121,17 +126,19 @@ pub async fn open_idb(name: &str) -> Result<IdbDatabase, JsValue> {
         .indexed_db()?
         .ok_or(JsValue::NULL)?;
     let req = factory.open_with_u32(name, 1)?;
-    let upgrade = Closure::<dyn FnMut(web_sys::IdbVersionChangeEvent)>::new(move |ev: web_sys::IdbVersionChangeEvent| {
-        let db: Option<IdbDatabase> = ev
-            .target()
-            .and_then(|t| t.dyn_into::<IdbRequest>().ok())
-            .and_then(|r| r.result().ok())
-            .and_then(|r| r.dyn_into().ok());
-        if let Some(db) = db {
-            let _ = db.create_object_store("q");
-            let _ = db.create_object_store("kv");
-        }
-    });
+    let upgrade = Closure::<dyn FnMut(web_sys::IdbVersionChangeEvent)>::new(
+        move |ev: web_sys::IdbVersionChangeEvent| {
+            let db: Option<IdbDatabase> = ev
+                .target()
+                .and_then(|t| t.dyn_into::<IdbRequest>().ok())
+                .and_then(|r| r.result().ok())
+                .and_then(|r| r.dyn_into().ok());
+            if let Some(db) = db {
+                let _ = db.create_object_store("q");
+                let _ = db.create_object_store("kv");
+            }
+        },
+    );
     req.set_onupgradeneeded(Some(upgrade.as_ref().unchecked_ref()));
     let result = done(&req).await;
     req.set_onupgradeneeded(None);
@@ -148,7 +155,13 @@ fn num(v: &JsValue) -> f64 {
 const COUNTS: [&str; 5] = ["enqueued", "sent", "acked", "retried", "pending"];
 
 fn count_slots(c: &mut Counters) -> [&mut u64; 5] {
-    [&mut c.enqueued, &mut c.sent, &mut c.acked, &mut c.retried, &mut c.pending]
+    [
+        &mut c.enqueued,
+        &mut c.sent,
+        &mut c.acked,
+        &mut c.retried,
+        &mut c.pending,
+    ]
 }
 
 /// Reads the counters from their stored form (absent → zero).
@@ -225,8 +238,13 @@ struct Rw {
 impl Rw {
     fn begin(db: &IdbDatabase) -> Result<Rw, JsValue> {
         let names = js_sys::Array::of2(&"q".into(), &"kv".into());
-        let tx = db.transaction_with_str_sequence_and_mode(&names, IdbTransactionMode::Readwrite)?;
-        Ok(Rw { q: tx.object_store("q")?, kv: tx.object_store("kv")?, tx })
+        let tx =
+            db.transaction_with_str_sequence_and_mode(&names, IdbTransactionMode::Readwrite)?;
+        Ok(Rw {
+            q: tx.object_store("q")?,
+            kv: tx.object_store("kv")?,
+            tx,
+        })
     }
     async fn get(&self, key: &str) -> Result<JsValue, JsValue> {
         done(&self.kv.get(&key.into())?).await
@@ -291,7 +309,12 @@ impl Queue {
                 if qb > max_bytes {
                     let cursor_req = rw.q.open_cursor()?;
                     while qb > max_bytes {
-                        let Ok(cursor) = done(&cursor_req).await?.dyn_into::<web_sys::IdbCursorWithValue>() else { break };
+                        let Ok(cursor) = done(&cursor_req)
+                            .await?
+                            .dyn_into::<web_sys::IdbCursorWithValue>()
+                        else {
+                            break;
+                        };
                         qb -= num(&Reflect::get(&cursor.value()?, &"b".into())?);
                         cursor.delete()?;
                         c.pending = c.pending.saturating_sub(1);
@@ -356,7 +379,13 @@ impl Queue {
 
     /// The oldest events, in order, up to `max_bytes` and `max_events` (at least one, if
     /// any); events older than `max_age_ms` are dropped as `expired` on the way.
-    pub async fn peek(&self, max_bytes: f64, max_events: usize, now: f64, max_age_ms: f64) -> Result<Vec<Entry>, JsValue> {
+    pub async fn peek(
+        &self,
+        max_bytes: f64,
+        max_events: usize,
+        now: f64,
+        max_age_ms: f64,
+    ) -> Result<Vec<Entry>, JsValue> {
         let mut out: Vec<Entry> = Vec::new();
         let mut total = 0.0;
         let (mut n_expired, mut bytes_expired) = (0u64, 0.0);
@@ -378,7 +407,12 @@ impl Queue {
                 let rw = Rw::begin(db)?;
                 let cursor_req = rw.q.open_cursor()?;
                 loop {
-                    let Ok(cursor) = done(&cursor_req).await?.dyn_into::<web_sys::IdbCursorWithValue>() else { break };
+                    let Ok(cursor) = done(&cursor_req)
+                        .await?
+                        .dyn_into::<web_sys::IdbCursorWithValue>()
+                    else {
+                        break;
+                    };
                     let e = entry_from(cursor.key()?, &cursor.value()?)?;
                     let was_expired = expired(e.ts, now, max_age_ms);
                     if !take(e, &mut out) {
@@ -431,7 +465,12 @@ impl Queue {
 
     /// Removes settled events and counts them. An event already gone (settled by another
     /// path) is not counted twice. `sent`/`retried` are added in the same transaction.
-    pub async fn settle(&self, outcomes: &[(JsString, Settle)], sent: u64, retried: u64) -> Result<(), JsValue> {
+    pub async fn settle(
+        &self,
+        outcomes: &[(JsString, Settle)],
+        sent: u64,
+        retried: u64,
+    ) -> Result<(), JsValue> {
         let count = |c: &mut Counters, s: &Settle| {
             c.pending = c.pending.saturating_sub(1);
             match s {
@@ -468,11 +507,11 @@ impl Queue {
                 c.sent += sent;
                 c.retried += retried;
                 for (id, s) in outcomes {
-                    if let Some(i) = m.q.iter().position(|e| e.id == *id) {
-                        if let Some(e) = m.q.remove(i) {
-                            qb -= e.bytes;
-                            count(&mut c, s);
-                        }
+                    if let Some(i) = m.q.iter().position(|e| e.id == *id)
+                        && let Some(e) = m.q.remove(i)
+                    {
+                        qb -= e.bytes;
+                        count(&mut c, s);
                     }
                 }
                 m.set("qb", qb.max(0.0).into());
@@ -484,8 +523,13 @@ impl Queue {
 
     /// Drops everything queued with `reason` (opt-out).
     pub async fn clear(&self, reason: &'static str) -> Result<(), JsValue> {
-        let all = self.peek(f64::INFINITY, usize::MAX, 0.0, f64::INFINITY).await?;
-        let outcomes: Vec<(JsString, Settle)> = all.into_iter().map(|e| (e.id, Settle::Dropped(reason))).collect();
+        let all = self
+            .peek(f64::INFINITY, usize::MAX, 0.0, f64::INFINITY)
+            .await?;
+        let outcomes: Vec<(JsString, Settle)> = all
+            .into_iter()
+            .map(|e| (e.id, Settle::Dropped(reason)))
+            .collect();
         self.settle(&outcomes, 0, 0).await
     }
 

@@ -15,8 +15,15 @@ use wasm_bindgen_test::*;
 wasm_bindgen_test_configure!(run_in_browser);
 
 fn entry(i: u32, ts: f64, bytes: f64) -> Entry {
-    let id = String::from("0190000000-") + &char::from_digit(i / 10, 10).unwrap().to_string() + &char::from_digit(i % 10, 10).unwrap().to_string();
-    Entry { id: JsString::from(id.as_str()), json: JsString::from("{\"x\":1}"), bytes, ts }
+    let id = String::from("0190000000-")
+        + &char::from_digit(i / 10, 10).unwrap().to_string()
+        + &char::from_digit(i % 10, 10).unwrap().to_string();
+    Entry {
+        id: JsString::from(id.as_str()),
+        json: JsString::from("{\"x\":1}"),
+        bytes,
+        ts,
+    }
 }
 
 async fn queues(name: &str) -> Vec<Queue> {
@@ -26,13 +33,22 @@ async fn queues(name: &str) -> Vec<Queue> {
 
 async fn identity(q: &Queue) {
     let c = q.counters().await;
-    assert!(c.identity_holds(), "enqueued {} != acked {} + dropped {:?} + pending {}", c.enqueued, c.acked, c.dropped, c.pending);
+    assert!(
+        c.identity_holds(),
+        "enqueued {} != acked {} + dropped {:?} + pending {}",
+        c.enqueued,
+        c.acked,
+        c.dropped,
+        c.pending
+    );
 }
 
 #[wasm_bindgen_test]
 async fn byte_cap_evicts_the_oldest_and_counts_it() {
     for q in queues("t-cap").await {
-        let batch: Vec<Entry> = (0..10).map(|i| entry(i, 1000.0 + f64::from(i), 100.0)).collect();
+        let batch: Vec<Entry> = (0..10)
+            .map(|i| entry(i, 1000.0 + f64::from(i), 100.0))
+            .collect();
         q.enqueue(&batch[..6], 550.0).await.unwrap();
         q.enqueue(&batch[6..], 550.0).await.unwrap();
         let c = q.counters().await;
@@ -49,7 +65,11 @@ async fn byte_cap_evicts_the_oldest_and_counts_it() {
 #[wasm_bindgen_test]
 async fn old_events_expire_and_are_counted() {
     for q in queues("t-expiry").await {
-        let batch = [entry(1, 100.0, 10.0), entry(2, 200.0, 10.0), entry(3, 5_000.0, 10.0)];
+        let batch = [
+            entry(1, 100.0, 10.0),
+            entry(2, 200.0, 10.0),
+            entry(3, 5_000.0, 10.0),
+        ];
         q.enqueue(&batch, 1e9).await.unwrap();
         let out = q.peek(1e9, 100, 6_000.0, 3_000.0).await.unwrap();
         assert_eq!(out.len(), 1);
@@ -68,7 +88,11 @@ async fn peek_respects_bytes_and_count_but_returns_at_least_one() {
         q.enqueue(&batch, 1e9).await.unwrap();
         assert_eq!(q.peek(1000.0, 100, 1000.0, 1e9).await.unwrap().len(), 2);
         assert_eq!(q.peek(1e9, 3, 1000.0, 1e9).await.unwrap().len(), 3);
-        assert_eq!(q.peek(10.0, 100, 1000.0, 1e9).await.unwrap().len(), 1, "an oversized event still goes alone");
+        assert_eq!(
+            q.peek(10.0, 100, 1000.0, 1e9).await.unwrap().len(),
+            1,
+            "an oversized event still goes alone"
+        );
     }
 }
 
