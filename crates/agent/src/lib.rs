@@ -711,7 +711,11 @@ impl Core {
         let me = self.clone();
         let on_show = Closure::<dyn FnMut(web_sys::Event)>::new(move |e: web_sys::Event| {
             match e.type_().as_str() {
-                "online" => me.wake(),
+                "online" => {
+                // Failures while offline say nothing about the relay: send now.
+                me.st.borrow_mut().backoff_until = 0.0;
+                me.wake();
+            }
                 _ => {
                     // Back from the bfcache: take part in sending again.
                     if !me.st.borrow().leader {

@@ -1,0 +1,176 @@
+// The agent under faults, in headless Chromium through the real relay: offline and back,
+// a relay answering 503, a second tab taking over sending, consent withheld then given, no
+// IndexedDB, and a CSP that blocks WebAssembly. Each ends with every event in the warehouse
+// exactly once and the agent's counters satisfying enqueued = acked + dropped + pending.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { Relay, launch, delivery, runId, until, sleep, ROOT } from "./harness.mjs";
+
+let relay;
+let browser;
+
+before(async () => {
+  relay = await Relay.start({ site: join(ROOT, "e2e/sites") });
+  browser = await launch();
+});
+
+after(async () => {
+  await browser?.close();
+  await relay?.dispose();
+});
+
+const ready = (page) => page.waitForFunction(() => typeof window.trueup?.stats === "function");
+const trackN = (page, run, n, from = 0) =>
+  page.evaluate(([run, n, from]) => {
+    for (let i = from; i < from + n; i++) window.trueup.track("fault_test", { run, i });
+  }, [run, n, from]);
+
+async function allArrive(run, n, what) {
+  await until(`${what}: all ${n} events`, async () => {
+    await relay.drained();
+    return delivery(relay, run, n).delivered === n;
+  }, 20000);
+  const r = delivery(relay, run, n);
+  console.log(`${what}: delivered ${r.delivered}/${n} duplicates ${r.dup}`);
+  assert.deepEqual(r.missing, []);
+  assert.equal(r.dup, 0);
+}
+
+async function identity(page) {
+  const s = await page.evaluate(() => window.trueup.stats());
+  const dropped = Object.values(s.dropped || {}).reduce((a, b) => a + b, 0);
+  assert.equal(s.enqueued, s.acked + dropped + s.pending, JSON.stringify(s));
+  return s;
+}
+
+test("offline: events wait while offline and go when back online", async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(`${relay.origin}/plain/`);
+  await ready(page);
+  const run = runId();
+  await context.setOffline(true);
+  await trackN(page, run, 30);
+  await sleep(2000);
+  assert.equal(delivery(relay, run, 30).delivered, 0, "nothing can arrive while offline");
+  await context.setOffline(false);
+  await allArrive(run, 30, "offline");
+  await until("the counters to settle", async () => (await identity(page)).pending === 0);
+  await context.close();
+});
+
+test("503: a relay refusing batches gets them again later, with the same ids", async () => {
+  const context = await browser.newContext();
+  let refused = 0;
+  await context.route("**/_r/q", async (route) => {
+    if (refused < 3) {
+      refused++;
+      await route.fulfill({ status: 503, headers: { "retry-after": "1" }, body: '{"error":"spool_full","message":"test"}' });
+    } else {
+      await route.continue();
+    }
+  });
+  const page = await context.newPage();
+  await page.goto(`${relay.origin}/plain/`);
+  await ready(page);
+  const run = runId();
+  await trackN(page, run, 40);
+  await allArrive(run, 40, "503");
+  assert.equal(refused, 3);
+  const s = await until("the counters to settle", async () => {
+    const s = await identity(page);
+    return s.pending === 0 && s;
+  });
+  assert.ok(s.retried > 0, "the retries are counted");
+  await context.close();
+});
+
+test("multi-tab: one tab sends; when it closes, another takes over", async () => {
+  const context = await browser.newContext();
+  const a = await context.newPage();
+  await a.goto(`${relay.origin}/plain/`);
+  await ready(a);
+  await a.evaluate(() => window.trueup.flush());
+  const b = await context.newPage();
+  const posts = { a: 0, b: 0 };
+  a.on("request", (r) => r.method() === "POST" && r.url().endsWith("/_r/q") && posts.a++);
+  b.on("request", (r) => r.method() === "POST" && r.url().endsWith("/_r/q") && posts.b++);
+  await b.goto(`${relay.origin}/plain/`);
+  await ready(b);
+  const run = runId();
+  await trackN(b, run, 10, 0);
+  await allArrive(run, 10, "multi-tab (sent by the first tab)");
+  assert.ok(posts.a > 0, "the first tab holds the send lock and sends the second tab's events");
+  assert.equal(posts.b, 0, "the second tab only writes to the shared queue");
+  await a.close();
+  await trackN(b, run, 10, 10);
+  await allArrive(run, 20, "multi-tab (after the sending tab closed)");
+  await context.close();
+});
+
+test("consent pending: nothing is stored or sent until consent(true)", async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(`${relay.origin}/consent/`);
+  await ready(page);
+  const run = runId();
+  await trackN(page, run, 5);
+  await sleep(1500);
+  assert.equal(delivery(relay, run, 5).delivered, 0);
+  const before = await page.evaluate(async () => ({
+    stats: await window.trueup.stats(),
+    stored: Object.keys(localStorage).filter((k) => k.startsWith("trueup.")),
+  }));
+  assert.equal(before.stats.enqueued, 0, "nothing queued before consent");
+  assert.deepEqual(before.stored, [], "nothing stored before consent");
+  await page.evaluate(() => window.trueup.consent(true));
+  await allArrive(run, 5, "consent");
+  await until("the counters to settle", async () => (await identity(page)).pending === 0);
+  // Opt-out: the queue is cleared (and counted) and nothing more is sent.
+  await context.setOffline(true);
+  await trackN(page, run, 3, 5);
+  await page.evaluate(() => window.trueup.consent(false));
+  await context.setOffline(false);
+  await sleep(1500);
+  assert.equal(delivery(relay, run, 8).delivered, 5);
+  const s = await identity(page);
+  assert.equal(s.dropped.consent, 3);
+  await context.close();
+});
+
+test("no IndexedDB: a memory queue, flagged degraded, still delivers", async () => {
+  const context = await browser.newContext();
+  await context.addInitScript(() => {
+    Object.defineProperty(window, "indexedDB", { get: () => undefined });
+  });
+  const page = await context.newPage();
+  await page.goto(`${relay.origin}/plain/`);
+  await ready(page);
+  const run = runId();
+  await trackN(page, run, 10);
+  await allArrive(run, 10, "no-indexeddb");
+  const rows = relay.query(`SELECT DISTINCT context->>'degraded' AS d FROM events WHERE props->>'run' = '${run}'`);
+  assert.deepEqual(rows, [{ d: "memory_queue" }]);
+  const s = await until("the counters", async () => {
+    const s = await identity(page);
+    return s.pending === 0 && s;
+  });
+  assert.equal(s.degraded, "memory_queue");
+  await context.close();
+});
+
+test("CSP without 'wasm-unsafe-eval': the stub delivers the events itself", async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(`${relay.origin}/csp/`);
+  const run = runId();
+  await page.evaluate((run) => {
+    for (let i = 0; i < 10; i++) window.trueup.track("fault_test", { run, i });
+  }, run);
+  await allArrive(run, 10, "csp-no-wasm");
+  const rows = relay.query(`SELECT DISTINCT context->>'degraded' AS d FROM events WHERE props->>'run' = '${run}'`);
+  assert.deepEqual(rows, [{ d: "no_wasm" }]);
+  await context.close();
+});
