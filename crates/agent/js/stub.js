@@ -59,9 +59,16 @@ export function uuidv7(ms = Date.now()) {
  * page snippet queued, with the timestamp, URL, referrer and title the snippet captured; not part
  * of the public API.
  */
-export const _replay = guard((method, args, ts = Date.now(), url = location.href,
-  referrer = document.referrer, title = document.title) => {
-  if (inBrowser()) dispatch(method, args, { id: uuidv7(ts), ts, url, referrer, title });
+export const _replay = guard((method, args, ts, url, referrer, title) => {
+  if (!inBrowser()) return; // SSR: read no browser global at all
+  ts ??= Date.now();
+  dispatch(method, args, {
+    id: uuidv7(ts),
+    ts,
+    url: url ?? location.href,
+    referrer: referrer ?? document.referrer,
+    title: title ?? document.title,
+  });
 });
 
 function dispatch(method, args, ctx) {

@@ -153,6 +153,9 @@ struct State {
     stopped: bool,
     /// Drops counted while nothing may be stored (consent denied).
     unstored_drops: u64,
+    /// Known at construction when IndexedDB is missing or not wanted: events are flagged
+    /// `degraded: memory_queue` from the first one.
+    memory_only: bool,
 }
 
 struct Core {
@@ -307,6 +310,10 @@ impl Agent {
         }
         let has_touch = Reflect::has(&attribution, &"first".into()).unwrap_or(false);
         let channel = web_sys::BroadcastChannel::new("trueup").ok();
+        let memory_only = opts.storage == "memory"
+            || web_sys::window()
+                .and_then(|w| w.indexed_db().ok().flatten())
+                .is_none();
         let core = Rc::new(Core {
             opts,
             channel,
@@ -338,6 +345,7 @@ impl Agent {
                 due_at: f64::INFINITY,
                 stopped: false,
                 unstored_drops: 0,
+                memory_only,
             }),
         });
         core.save_identity();
@@ -378,7 +386,17 @@ impl Agent {
             let queue = c.st.borrow().queue.clone();
             let mut counters = match queue {
                 Some(q) => q.counters().await,
-                None => Counters::default(),
+                // Not open yet: what was tracked so far waits in memory.
+                None => {
+                    let st = c.st.borrow();
+                    let n = st.writes.len() as u64;
+                    Counters {
+                        device_id: st.device.clone(),
+                        enqueued: n,
+                        pending: n,
+                        ..Counters::default()
+                    }
+                }
             };
             let extra = c.st.borrow().unstored_drops;
             if extra > 0 {
@@ -438,7 +456,11 @@ impl Core {
                 c.degraded = degraded.then(|| "memory_queue".to_string());
             })
             .await;
-        self.st.borrow_mut().queue = Some(queue);
+        {
+            let mut st = self.st.borrow_mut();
+            st.memory_only = degraded;
+            st.queue = Some(queue);
+        }
         self.persist().await;
         self.request_lock();
     }
@@ -603,7 +625,7 @@ impl Core {
         if !st.attribution.is_undefined() {
             set(&cx, "attribution", &st.attribution);
         }
-        let degraded = st.queue.as_ref().is_some_and(|q| !q.durable());
+        let degraded = st.memory_only || st.queue.as_ref().is_some_and(|q| !q.durable());
         if degraded {
             set(&cx, "degraded", &"memory_queue".into());
         }
@@ -712,10 +734,10 @@ impl Core {
         let on_show = Closure::<dyn FnMut(web_sys::Event)>::new(move |e: web_sys::Event| {
             match e.type_().as_str() {
                 "online" => {
-                // Failures while offline say nothing about the relay: send now.
-                me.st.borrow_mut().backoff_until = 0.0;
-                me.wake();
-            }
+                    // Failures while offline say nothing about the relay: send now.
+                    me.st.borrow_mut().backoff_until = 0.0;
+                    me.wake();
+                }
                 _ => {
                     // Back from the bfcache: take part in sending again.
                     if !me.st.borrow().leader {

@@ -4,6 +4,8 @@
 //!   otherwise the wait is exponential with full jitter (uniform in `[0, min(cap, base·2^n)]`).
 //! - Events are given up by age (`expired`), never by attempt count.
 //! - 413 splits the batch; a single event answered 413 is dropped as `too_large`.
+//! - 404 is retried too: it means the endpoint is not routed (a deploy or proxy mistake),
+//!   not that the events are bad, and giving up by age bounds it.
 //! - Any other 4xx drops the batch's events with the reason `rejected`.
 
 /// What to do with a batch after an attempt.
@@ -22,7 +24,7 @@ pub enum Verdict {
 /// Classifies an HTTP status (`None` for a network error or timeout).
 pub fn classify(status: Option<u16>) -> Verdict {
     match status {
-        None | Some(408) | Some(429) => Verdict::Retry,
+        None | Some(404) | Some(408) | Some(429) => Verdict::Retry,
         Some(200..=299) => Verdict::Answered,
         Some(413) => Verdict::Split,
         Some(500..=599) => Verdict::Retry,
@@ -74,12 +76,12 @@ mod tests {
     #[test]
     fn statuses_map_to_verdicts() {
         assert_eq!(classify(None), Verdict::Retry);
-        for s in [408, 429, 500, 502, 503, 504] {
+        for s in [404, 408, 429, 500, 502, 503, 504] {
             assert_eq!(classify(Some(s)), Verdict::Retry, "{s}");
         }
         assert_eq!(classify(Some(200)), Verdict::Answered);
         assert_eq!(classify(Some(413)), Verdict::Split);
-        for s in [400, 401, 403, 404, 415] {
+        for s in [400, 401, 403, 415] {
             assert_eq!(classify(Some(s)), Verdict::Drop, "{s}");
         }
     }
