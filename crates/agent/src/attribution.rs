@@ -21,7 +21,7 @@ const PARAMS: [&str; 8] = [
     "msclkid",
 ];
 
-/// The touch of a page load, if it is one.
+/// The touch of a page load (its URL and referrer), if it is one.
 pub fn touch_of(href: &str, referrer: &str, now: f64) -> Option<Object> {
     let url = Url::new(href).ok()?;
     let params = url.search_params();

@@ -34,7 +34,7 @@
 
 #![deny(missing_docs)]
 
-mod attribution;
+pub mod attribution;
 pub mod policy;
 pub mod queue;
 
@@ -302,9 +302,9 @@ impl Agent {
                     .map(|(id, last)| (id.to_string(), js_sys::parse_float(last)))
             })
             .unwrap_or_default();
-        let idle = t - session_last;
-        // (A NaN last time, from a damaged value, counts as expired.)
-        if session.is_empty() || new_campaign || idle.is_nan() || idle > opts.session_timeout_ms {
+        if session.is_empty()
+            || policy::new_session(session_last, t, opts.session_timeout_ms, new_campaign)
+        {
             session = random_id();
             session_last = t;
         }
@@ -584,7 +584,7 @@ impl Core {
             st.unstored_drops += 1;
             return;
         }
-        if ts - st.session_last > self.opts.session_timeout_ms {
+        if policy::new_session(st.session_last, ts, self.opts.session_timeout_ms, false) {
             st.session = random_id();
         }
         st.session_last = st.session_last.max(ts);

@@ -63,6 +63,14 @@ pub fn expired(ts: f64, now: f64, max_age_ms: f64) -> bool {
     now - ts > max_age_ms
 }
 
+/// Whether an event at `now` starts a new session: after `timeout_ms` idle since the last
+/// event, or when the visitor arrives from a new campaign. A damaged (NaN) last time counts
+/// as idle.
+pub fn new_session(last: f64, now: f64, timeout_ms: f64, new_campaign: bool) -> bool {
+    let idle = now - last;
+    new_campaign || idle.is_nan() || idle > timeout_ms
+}
+
 #[cfg(test)]
 mod tests {
     //! Native by `cargo test`, and in headless Chromium by
@@ -109,6 +117,15 @@ mod tests {
         assert_eq!(retry_after(5.0), Some(5.0));
         assert_eq!(retry_after(f64::NAN), None, "an HTTP-date");
         assert_eq!(retry_after(-1.0), None);
+    }
+
+    #[test]
+    fn sessions_rotate_after_idle_or_a_new_campaign() {
+        let min = 60_000.0;
+        assert!(!new_session(0.0, 29.0 * min, 30.0 * min, false));
+        assert!(new_session(0.0, 31.0 * min, 30.0 * min, false));
+        assert!(new_session(0.0, 1.0, 30.0 * min, true));
+        assert!(new_session(f64::NAN, 1.0, 30.0 * min, false));
     }
 
     #[test]

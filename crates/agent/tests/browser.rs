@@ -132,3 +132,55 @@ async fn the_idb_queue_is_shared_across_connections() {
     let c = b.counters().await;
     assert_eq!((c.enqueued, c.pending), (2, 2));
 }
+
+fn field(v: &wasm_bindgen::JsValue, path: &[&str]) -> Option<String> {
+    let mut cur = v.clone();
+    for k in path {
+        cur = js_sys::Reflect::get(&cur, &(*k).into()).ok()?;
+    }
+    cur.as_string()
+}
+
+#[wasm_bindgen_test]
+fn attribution_first_touch_stays_last_touch_moves() {
+    use trueup_agent::attribution::{apply, touch_of};
+    let page = "https://shop.example/landing?utm_source=news&utm_campaign=spring&gclid=abc";
+    let t1 = touch_of(page, "https://www.search.example/", 1.0).expect("a campaign touch");
+    assert_eq!(field(&t1, &["utm_source"]).as_deref(), Some("news"));
+    assert_eq!(field(&t1, &["gclid"]).as_deref(), Some("abc"));
+    assert_eq!(
+        field(&t1, &["referrer"]).as_deref(),
+        Some("https://www.search.example/")
+    );
+    assert_eq!(field(&t1, &["landing_page"]).as_deref(), Some(page));
+    // Internal navigation and direct visits are not touches.
+    assert!(
+        touch_of(
+            "https://shop.example/cart",
+            "https://shop.example/landing",
+            2.0
+        )
+        .is_none()
+    );
+    assert!(touch_of("https://shop.example/", "", 2.0).is_none());
+    let (attr, new) = apply(&wasm_bindgen::JsValue::UNDEFINED, Some(t1));
+    assert!(new);
+    let t2 = touch_of("https://shop.example/?utm_source=ads&msclkid=m1", "", 3.0).unwrap();
+    let (attr, new) = apply(&attr, Some(t2));
+    assert!(new);
+    assert_eq!(
+        field(&attr, &["first", "utm_source"]).as_deref(),
+        Some("news")
+    );
+    assert_eq!(
+        field(&attr, &["last", "utm_source"]).as_deref(),
+        Some("ads")
+    );
+    assert_eq!(field(&attr, &["last", "msclkid"]).as_deref(), Some("m1"));
+    let (kept, new) = apply(&attr, None);
+    assert!(!new);
+    assert_eq!(
+        field(&kept, &["last", "utm_source"]).as_deref(),
+        Some("ads")
+    );
+}
