@@ -34,6 +34,12 @@
 
 #![deny(missing_docs)]
 
+// Talc instead of Rust's default dlmalloc: smaller in the wasm and faster (its README's
+// WebAssembly benchmarks); single-threaded, as the agent is.
+#[cfg(all(not(target_feature = "atomics"), target_family = "wasm"))]
+#[global_allocator]
+static TALC: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+
 pub mod attribution;
 pub mod policy;
 pub mod queue;
@@ -42,13 +48,12 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use js_sys::{Array, Function, JSON, JsString, Object, Promise, Reflect};
-use trueup_protocol::Counters;
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, future_to_promise, spawn_local};
 
 use crate::policy::Verdict;
-use crate::queue::{Entry, Mem, Queue, Settle};
+use crate::queue::{Counters, Entry, Mem, Queue, Settle};
 
 /// Options, as passed to `init()` (camelCase in JS); read with js-sys, not serde, for size.
 #[derive(Clone)]
@@ -401,7 +406,7 @@ impl Agent {
             let extra = c.st.borrow().unstored_drops;
             if extra > 0 {
                 counters.enqueued += extra;
-                *counters.dropped.entry("consent".into()).or_default() += extra;
+                counters.drop_n("consent", extra);
             }
             Ok(queue::counters_to(&counters))
         })
@@ -996,7 +1001,7 @@ fn envelope(site: &str, entries: &[Entry], counters: &Counters) -> JsString {
         events.push(&e.json);
     }
     let head = Object::new();
-    set(&head, "v", &1.into());
+    set(&head, "v", &trueup_protocol::PROTOCOL_VERSION.into());
     set(&head, "site", &site.into());
     set(&head, "sent_at", &now().into());
     if !counters.device_id.is_empty() {

@@ -28,7 +28,6 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 
 use js_sys::{JsString, Object, Promise, Reflect};
-use trueup_protocol::Counters;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
@@ -150,19 +149,65 @@ fn num(v: &JsValue) -> f64 {
     v.as_f64().unwrap_or(0.0)
 }
 
-// The counters cross to JS by hand (js-sys) rather than through serde: it keeps the wasm
-// small, and the field names are the wire contract's (`trueup_protocol::Counters`).
-const COUNTS: [&str; 5] = ["enqueued", "sent", "acked", "retried", "pending"];
-
-fn count_slots(c: &mut Counters) -> [&mut u64; 5] {
-    [
-        &mut c.enqueued,
-        &mut c.sent,
-        &mut c.acked,
-        &mut c.retried,
-        &mut c.pending,
-    ]
+/// The loss counters: the wire contract's `trueup_protocol::Counters` (same fields, same JSON),
+/// held with a small vector instead of a `BTreeMap` for the drop reasons, and converted to and
+/// from JS by hand (js-sys), both to keep the wasm small. The relay parses what this produces
+/// with the protocol crate (and rejects unknown fields), which the e2e tests exercise.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    /// The device (`<device>`, shared by its tabs).
+    pub device_id: String,
+    /// Events accepted by `track()`.
+    pub enqueued: u64,
+    /// Send attempts of events.
+    pub sent: u64,
+    /// Events the relay answered accepted or duplicate for.
+    pub acked: u64,
+    /// Events sent again after a failed attempt.
+    pub retried: u64,
+    /// Events still queued.
+    pub pending: u64,
+    /// Events given up, by reason, in first-seen order.
+    pub dropped: Vec<(String, u64)>,
+    /// The degraded mode, if any.
+    pub degraded: Option<String>,
 }
+
+impl Counters {
+    /// Adds `n` drops for `reason`.
+    pub fn drop_n(&mut self, reason: &str, n: u64) {
+        match self.dropped.iter_mut().find(|(r, _)| r == reason) {
+            Some(slot) => slot.1 += n,
+            None => self.dropped.push((reason.to_string(), n)),
+        }
+    }
+
+    /// Drops for one reason.
+    pub fn dropped(&self, reason: &str) -> Option<u64> {
+        self.dropped
+            .iter()
+            .find(|(r, _)| r == reason)
+            .map(|(_, n)| *n)
+    }
+
+    /// Whether `enqueued == acked + dropped + pending`.
+    pub fn identity_holds(&self) -> bool {
+        let dropped: u64 = self.dropped.iter().map(|(_, n)| n).sum();
+        self.acked + dropped + self.pending == self.enqueued
+    }
+
+    fn slots(&mut self) -> [&mut u64; 5] {
+        [
+            &mut self.enqueued,
+            &mut self.sent,
+            &mut self.acked,
+            &mut self.retried,
+            &mut self.pending,
+        ]
+    }
+}
+
+const COUNTS: [&str; 5] = ["enqueued", "sent", "acked", "retried", "pending"];
 
 /// Reads the counters from their stored form (absent → zero).
 pub fn counters_from(v: JsValue) -> Counters {
@@ -173,7 +218,7 @@ pub fn counters_from(v: JsValue) -> Counters {
     let field = |k: &str| Reflect::get(&v, &k.into()).unwrap_or_default();
     c.device_id = field("device_id").as_string().unwrap_or_default();
     c.degraded = field("degraded").as_string();
-    for (slot, k) in count_slots(&mut c).into_iter().zip(COUNTS) {
+    for (slot, k) in c.slots().into_iter().zip(COUNTS) {
         *slot = num(&field(k)) as u64;
     }
     let dropped = field("dropped");
@@ -181,7 +226,7 @@ pub fn counters_from(v: JsValue) -> Counters {
         for k in Object::keys(obj).iter() {
             if let Some(name) = k.as_string() {
                 let n = num(&Reflect::get(obj, &k).unwrap_or_default()) as u64;
-                c.dropped.insert(name, n);
+                c.drop_n(&name, n);
             }
         }
     }
@@ -194,7 +239,7 @@ pub fn counters_to(c: &Counters) -> JsValue {
     let put = |k: &str, v: JsValue| drop(Reflect::set(&o, &k.into(), &v));
     put("device_id", c.device_id.as_str().into());
     let mut c2 = c.clone();
-    for (slot, k) in count_slots(&mut c2).into_iter().zip(COUNTS) {
+    for (slot, k) in c2.slots().into_iter().zip(COUNTS) {
         put(k, (*slot as f64).into());
     }
     let dropped = Object::new();
@@ -226,7 +271,7 @@ fn entry_from(key: JsValue, value: &JsValue) -> Result<Entry, JsValue> {
 }
 
 fn bump(c: &mut Counters, reason: &str, n: u64) {
-    *c.dropped.entry(reason.to_string()).or_default() += n;
+    c.drop_n(reason, n);
 }
 
 struct Rw {
@@ -536,5 +581,29 @@ impl Queue {
     /// The counters as stored.
     pub async fn counters(&self) -> Counters {
         counters_from(self.get("c").await.unwrap_or(JsValue::UNDEFINED))
+    }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    /// The hand-written JS form must keep the wire contract's field names.
+    #[test]
+    fn counters_fields_match_the_protocol() {
+        let wire = serde_json::to_value(trueup_protocol::Counters {
+            degraded: Some("x".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut wire_keys: Vec<&str> = wire
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut ours: Vec<&str> = super::COUNTS.to_vec();
+        ours.extend(["device_id", "dropped", "degraded"]);
+        wire_keys.sort_unstable();
+        ours.sort_unstable();
+        assert_eq!(wire_keys, ours);
     }
 }

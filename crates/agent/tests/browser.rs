@@ -53,7 +53,7 @@ async fn byte_cap_evicts_the_oldest_and_counts_it() {
         q.enqueue(&batch[6..], 550.0).await.unwrap();
         let c = q.counters().await;
         assert_eq!((c.enqueued, c.pending), (10, 5));
-        assert_eq!(c.dropped.get("queue_full"), Some(&5));
+        assert_eq!(c.dropped("queue_full"), Some(5));
         identity(&q).await;
         let left = q.peek(1e9, 100, 2000.0, 1e9).await.unwrap();
         let ids: Vec<String> = left.iter().map(|e| String::from(&e.id)).collect();
@@ -75,7 +75,7 @@ async fn old_events_expire_and_are_counted() {
         assert_eq!(out.len(), 1);
         assert_eq!(String::from(&out[0].id), String::from(&batch[2].id));
         let c = q.counters().await;
-        assert_eq!(c.dropped.get("expired"), Some(&2));
+        assert_eq!(c.dropped("expired"), Some(2));
         assert_eq!(c.pending, 1);
         identity(&q).await;
     }
@@ -110,11 +110,11 @@ async fn settling_counts_once_and_keeps_the_identity() {
         q.settle(&outcomes, 0, 0).await.unwrap();
         let c = q.counters().await;
         assert_eq!((c.enqueued, c.acked, c.pending, c.sent), (4, 1, 2, 4));
-        assert_eq!(c.dropped.get("rejected"), Some(&1));
+        assert_eq!(c.dropped("rejected"), Some(1));
         identity(&q).await;
         q.clear("consent").await.unwrap();
         let c = q.counters().await;
-        assert_eq!((c.pending, c.dropped.get("consent")), (0, Some(&2)));
+        assert_eq!((c.pending, c.dropped("consent")), (0, Some(2)));
         identity(&q).await;
         q.drop_uncounted("too_large", 3).await.unwrap();
         identity(&q).await;
