@@ -21,7 +21,12 @@ after(async () => {
   await relay?.dispose();
 });
 
-const ready = (page) => page.waitForFunction(() => typeof window.trueup?.stats === "function");
+// The loader has run and the core is constructed (flush() waits for it) — not the no-wasm
+// fallback, unless the test wants it.
+async function ready(page) {
+  await page.waitForFunction(() => typeof window.trueup?.stats === "function");
+  await page.evaluate(() => window.trueup.flush());
+}
 const trackN = (page, run, n, from = 0) =>
   page.evaluate(([run, n, from]) => {
     for (let i = from; i < from + n; i++) window.trueup.track("fault_test", { run, i });
@@ -56,7 +61,14 @@ test("offline: events wait while offline and go when back online", async () => {
   await sleep(2000);
   assert.equal(delivery(relay, run, 30).delivered, 0, "nothing can arrive while offline");
   await context.setOffline(false);
-  await allArrive(run, 30, "offline");
+  const online = Date.now();
+  try {
+    await allArrive(run, 30, "offline");
+  } catch (e) {
+    const s = await page.evaluate(() => window.trueup.stats());
+    console.log("offline diagnostics", JSON.stringify(s), "delivered", delivery(relay, run, 30).delivered, "ms since online", Date.now() - online);
+    throw e;
+  }
   await until("the counters to settle", async () => (await identity(page)).pending === 0);
   await context.close();
 });
@@ -90,12 +102,16 @@ test("503: a relay refusing batches gets them again later, with the same ids", a
 test("multi-tab: one tab sends; when it closes, another takes over", async () => {
   const context = await browser.newContext();
   const a = await context.newPage();
-  await a.goto(`${relay.origin}/plain/`);
-  await ready(a);
-  await a.evaluate(() => window.trueup.flush());
-  const b = await context.newPage();
   const posts = { a: 0, b: 0 };
   a.on("request", (r) => r.method() === "POST" && r.url().endsWith("/_r/q") && posts.a++);
+  await a.goto(`${relay.origin}/plain/`);
+  await ready(a);
+  // The only tab becomes the sender: wait until it has sent something.
+  const warm = runId();
+  await trackN(a, warm, 1);
+  await allArrive(warm, 1, "multi-tab (warm-up)");
+  assert.ok(posts.a > 0);
+  const b = await context.newPage();
   b.on("request", (r) => r.method() === "POST" && r.url().endsWith("/_r/q") && posts.b++);
   await b.goto(`${relay.origin}/plain/`);
   await ready(b);
