@@ -599,3 +599,51 @@ async fn the_dedupe_window_survives_a_restart() {
     .unwrap()
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fault_injection_refuses_or_loses_answers_but_never_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(tmp.path(), "[faults]\nseed = 7\nfail_ratio = 1.0\n");
+    let (status, v) = post(&relay.collect_url(), batch(&[event("d", 1)])).await;
+    assert_eq!(
+        (status.as_u16(), v["error"].as_str()),
+        (503, Some("fault_injected"))
+    );
+    drop(relay);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(tmp.path(), "[faults]\nseed = 7\nack_lost_ratio = 1.0\n");
+    assert!(relay.log_text().contains("FAULT INJECTION IS ON"));
+    let events = [event("d", 1), event("d", 2)];
+    // The answer is lost: the client sees a broken response ...
+    let sent = client()
+        .post(relay.collect_url())
+        .header("content-type", "text/plain")
+        .body(batch(&events))
+        .send()
+        .await;
+    let lost = match sent {
+        Err(_) => true,
+        Ok(resp) => resp.bytes().await.is_err(),
+    };
+    assert!(lost, "the answer must not be readable");
+    // ... but the batch was stored: a retry is answered duplicate, and it is stored once.
+    let resp = client()
+        .post(relay.collect_url())
+        .header("content-type", "text/plain")
+        .body(batch(&events))
+        .send()
+        .await;
+    if let Ok(resp) = resp
+        && let Ok(body) = resp.bytes().await
+    {
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(statuses(&v), ["duplicate", "duplicate"]);
+    }
+    relay.wait_drained();
+    assert_eq!(
+        relay.count(&relay.warehouse(), "SELECT count(*) FROM events"),
+        2
+    );
+    assert_eq!(relay.metric("trueup_events_duplicate_total"), 2.0);
+}

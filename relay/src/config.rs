@@ -52,6 +52,8 @@ pub struct Config {
     pub sink: SinkConfig,
     /// Sites whose events this relay accepts.
     pub sites: Vec<SiteConfig>,
+    /// Fault injection on the collection endpoint, for delivery tests. Off by default.
+    pub faults: FaultsConfig,
     /// Seconds a request may take before it is answered 408.
     pub request_timeout_secs: u64,
     /// Log format: `text` or `json`.
@@ -107,6 +109,21 @@ pub struct RateLimitConfig {
     /// Proxies whose `X-Forwarded-For` is trusted (CIDRs). When the peer is one of them, the
     /// client IP is the right-most `X-Forwarded-For` entry that is not. Empty: the peer address.
     pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Fault injection for delivery tests (never in production): the relay logs a warning at
+/// start when any ratio is above 0. Decisions come from a seeded generator, so a test run can
+/// be repeated.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultsConfig {
+    /// Seed of the generator.
+    pub seed: u64,
+    /// Share of client batches answered 503 (Retry-After: 1) without being read.
+    pub fail_ratio: f64,
+    /// Share of client batches stored (durably, like any other) whose answer is then lost:
+    /// the connection breaks after the status line, so the sender cannot know they were stored.
+    pub ack_lost_ratio: f64,
 }
 
 /// The forwarder.
@@ -183,6 +200,7 @@ impl Default for Config {
                 allow_same_origin: true,
                 server_secrets: vec![],
             }],
+            faults: FaultsConfig::default(),
             request_timeout_secs: 30,
             log_format: "text".into(),
         }
@@ -352,6 +370,10 @@ impl Config {
                     ));
                 }
             }
+        }
+        let f = &self.faults;
+        if !(0.0..=1.0).contains(&f.fail_ratio) || !(0.0..=1.0).contains(&f.ack_lost_ratio) {
+            return bad("faults.fail_ratio and faults.ack_lost_ratio must be within 0..=1".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format must be \"text\" or \"json\"".into());

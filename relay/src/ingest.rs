@@ -48,6 +48,37 @@ pub struct AppState {
     pub sites: Arc<HashMap<String, SiteConfig>>,
     /// Set when shutdown starts: new batches get 503.
     pub shutting_down: Arc<AtomicBool>,
+    /// Fault injection (tests only); `None` when off.
+    pub faults: Option<Arc<Faults>>,
+}
+
+/// Seeded fault decisions (see [`crate::config::FaultsConfig`]).
+pub struct Faults {
+    cfg: crate::config::FaultsConfig,
+    rng: std::sync::Mutex<rand::rngs::StdRng>,
+}
+
+impl Faults {
+    /// `None` when every ratio is 0.
+    pub fn new(cfg: &crate::config::FaultsConfig) -> Option<Arc<Faults>> {
+        use rand::SeedableRng;
+        (cfg.fail_ratio > 0.0 || cfg.ack_lost_ratio > 0.0).then(|| {
+            Arc::new(Faults {
+                cfg: cfg.clone(),
+                rng: std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(cfg.seed)),
+            })
+        })
+    }
+
+    fn roll(&self, ratio: f64) -> bool {
+        use rand::Rng;
+        ratio > 0.0
+            && self
+                .rng
+                .lock()
+                .map(|mut r| r.random_bool(ratio.min(1.0)))
+                .unwrap_or(false)
+    }
 }
 
 /// Query parameters of the ingest endpoints.
@@ -63,8 +94,33 @@ pub struct IngestParams {
 pub async fn collect(
     State(st): State<AppState>,
     req: Request,
-) -> Result<Json<BatchResponse>, ApiError> {
-    ingest(st, Source::Client, req).await
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let Some(faults) = st.faults.clone() else {
+        return Ok(ingest(st, Source::Client, req).await?.into_response());
+    };
+    if faults.roll(faults.cfg.fail_ratio) {
+        metrics::counter!("trueup_faults_injected_total", "kind" => "fail").increment(1);
+        return Err(ApiError::Unavailable {
+            code: "fault_injected",
+            retry_after: 1,
+        });
+    }
+    let answer = ingest(st, Source::Client, req).await?;
+    if faults.roll(faults.cfg.ack_lost_ratio) {
+        metrics::counter!("trueup_faults_injected_total", "kind" => "ack_lost").increment(1);
+        // Stored; now break the connection after the status line: the body stream fails, so
+        // the client sees a network error instead of the answer.
+        let broken = futures_util::stream::once(async {
+            Err::<bytes::Bytes, _>(std::io::Error::other("fault: ack lost"))
+        });
+        return Ok((
+            axum::http::StatusCode::OK,
+            axum::body::Body::from_stream(broken),
+        )
+            .into_response());
+    }
+    Ok(answer.into_response())
 }
 
 /// `POST <prefix>/<server_path>`: a server batch, `Authorization: Bearer <site secret>`.

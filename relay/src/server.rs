@@ -188,7 +188,16 @@ impl Relay {
                     .collect::<HashMap<_, _>>(),
             ),
             shutting_down: shutting_down.clone(),
+            faults: crate::ingest::Faults::new(&cfg.faults),
         };
+        if cfg.faults.fail_ratio > 0.0 || cfg.faults.ack_lost_ratio > 0.0 {
+            tracing::warn!(
+                fail_ratio = cfg.faults.fail_ratio,
+                ack_lost_ratio = cfg.faults.ack_lost_ratio,
+                seed = cfg.faults.seed,
+                "FAULT INJECTION IS ON: batches will be refused or their answers lost (tests only)"
+            );
+        }
         let admin_state = AdminState {
             spool: spool.clone(),
             forwarder: forwarder_health.clone(),
