@@ -190,3 +190,40 @@ test("CSP without 'wasm-unsafe-eval': the stub delivers the events itself", asyn
   assert.deepEqual(rows, [{ d: "no_wasm" }]);
   await context.close();
 });
+
+test("ack lost and flaky relay: stored batches whose answer is lost are retried and stored once", async () => {
+  const flaky = await Relay.start({
+    site: join(ROOT, "e2e/sites"),
+    toml: "[faults]\nseed = 42\nfail_ratio = 0.3\nack_lost_ratio = 0.3\n",
+  });
+  const context = await browser.newContext();
+  try {
+    const page = await context.newPage();
+    await page.goto(`${flaky.origin}/plain/`);
+    await ready(page);
+    const run = runId();
+    for (let round = 0; round < 6; round++) {
+      await trackN(page, run, 20, round * 20);
+      await page.evaluate(() => window.trueup.flush());
+    }
+    await until("all 120 events through the flaky relay", async () => {
+      await flaky.drained();
+      return delivery(flaky, run, 120).delivered === 120;
+    }, 60000);
+    const r = delivery(flaky, run, 120);
+    const injected = await flaky.metric("trueup_faults_injected_total");
+    const dups = await flaky.metric("trueup_events_duplicate_total");
+    console.log(`ack-lost+flaky: delivered ${r.delivered}/120 duplicates stored ${r.dup} faults injected ${injected} retries answered duplicate ${dups}`);
+    assert.deepEqual(r.missing, []);
+    assert.equal(r.dup, 0);
+    assert.ok(injected > 0, "faults were injected");
+    const s = await until("the counters to settle", async () => {
+      const s = await identity(page);
+      return s.pending === 0 && s;
+    }, 60000);
+    assert.ok(s.retried > 0);
+  } finally {
+    await context.close();
+    await flaky.dispose();
+  }
+});
