@@ -202,8 +202,9 @@ test("ack lost and flaky relay: stored batches whose answer is lost are retried 
     await page.goto(`${flaky.origin}/plain/`);
     await ready(page);
     const run = runId();
-    for (let round = 0; round < 6; round++) {
-      await trackN(page, run, 20, round * 20);
+    // One batch per round (flush), so the seeded faults hit a dozen requests.
+    for (let round = 0; round < 12; round++) {
+      await trackN(page, run, 10, round * 10);
       await page.evaluate(() => window.trueup.flush());
     }
     await until("all 120 events through the flaky relay", async () => {

@@ -9,31 +9,44 @@
 //   the URL, referrer and title. Calls made before the wasm core is ready are buffered with that
 //   context and handed to `Agent.call` in call order, exactly once, when the Agent is
 //   constructed; later calls go straight to it.
-// - When the core cannot load (a CSP without 'wasm-unsafe-eval', network, MIME, instantiation)
-//   or traps (a Rust panic), or the page is leaving before it is ready, the stub sends the events
-//   itself ("no_wasm" mode, see the fallback below) instead of losing them. A call that trapped is
-//   sent again by the fallback with the same id; the relay stores an id once.
+// - Why the core failed to load decides what happens next. A network failure (the glue or the
+//   wasm not fetched: a TypeError, or a non-2xx) may pass: the calls stay buffered (at most
+//   MAX_BUFFERED, the rest counted as `buffer_full`) and loading is tried again on `online` and
+//   after 1 s, 4 s and 16 s; while `navigator.onLine` is false the tries are not counted. Anything
+//   else (a CSP without 'wasm-unsafe-eval', which Chromium reports as a CompileError; a
+//   LinkError; a missing WebAssembly), the fourth network failure in a row while online, a trap
+//   (a Rust panic) or the page leaving before the core is ready hands over to the stub's own
+//   sender ("no_wasm" mode, see the fallback below) for the rest of the page. A call that
+//   trapped is sent again by the fallback with the same id; the relay stores an id once.
 //
 // build.mjs injects the file names: __GLUE__ and __WASM__ ("./trueup_agent.<hash>.js", …),
 // __NPM_GLUE__ (the same literal for the npm build, so bundlers see and emit the files; unused
 // by the loader) and __LOADER__ (true in loader.js).
 
-const MAX_BUFFERED = 1000; // calls kept while the core loads; more are counted as buffer_full
+const MAX_BUFFERED = 1000; // calls kept while the core loads; events the fallback keeps queued
+const MAX_QUEUED = 512 * 1024; // bytes of events the fallback keeps queued (in localStorage)
 const MAX_BODY = 60 * 1024; // one fallback request, under the browsers' 64 KiB keepalive budget
 const MAX_EVENT = MAX_BODY - 2048; // room left for the batch header
+const MAX_BATCH = 200; // events in one fallback request
+const CORE_RETRY_MS = [1000, 4000, 16000]; // waits before loading the core again
+const REQUEST_MS = 30_000; // a fallback request not answered by then has failed
 const NO_WASM = "no_wasm";
-const STORE_KEY = "trueup:nowasm"; // the fallback's ids and counters (localStorage)
+const STORE_KEY = "trueup:nowasm"; // the fallback's ids, counters and queue (localStorage)
 const SESSION_KEY = "trueup:nowasm:sid"; // its session id (sessionStorage)
 
 let options; // as given to init(), once
 let agent; // the wasm Agent once constructed (and not crashed)
-let fb; // the fallback's state, once the core is given up
+let fb; // the fallback's state, once the core is given up: { held, consent, queued }
 let buffer = []; // [method, args, ctx] while the core loads
 let ready = Promise.resolve(); // settles when the Agent is constructed or the fallback took over
+let step = ready; // the current try at loading the core: settles when that try is over
+let wake = () => {}; // ends the wait before the next try (on `online`)
+let glue; // the core's JS module once imported
 let consentGiven; // the last consent(…) the core took, for a fallback taking over from it
 const local = { buffer_full: 0, wasm_panic: 0, error: "" };
 
 const inBrowser = () => typeof window == "object" && typeof document == "object";
+const offline = () => navigator.onLine === false; // `true` proves nothing, `false` is reliable
 const noop = () => {};
 const guard = (fn, fallbackValue) => (...args) => {
   try {
@@ -75,7 +88,7 @@ function dispatch(method, args, ctx) {
   if (agent) {
     try {
       agent.call(method, args, ctx);
-      if (method == "consent") consentGiven = !!args[0];
+      if (method == "consent") consentTo(!!args[0]);
       return;
     } catch (e) {
       crashed(e); // and this call goes to the fallback below
@@ -101,23 +114,48 @@ function giveUp(why) {
   const queued = buffer;
   buffer = [];
   for (const [method, args, ctx] of queued) fallback(method, args, ctx);
+  later(); // and what an earlier page's fallback left queued
 }
 
 async function start(opts) {
+  // The script-tag build resolves the files next to loader.js (options.assets); the npm build
+  // keeps literal specifiers so that bundlers see the files and emit them.
+  const base = opts.assets && new URL(String(opts.assets).replace(/\/?$/, "/"), location.href);
+  for (let n = 0, k = 0; !fb && await (step = load(opts, base, n, k++));) {
+    await new Promise((resolve) => {
+      wake = resolve;
+      if (!offline()) setTimeout(resolve, CORE_RETRY_MS[n++]);
+    });
+  }
+}
+
+/** One try at loading the core (after `n` counted failures); true when it is to be tried again. */
+async function load(opts, base, n, k) {
   try {
-    // The script-tag build resolves the files next to loader.js (options.assets); the npm build
-    // keeps literal specifiers so that bundlers see the files and emit them.
-    const base = opts.assets && new URL(String(opts.assets).replace(/\/?$/, "/"), location.href);
-    const [glue, wasm] = __LOADER__ || base
-      ? [import(new URL(__GLUE__, base).href), new URL(__WASM__, base)]
-      : [import(__NPM_GLUE__), new URL(__WASM__, import.meta.url)];
-    const mod = await glue;
-    await mod.default({ module_or_path: wasm });
-    if (fb) return; // the page left before the core was ready
-    agent = new mod.Agent(opts);
+    // A retry asks for the glue under another URL: browsers that keep a failed module import
+    // in their module map would fail it again without fetching. (Bundlers need the npm build's
+    // specifiers as literals.)
+    const [imported, wasm] = __LOADER__ || base
+      ? [() => import(new URL(__GLUE__ + (k ? "?retry=" + k : ""), base).href), new URL(__WASM__, base)]
+      : [() => import(__NPM_GLUE__), new URL(__WASM__, import.meta.url)];
+    glue ||= await imported();
+    await glue.default({ module_or_path: wasm });
+  } catch (e) {
+    if (fb) return;
+    local.error = String(e);
+    // Not fetched (a TypeError; wasm-bindgen's "failed to fetch Wasm: 503 …"): try again.
+    if ((e instanceof TypeError || /fetch/i.test(e && e.message)) &&
+      (offline() || n < CORE_RETRY_MS.length)) return true;
+    return giveUp(e);
+  }
+  if (fb) return; // the page left before the core was ready
+  try {
+    agent = new glue.Agent(opts);
+    local.error = "";
     const queued = buffer;
     buffer = [];
     for (const [method, args, ctx] of queued) dispatch(method, args, ctx);
+    pump(); // what an earlier page's fallback left queued
   } catch (e) {
     giveUp(e);
   }
@@ -133,12 +171,18 @@ export const init = guard((opts) => {
     options = opts;
     // Leaving before the core is ready: send what is buffered now rather than lose it (and,
     // should the page come back from the back/forward cache, go on without the core).
-    addEventListener("pagehide", () => {
-      if (!agent && buffer.length) {
-        giveUp("page hidden before the core was ready");
-        send();
-      }
-    }, { once: true });
+    addEventListener("pagehide", guard(() => {
+      if (!agent && buffer.length) giveUp("page hidden before the core was ready");
+      hidden();
+    }));
+    addEventListener("visibilitychange", guard(() => {
+      if (document.visibilityState == "hidden") hidden();
+      else beaconed.clear(), pump(true); // back: what was beaconed is sent again, for an answer
+    }));
+    addEventListener("online", guard(() => {
+      wake();
+      pump(true);
+    }));
     ready = start(opts);
   }
   return ready;
@@ -167,8 +211,8 @@ const viaAgent = (method) => {
 };
 // The core's promises reject only if it trapped inside them.
 const trapped = (e) => e instanceof WebAssembly.RuntimeError && crashed(e);
-const settle = (method) => guard(() => ready
-  .then(() => (agent ? viaAgent(method) : fb && send()))
+const settle = (method) => guard(() => step
+  .then(() => (agent ? viaAgent(method) : options && (fb && enqueue(), pump(true))))
   .catch(trapped)
   .then(noop, noop), Promise.resolve());
 /** Sends what is queued now; resolves when that attempt is over. Never rejects. */
@@ -188,36 +232,80 @@ export const stats = () => Promise.resolve()
   .then(() => viaAgent("stats"))
   .catch(trapped)
   .then((s) => {
-    const out = { ...(s || (fb ? counters(fb.store || {}) : {
+    const out = { ...(s || (fb ? counters(current() || {}) : {
       device_id: "", enqueued: 0, sent: 0, acked: 0, retried: 0, pending: 0, dropped: {},
     })), buffered: buffer.length + (fb ? fb.held.length : 0) };
     if (local.buffer_full) out.buffer_full = local.buffer_full;
     if (local.wasm_panic) out.wasm_panic = local.wasm_panic;
-    if (fb) out.error = local.error;
+    if (local.error) out.error = local.error;
     return out;
   })
   .catch(() => ({}));
 
 // ---------------------------------------------------------------------------------------------
-// The fallback ("no_wasm"): the stub sends events itself, in the v1 wire envelope, by
-// sendBeacon (fetch with keepalive when that refuses, then a plain fetch), batched per microtask,
-// each body under 60 KiB. It is its own device (own device_id and seq, kept in localStorage, or
-// per page without it), so the seq of the core and of the fallback never mix and a missing seq
-// stays a counted loss. It cannot see the relay's answers, so events it sent stay `pending`;
-// requests that fail are counted as dropped `send_failed`. With consent "pending" it holds calls
-// in memory, touching no storage, until consent(true); consent(false) discards them.
+// The fallback ("no_wasm"): the stub sends events itself, in the v1 wire envelope. It is its own
+// device (own device_id and seq), so the seq of the core and of the fallback never mix and a
+// missing seq stays a counted loss.
+//
+// Calls become events (with their id and seq) in a queue of at most MAX_BUFFERED events and
+// MAX_QUEUED bytes (more: dropped `queue_full`), kept with the counters in localStorage (per page
+// without it). So a page that closes offline leaves its events to the next page of the site,
+// whether that page runs the fallback or the core; and every change re-reads the stored copy
+// first, so tabs in this mode share the device, the seq and the queue.
+//
+// It sends while `navigator.onLine` is not false: one request at a time, at most MAX_BATCH events
+// and 60 KiB, by `fetch` with keepalive (which, unlike sendBeacon, reports failure). The relay's
+// per-event answer settles each event: accepted or duplicate → acked, rejected → dropped. A
+// network error, a timeout, an unreadable answer, 404, 408, 429 or 5xx keeps the events (same
+// ids) and tries again after a backoff (full jitter from 1 s, capped at 5 min, at least
+// Retry-After) or on `online`; 413 halves the batch (one event: dropped `too_large`); another 4xx
+// drops them as `rejected`. On pagehide or when hidden (and online), what is queued goes by
+// sendBeacon instead, and stays queued since no answer is read: the next page sends it again, or
+// this one if it becomes visible again (the relay stores an id once).
+//
+// With consent "pending" it holds calls in memory, touching no storage, until consent(true);
+// consent(false) discards them and empties the stored queue (dropped `consent`).
+
+let store; // the fallback's { device, anon, user, seq, sent, acked, retried, dropped, q }
+let inflight; // this page's request in flight (a promise)…
+let sending = []; // …and its ids
+let timer; // the retry
+let failures = 0;
+let limit = MAX_BATCH;
+const beaconed = new Set(); // ids this page handed to sendBeacon
 
 function fallback(method, args, ctx) {
-  if (method == "consent") {
-    fb.consent = !!args[0];
-    if (!fb.consent) fb.held = [];
-  } else if (fb.consent !== false) {
-    fb.held.push([method, args, ctx]);
-  }
-  if (!fb.queued && fb.consent) {
+  if (method == "consent") consentTo(!!args[0]);
+  else if (fb.consent !== false) fb.held.push([method, args, ctx]);
+  if (fb.consent) later();
+}
+
+function later() {
+  if (!fb.queued) {
     fb.queued = true;
-    queueMicrotask(send);
+    queueMicrotask(guard(() => {
+      fb.queued = false;
+      enqueue();
+      pump();
+    }));
   }
+}
+
+/** Consent from either mode; refused, the fallback's queue goes too. */
+function consentTo(yes) {
+  if (fb) {
+    fb.consent = yes;
+    if (!yes) fb.held = [];
+  } else {
+    consentGiven = yes;
+  }
+  const s = current();
+  if (!yes && s && s.q && s.q.length) {
+    drop(s, "consent", s.q.length);
+    s.q = [];
+    save(s);
+  }
+  pump();
 }
 
 const storage = (kind) => {
@@ -225,12 +313,16 @@ const storage = (kind) => {
     return window[kind];
   } catch {} // access itself can throw (sandboxed frames, blocked cookies)
 };
-const load = () => {
+/** The latest copy: another tab in this mode may have changed it. */
+const current = () => {
   try {
-    return JSON.parse(storage("localStorage").getItem(STORE_KEY)) || undefined;
-  } catch {}
+    return (store = JSON.parse(storage("localStorage").getItem(STORE_KEY)) || store);
+  } catch {
+    return store;
+  }
 };
 const save = (s) => {
+  store = s;
   try {
     storage("localStorage").setItem(STORE_KEY, JSON.stringify(s));
   } catch {}
@@ -248,26 +340,27 @@ const drop = (s, reason, n = 1) => {
   d[reason] = (d[reason] || 0) + n;
 };
 const plainObject = (v) => (v && typeof v == "object" && !Array.isArray(v) ? v : undefined);
+const allowed = () => options && (fb ? fb.consent : consentGiven ?? options.consent != "pending");
 
 function counters(s) {
   const dropped = s.dropped || {};
   const lost = Object.values(dropped).reduce((a, b) => a + b, 0);
   const enqueued = s.seq || 0;
-  return { device_id: s.device || "", enqueued, sent: s.sent || 0, acked: 0, retried: 0,
-    pending: enqueued - lost, dropped, degraded: NO_WASM };
+  const acked = s.acked || 0;
+  return { device_id: s.device || "", enqueued, sent: s.sent || 0, acked, retried: s.retried || 0,
+    pending: enqueued - acked - lost, dropped, degraded: NO_WASM };
 }
 
-function send() {
-  if (!fb || !fb.consent) return;
-  fb.queued = false;
+/** The held calls become queued events, each [id, json, bytes, sent before]. */
+function enqueue() {
   const held = fb.held;
+  if (!fb.consent || !held.length) return;
   fb.held = [];
-  if (!held.length) return;
-  // Re-read each time: another tab in the same mode may have used seq numbers meanwhile.
-  const s = (fb.store = load() || fb.store || { device: uuidv7(), anon: uuidv7(), seq: 0 });
+  const s = current() || { device: uuidv7(), anon: uuidv7(), seq: 0 };
+  const q = (s.q ||= []);
+  let bytes = q.reduce((a, e) => a + e[2], 0);
   const sid = sessionId();
   const enc = new TextEncoder();
-  const events = [];
   for (const [method, args, ctx] of held) {
     if (method == "reset") {
       s.user = undefined;
@@ -288,45 +381,93 @@ function send() {
         context: { url: ctx.url, referrer: ctx.referrer || undefined, title: ctx.title || undefined,
           degraded: NO_WASM },
       });
-      const bytes = enc.encode(json).length + 1;
-      if (bytes > MAX_EVENT) drop(s, "too_large");
-      else events.push([json, bytes]);
+      const n = enc.encode(json).length + 1;
+      if (n > MAX_EVENT) drop(s, "too_large");
+      else if (q.length >= MAX_BUFFERED || bytes + n > MAX_QUEUED) drop(s, "queue_full");
+      else q.push([ctx.id, json, n]), (bytes += n);
     } catch {
       drop(s, "unserializable"); // a cycle or a BigInt in props
     }
   }
-  s.sent = (s.sent || 0) + events.length;
   save(s);
-  const head = JSON.stringify({ v: 1, site: options.site, sent_at: Date.now(), counters: counters(s) })
-    .slice(0, -1) + ',"events":[';
-  const room = MAX_BODY - enc.encode(head).length - 2;
-  let part = [];
-  let used = 0;
-  const post = () => {
-    if (part.length) postBody(head + part.join(",") + "]}", part.length);
-    part = [];
-    used = 0;
-  };
-  for (const [json, bytes] of events) {
-    if (used + bytes > room) post();
-    part.push(json);
-    used += bytes;
-  }
-  post();
 }
 
-function postBody(body, n) {
-  const url = options.endpoint || "/_r/q";
-  try {
-    if (navigator.sendBeacon(url, body)) return; // a string body goes as text/plain
-  } catch {}
-  const lost = () => {
-    const s = (fb.store = load() || fb.store); // count into the latest copy
-    drop(s, "send_failed", n);
-    save(s);
+/** The first events of `q` for one request, counted as sent (and retried when sent before). */
+function take(s, q, max) {
+  let n = 0;
+  for (let used = 0; n < q.length && n < max && (used += q[n][2]) <= MAX_EVENT; n++) {
+    s.retried = (s.retried || 0) + (q[n][3] || 0);
+    q[n][3] = 1;
+  }
+  s.sent = (s.sent || 0) + n;
+  const head = JSON.stringify({ v: 1, site: options.site, sent_at: Date.now(), counters: counters(s) });
+  return [q.slice(0, n), head.slice(0, -1) + ',"events":[' + q.slice(0, n).map((e) => e[1]) + "]}"];
+}
+
+/** Sends the head of the queue unless offline, waiting for a retry, or already sending. */
+const pump = guard((now) => {
+  if (now) timer = clearTimeout(timer);
+  if (inflight || timer || offline() || !allowed()) return inflight;
+  const s = current();
+  const q = ((s && s.q) || []).filter((e) => !beaconed.has(e[0]));
+  if (!q.length) return;
+  const [part, body] = take(s, q, limit);
+  save(s);
+  sending = part.map((e) => e[0]);
+  const done = (wait) => {
+    inflight = undefined;
+    sending = [];
+    if (wait >= 0) {
+      failures++;
+      timer = setTimeout(() => {
+        timer = 0;
+        pump();
+      }, Math.max(Math.random() * Math.min(3e5, 500 * 2 ** failures), wait * 1000));
+    } else {
+      failures = 0;
+      pump();
+    }
   };
-  const attempt = (keepalive) => fetch(url, { method: "POST", body, keepalive });
-  attempt(true)
-    .catch(() => attempt(false)) // over the keepalive budget
-    .then((r) => r.ok || lost(), lost);
+  return (inflight = fetch(options.endpoint || "/_r/q",
+    { method: "POST", body, keepalive: true, signal: globalThis.AbortSignal?.timeout?.(REQUEST_MS) })
+    .then(async (r) => {
+      const status = r.status;
+      if (status == 413 && part.length > 1) return (limit = part.length >> 1), -1;
+      const verdicts = r.ok
+        ? (await r.json()).results.map((x) => ({ accepted: 1, duplicate: 1, rejected: "rejected" })[x.status])
+        : status == 413 ? ["too_large"]
+        : status > 399 && status < 500 && ![404, 408, 429].includes(status) ? part.map(() => "rejected")
+        : [];
+      if (verdicts.length != part.length || !verdicts.every(Boolean)) {
+        return +r.headers.get("retry-after") || 0; // NaN (an HTTP-date, none) → 0
+      }
+      const s = current();
+      const by = new Map(sending.map((id, i) => [id, verdicts[i]]));
+      s.q = (s.q || []).filter((e) => {
+        const v = by.get(e[0]);
+        if (!v) return true;
+        if (v == 1) s.acked = (s.acked || 0) + 1;
+        else drop(s, v);
+      });
+      save(s);
+      limit = Math.min(MAX_BATCH, limit * 2);
+      return -1;
+    })
+    .catch(() => 0) // a network error, a timeout, an unreadable answer
+    .then(done));
+});
+
+/** On pagehide or hidden: what is queued (and not in flight) goes by sendBeacon too. */
+function hidden() {
+  if (fb) enqueue();
+  const s = current();
+  if (!s || offline() || !allowed()) return;
+  let q = (s.q || []).filter((e) => !beaconed.has(e[0]) && !sending.includes(e[0]));
+  while (q.length) {
+    const [part, body] = take(s, q, MAX_BATCH);
+    if (!navigator.sendBeacon(options.endpoint || "/_r/q", body)) break; // a string goes as text/plain
+    for (const e of part) beaconed.add(e[0]);
+    q = q.slice(part.length);
+  }
+  save(s);
 }

@@ -62,9 +62,9 @@ export interface Counters {
   acked: number;
   /** Events sent again after a failed attempt. */
   retried: number;
-  /** Events still queued (or, in the "no_wasm" fallback, sent without a readable answer). */
+  /** Events still queued: not yet answered by the relay (beaconed ones included). */
   pending: number;
-  /** Events given up, by reason (`queue_full`, `expired`, `rejected`, `consent`, …). */
+  /** Events given up, by reason (`queue_full`, `expired`, `rejected`, `too_large`, `consent`, …). */
   dropped: Record<string, number>;
   /** Set when the agent runs degraded: `"memory_queue"`, `"no_wasm"`, … */
   degraded?: string;
@@ -78,11 +78,18 @@ export interface Stats extends Counters {
   buffer_full?: number;
   /** Calls into the wasm core that trapped; the fallback sends from then on. */
   wasm_panic?: number;
-  /** In the fallback: why the core was given up. */
+  /**
+   * Why the core is not running: the last failure to load it while it is tried again (a network
+   * failure), or why it was given up for the "no_wasm" fallback.
+   */
   error?: string;
 }
 
-/** Loads the wasm core and starts sending. Once per page; resolves when running (or degraded). */
+/**
+ * Loads the wasm core and starts sending. Once per page; resolves when running (or degraded).
+ * A core that could not be fetched is tried again (on `online`, and after 1 s, 4 s and 16 s while
+ * online) before the "no_wasm" fallback takes over, so this can wait until the page is online.
+ */
 export function init(options: Options): Promise<void>;
 /** Records event `name` (schema `event/1`) with `props`. */
 export function track(name: string, props?: Props): void;

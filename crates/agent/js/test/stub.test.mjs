@@ -1,19 +1,22 @@
 // The stub against the fake core, with the browser's globals faked: buffering and replay with
-// call-time context, and the "no_wasm" fallback's wire envelope, batching and consent.
-// (Real browsers, the real core and the relay are exercised by the end-to-end check.)
+// call-time context, retrying a core that could not be fetched, and the "no_wasm" fallback's
+// wire envelope, batching, consent, answers, retries, offline hold and storage.
+// (Real browsers, the real core and the relay are exercised by the end-to-end checks.)
 
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { beforeEach, test } from "node:test";
+import { afterEach, beforeEach, mock, test } from "node:test";
 import { pathToFileURL } from "node:url";
 import { buildWithFakeCore, freshStub, settle, UUIDV7 } from "./helpers.mjs";
 
 const out = buildWithFakeCore();
-let beacons; // bodies given to sendBeacon
+let requests; // every body sent, in order: { via: "beacon" | "fetch", url, init, body, raw }
 let beaconAccepts; // what sendBeacon answers
-let fetches; // [url, init] given to fetch
+let answer; // (body) => the fake relay's Response for a fetch (default: a relay storing ids once)
+let stored; // the fake relay's events by id
+let online; // navigator.onLine
 let listeners;
 
 class MemoryStorage {
@@ -29,27 +32,70 @@ class MemoryStorage {
   }
 }
 
+const response = (status, json, headers = {}) => ({
+  ok: status >= 200 && status < 300, status,
+  headers: { get: (h) => headers[h.toLowerCase()] ?? null },
+  json: async () => json,
+});
+/** What the relay answers: each id stored once, `accepted` then `duplicate`. */
+const relay = (body) => response(200, {
+  results: body.events.map((e) => {
+    const status = stored.has(e.id) ? "duplicate" : "accepted";
+    stored.set(e.id, e);
+    return { id: e.id, status };
+  }),
+});
+
 beforeEach(() => {
-  beacons = [];
+  requests = [];
   beaconAccepts = true;
-  fetches = [];
+  stored = new Map();
+  answer = relay;
+  online = true;
   listeners = {};
   globalThis.__fakeCore = { noWasm: true };
   const g = globalThis;
   g.window = g;
-  g.document = { referrer: "https://ref.example/", title: "Shop" };
+  g.document = { referrer: "https://ref.example/", title: "Shop", visibilityState: "visible" };
   g.location = { href: "https://shop.example/p/1" };
   g.localStorage = new MemoryStorage();
   g.sessionStorage = new MemoryStorage();
   g.addEventListener = (type, fn) => (listeners[type] = fn);
   Object.defineProperty(g, "navigator", {
     configurable: true,
-    value: { sendBeacon: (url, body) => (beacons.push({ url, body: JSON.parse(body), raw: body }), beaconAccepts) },
+    value: {
+      get onLine() {
+        return online;
+      },
+      sendBeacon: (url, raw) => {
+        if (!beaconAccepts) return false;
+        requests.push({ via: "beacon", url, body: JSON.parse(raw), raw });
+        for (const e of JSON.parse(raw).events) stored.set(e.id, e);
+        return true;
+      },
+    },
   });
-  g.fetch = async (url, init) => (fetches.push([url, init]), { ok: true });
+  g.fetch = async (url, init) => {
+    const body = JSON.parse(init.body);
+    requests.push({ via: "fetch", url, init, body, raw: init.body });
+    return answer(body);
+  };
 });
 
-const events = () => beacons.flatMap((b) => b.body.events);
+afterEach(() => {
+  mock.timers.reset();
+  mock.restoreAll();
+});
+
+const events = () => requests.flatMap((b) => b.body.events);
+const names = (evs = events()) => evs.map((e) => e.name);
+const storedQueue = () => JSON.parse(localStorage.getItem("trueup:nowasm") || "{}").q || [];
+/** Lets promise callbacks and pending I/O run (with setTimeout mocked, settle() would not). */
+const turn = async (n = 5) => {
+  for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r));
+};
+const lost = (s) => Object.values(s.dropped).reduce((a, b) => a + b, 0);
+const identity = (s) => assert.equal(s.enqueued, s.acked + lost(s) + s.pending, JSON.stringify(s));
 
 test("calls before the core is ready are replayed in order, once, with call-time context", async () => {
   const t = await freshStub(out);
@@ -87,7 +133,7 @@ test("calls before the core is ready are replayed in order, once, with call-time
   assert.equal(agent.flushes, 1);
   assert.equal(await t.init({ site: "other" }), undefined, "init is once");
   assert.equal(globalThis.__fakeCore.initCalls, 1);
-  assert.equal(beacons.length, 0);
+  assert.equal(requests.length, 0);
 });
 
 test("the wasm URL is next to the module, or under options.assets", async () => {
@@ -104,8 +150,85 @@ test("the wasm URL is next to the module, or under options.assets", async () => 
   assert.ok(globalThis.__fakeCore.wasmUrl.startsWith(pathToFileURL(elsewhere).href + "/"));
 });
 
-test("when the core cannot load, the fallback sends the v1 envelope by sendBeacon", async () => {
-  globalThis.__fakeCore.failInit = "CompileError: refused by CSP";
+test("a core that could not be fetched while offline: calls stay buffered, the core gets them once online", async () => {
+  online = false;
+  globalThis.__fakeCore.failNext = 5; // more failures than retries: offline ones do not count
+  const t = await freshStub(out);
+  t.track("a");
+  let done = false;
+  t.init({ site: "demo" }).then(() => (done = true));
+  await t.flush(); // the first try is over
+  for (let i = 0; i < 4; i++) {
+    listeners.online(); // a flaky signal: still offline, the fetch fails again
+    await turn();
+    await t.flush();
+  }
+  t.track("b");
+  t.page();
+  const s = await t.stats();
+  assert.equal(s.buffered, 3);
+  assert.equal(s.degraded, undefined, "not the fallback");
+  assert.match(s.error, /TypeError: Failed to fetch/);
+  assert.equal(done, false);
+  assert.equal(globalThis.__fakeCore.initCalls, 5);
+  online = true;
+  listeners.online();
+  await turn();
+  await t.flush();
+  await turn();
+  assert.equal(done, true);
+  const agent = globalThis.__fakeCore.agent;
+  assert.deepEqual(agent.calls.map(([m, a]) => [m, a[0]]), [["track", "a"], ["track", "b"], ["page", undefined]]);
+  assert.equal(requests.length, 0, "nothing sent by the stub");
+  assert.equal((await t.stats()).error, undefined);
+  assert.equal(localStorage.length, 0);
+});
+
+test("online, a core that could not be fetched is tried again after 1 s, 4 s and 16 s", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  globalThis.__fakeCore.failNext = 3;
+  const t = await freshStub(out);
+  t.init({ site: "demo", assets: pathToFileURL(out).href }); // the loader's path: ?retry=k URLs
+  t.track("a");
+  await t.flush();
+  for (const ms of [1000, 4000, 16000]) {
+    assert.equal(globalThis.__fakeCore.agent, undefined);
+    mock.timers.tick(ms - 1);
+    await turn();
+    assert.equal(globalThis.__fakeCore.initCalls, 1 + [1000, 4000, 16000].indexOf(ms), `not before ${ms} ms`);
+    mock.timers.tick(1);
+    await turn(20);
+    await t.flush();
+  }
+  assert.equal(globalThis.__fakeCore.initCalls, 4);
+  assert.deepEqual(globalThis.__fakeCore.agent.calls.map(([, a]) => a[0]), ["a"]);
+  assert.equal(requests.length, 0);
+});
+
+test("a fourth network failure in a row gives up to the fallback, which delivers", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  globalThis.__fakeCore.failNext = 4;
+  const t = await freshStub(out);
+  t.track("a");
+  const ready = t.init({ site: "demo" });
+  for (const ms of [0, 1000, 4000, 16000]) {
+    mock.timers.tick(ms);
+    await turn();
+    await t.flush();
+  }
+  await ready;
+  await turn();
+  assert.deepEqual(names(), ["a"]);
+  const s = await t.stats();
+  assert.equal(s.degraded, "no_wasm");
+  assert.match(s.error, /Failed to fetch/);
+  assert.equal(globalThis.__fakeCore.initCalls, 4);
+});
+
+test("a CSP refusing WebAssembly: no retry; the fallback sends the v1 envelope by fetch and reads the answers", async () => {
+  globalThis.__fakeCore.failInit = new WebAssembly.CompileError("WebAssembly.instantiateStreaming(): " +
+    "Compiling or instantiating WebAssembly module violates the following Content Security policy " +
+    "directive because 'unsafe-eval' is not an allowed source of script");
   const t = await freshStub(out);
   t.track("added_to_cart", { sku: "mug-42" });
   t.page();
@@ -115,9 +238,14 @@ test("when the core cannot load, the fallback sends the v1 envelope by sendBeaco
   t.track("after_reset");
   await t.init({ site: "demo", endpoint: "/_r/q" });
   await settle();
-  assert.equal(beacons.length, 1, "one batch per microtask");
-  const { url, body } = beacons[0];
+  assert.equal(globalThis.__fakeCore.initCalls, 1, "a compile error is not retried");
+  assert.equal(requests.length, 1, "one batch per microtask");
+  const { via, url, init, body } = requests[0];
+  assert.equal(via, "fetch");
   assert.equal(url, "/_r/q");
+  assert.equal(init.method, "POST");
+  assert.equal(init.keepalive, true);
+  assert.equal(typeof init.body, "string", "text/plain: CORS-simple");
   assert.equal(body.v, 1);
   assert.equal(body.site, "demo");
   assert.ok(body.sent_at > 0);
@@ -144,21 +272,26 @@ test("when the core cannot load, the fallback sends the v1 envelope by sendBeaco
     retried: 0, pending: 5, dropped: {}, degraded: "no_wasm" });
   const s = await t.stats();
   assert.equal(s.degraded, "no_wasm");
-  assert.match(s.error, /refused by CSP/);
+  assert.match(s.error, /CompileError: .*unsafe-eval/);
+  assert.deepEqual({ ...s, error: "" }, { device_id: ev[0].device_id, enqueued: 5, sent: 5, acked: 5,
+    retried: 0, pending: 0, dropped: {}, degraded: "no_wasm", buffered: 0, error: "" });
+  assert.deepEqual(storedQueue(), [], "answered: nothing left queued");
 
   // Later calls, and the next page: the device and its seq go on.
   t.track("later");
   await settle();
-  assert.equal(beacons[1].body.events[0].seq, 6);
+  assert.equal(requests[1].body.events[0].seq, 6);
   const next = await freshStub(out);
   await next.init({ site: "demo" });
   next.track("next_page");
   await settle();
-  const last = beacons[2].body;
+  const last = requests[2].body;
   assert.equal(last.events[0].seq, 7);
   assert.equal(last.events[0].device_id, ev[0].device_id);
   assert.equal(last.events[0].anon_id, ev[4].anon_id);
   assert.equal(last.counters.enqueued, 7);
+  assert.equal(last.counters.acked, 6);
+  assert.equal((await next.stats()).acked, 7);
 });
 
 test("a trapping core is counted and abandoned; the trapped call goes by the fallback", async () => {
@@ -170,7 +303,7 @@ test("a trapping core is counted and abandoned; the trapped call goes by the fal
   t.track("after");
   await settle();
   assert.equal(agent.calls.length, 1);
-  assert.deepEqual(events().map((e) => e.name), ["panic!", "after"]);
+  assert.deepEqual(names(), ["panic!", "after"]);
   const s = await t.stats();
   assert.equal(s.wasm_panic, 1);
   assert.match(s.error, /RuntimeError/);
@@ -182,12 +315,12 @@ test("with consent pending the fallback stores and sends nothing until consent(t
   await t.init({ site: "demo", consent: "pending" });
   t.track("a");
   await settle();
-  assert.equal(beacons.length, 0);
+  assert.equal(requests.length, 0);
   assert.equal(localStorage.length + sessionStorage.length, 0, "nothing stored");
   assert.equal((await t.stats()).buffered, 1);
   t.consent(true);
   await settle();
-  assert.deepEqual(events().map((e) => e.name), ["a"]);
+  assert.deepEqual(names(), ["a"]);
 
   const u = await freshStub(out);
   await u.init({ site: "demo", consent: "pending" });
@@ -198,55 +331,210 @@ test("with consent pending the fallback stores and sends nothing until consent(t
   assert.equal(events().length, 1, "refused: discarded, not sent");
 });
 
-test("bodies stay under 60 KiB; an oversized event is dropped and counted", async () => {
+test("consent(false) also empties the fallback's stored queue, counted as dropped", async () => {
+  globalThis.__fakeCore.failInit = "no wasm";
+  online = false;
+  const t = await freshStub(out);
+  await t.init({ site: "demo" });
+  t.track("a");
+  t.track("b");
+  await settle();
+  assert.equal(storedQueue().length, 2);
+  t.consent(false);
+  await settle();
+  assert.deepEqual(storedQueue(), []);
+  const s = await t.stats();
+  assert.deepEqual(s.dropped, { consent: 2 });
+  identity(s);
+  online = true;
+  listeners.online();
+  await settle();
+  assert.equal(requests.length, 0);
+});
+
+test("bodies stay under 60 KiB and 200 events; an oversized event is dropped and counted", async () => {
   globalThis.__fakeCore.failInit = "no wasm";
   const t = await freshStub(out);
   await t.init({ site: "demo" });
   const pad = "é".repeat(1000); // 2000 bytes in UTF-8
-  for (let i = 0; i < 100; i++) t.track("big", { i, pad });
+  for (let i = 0; i < 50; i++) t.track("big", { i, pad });
   t.track("huge", { pad: "x".repeat(70 * 1024) });
+  for (let i = 50; i < 300; i++) t.track("small", { i });
   await settle();
-  assert.ok(beacons.length >= 4);
-  for (const b of beacons) assert.ok(Buffer.byteLength(b.raw) <= 60 * 1024, `${Buffer.byteLength(b.raw)}`);
-  assert.deepEqual(events().map((e) => e.props.i), [...Array(100).keys()]);
-  const counters = beacons.at(-1).body.counters;
-  assert.deepEqual(counters.dropped, { too_large: 1 });
-  assert.equal(counters.enqueued, 101);
-  assert.equal(counters.pending, 100);
+  assert.ok(requests.length >= 4, `${requests.length}`);
+  for (const b of requests) {
+    assert.ok(Buffer.byteLength(b.raw) <= 60 * 1024, `${Buffer.byteLength(b.raw)}`);
+    assert.ok(b.body.events.length <= 200);
+  }
+  assert.deepEqual(events().map((e) => e.props.i), [...Array(300).keys()]);
+  const s = await t.stats();
+  assert.deepEqual(s.dropped, { too_large: 1 });
+  assert.equal(s.enqueued, 301);
+  assert.equal(s.acked, 300);
+  assert.equal(s.pending, 0);
 });
 
-test("sendBeacon refusing falls back to fetch with keepalive; failures are counted", async () => {
+test("failed sends keep the events and retry them with the same ids; answers are counted", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
   globalThis.__fakeCore.failInit = "no wasm";
-  beaconAccepts = false;
-  globalThis.fetch = async (url, init) => {
-    fetches.push([url, init]);
-    if (init.keepalive) throw new TypeError("over the keepalive budget");
-    return { ok: false, status: 503 };
-  };
+  const plan = [
+    () => Promise.reject(new TypeError("Failed to fetch")), // network
+    () => response(503, { error: "spool_full" }, { "retry-after": "30" }),
+    () => response(200, { results: [] }), // an answer that does not match the batch
+    (body) => response(200, { results: body.events.map((e) => (e.name == "bad"
+      ? { id: e.id, status: "rejected", reason: "invalid", detail: "test" }
+      : { id: e.id, status: "accepted" })) }),
+  ];
+  answer = (body) => plan.shift()(body);
+  mock.method(Math, "random", () => 0.99);
   const t = await freshStub(out);
   await t.init({ site: "demo", endpoint: "/custom" });
   t.track("a");
-  t.track("b");
-  await settle();
-  assert.deepEqual(fetches.map(([url, init]) => [url, init.method, init.keepalive]),
-    [["/custom", "POST", true], ["/custom", "POST", false]]);
-  assert.equal(JSON.parse(fetches[0][1].body).events.length, 2);
+  t.track("bad");
+  await turn();
+  assert.equal(requests.length, 1);
+  mock.timers.tick(989); // 0.99 × 1 s
+  await turn();
+  assert.equal(requests.length, 1, "backoff");
+  mock.timers.tick(1);
+  await turn();
+  assert.equal(requests.length, 2);
+  mock.timers.tick(29_999);
+  await turn();
+  assert.equal(requests.length, 2, "Retry-After is honoured");
+  mock.timers.tick(1);
+  await turn();
+  assert.equal(requests.length, 3);
+  listeners.online(); // retries at once
+  await turn();
+  assert.equal(requests.length, 4);
+  const ids = requests.map((r) => r.body.events.map((e) => e.id).join());
+  assert.equal(new Set(ids).size, 1, "the same ids every time");
+  assert.ok(requests.every((r) => r.url == "/custom" && r.init.keepalive));
   const s = await t.stats();
-  assert.deepEqual(s.dropped, { send_failed: 2 });
-  assert.equal(s.enqueued, s.acked + s.pending + 2);
+  assert.deepEqual(s.dropped, { rejected: 1 });
+  assert.equal(s.acked, 1);
+  assert.equal(s.pending, 0);
+  assert.equal(s.sent, 8);
+  assert.equal(s.retried, 6);
+  identity(s);
+
+  // A 4xx drops the batch as rejected; a 413 halves it, then drops a single event as too_large.
+  answer = (body) => (body.events.length > 1 ? response(413, {})
+    : body.events[0].name == "x" ? response(400, {}) : response(413, {}));
+  t.track("x");
+  t.track("y");
+  await turn(10);
+  assert.deepEqual(requests.slice(4).map((r) => names(r.body.events)), [["x", "y"], ["x"], ["y"]]);
+  const s2 = await t.stats();
+  assert.deepEqual(s2.dropped, { rejected: 2, too_large: 1 });
+  identity(s2);
+  assert.equal(s2.pending, 0);
 });
 
-test("leaving the page before the core is ready sends what is buffered", async () => {
+test("offline, the fallback sends nothing and keeps the events in localStorage; online, it sends them", async () => {
+  globalThis.__fakeCore.failInit = "no wasm";
+  online = false;
+  const t = await freshStub(out);
+  await t.init({ site: "demo" });
+  for (let i = 0; i < 5; i++) t.track("e", { i });
+  await settle();
+  await t.flush();
+  listeners.pagehide(); // no beacon into the void either
+  await settle();
+  assert.equal(requests.length, 0);
+  assert.equal(storedQueue().length, 5);
+  let s = await t.stats();
+  assert.equal(s.pending, 5);
+  identity(s);
+  online = true;
+  listeners.online();
+  await settle();
+  assert.deepEqual(events().map((e) => e.props.i), [0, 1, 2, 3, 4]);
+  assert.equal(requests[0].via, "fetch");
+  s = await t.stats();
+  assert.equal(s.acked, 5);
+  assert.equal(s.pending, 0);
+  assert.deepEqual(storedQueue(), []);
+});
+
+test("the fallback's queue is bounded: 1000 events, the overflow counted", async () => {
+  globalThis.__fakeCore.failInit = "no wasm";
+  online = false;
+  const t = await freshStub(out);
+  await t.init({ site: "demo" });
+  for (let i = 0; i < 1010; i++) t.track("e", { i });
+  await settle();
+  const s = await t.stats();
+  assert.deepEqual(s.dropped, { queue_full: 10 });
+  assert.equal(storedQueue().length, 1000);
+  identity(s);
+});
+
+test("the fallback's queue is bounded: 512 KiB, the overflow counted", async () => {
+  globalThis.__fakeCore.failInit = "no wasm";
+  online = false;
+  const t = await freshStub(out);
+  await t.init({ site: "demo" });
+  const pad = "x".repeat(10_000);
+  for (let i = 0; i < 60; i++) t.track("big", { i, pad });
+  await settle();
+  const s = await t.stats();
+  assert.ok(s.dropped.queue_full >= 5, JSON.stringify(s.dropped));
+  assert.equal(storedQueue().length, 60 - s.dropped.queue_full);
+  assert.ok(localStorage.getItem("trueup:nowasm").length < 600_000);
+  identity(s);
+  online = true;
+  listeners.online();
+  await settle();
+  assert.deepEqual(events().map((e) => e.props.i), [...Array(60 - s.dropped.queue_full).keys()]);
+});
+
+test("a page that closes offline leaves its events to the next page, even one running the core", async () => {
+  globalThis.__fakeCore.failInit = "no wasm";
+  online = false;
+  const first = await freshStub(out);
+  await first.init({ site: "demo" });
+  first.track("left_behind");
+  listeners.pagehide();
+  await settle();
+  assert.equal(requests.length, 0);
+  online = true;
+  delete globalThis.__fakeCore.failInit;
+  const next = await freshStub(out);
+  await next.init({ site: "demo" });
+  await settle();
+  assert.ok(globalThis.__fakeCore.agent, "the next page runs the core");
+  assert.deepEqual(names(), ["left_behind"]);
+  assert.deepEqual(storedQueue(), []);
+  const store = JSON.parse(localStorage.getItem("trueup:nowasm"));
+  assert.equal(store.acked, 1);
+});
+
+test("leaving the page before the core is ready beacons what is buffered; it stays queued until answered", async () => {
   const t = await freshStub(out);
   t.page();
   const ready = t.init({ site: "demo" });
   listeners.pagehide();
-  assert.deepEqual(events().map((e) => e.name), ["page_view"], "sent synchronously");
+  assert.deepEqual(requests.map((r) => [r.via, names(r.body.events)]), [["beacon", ["page_view"]]],
+    "sent synchronously");
   await ready;
   t.track("after");
   await settle();
   assert.equal(globalThis.__fakeCore.agent, undefined, "the core is not used once given up");
-  assert.deepEqual(events().map((e) => e.name), ["page_view", "after"]);
+  assert.deepEqual(requests.map((r) => [r.via, names(r.body.events)]),
+    [["beacon", ["page_view"]], ["fetch", ["after"]]], "what was beaconed is not sent twice meanwhile");
+  let s = await t.stats();
+  assert.equal(s.pending, 1, "no answer read for the beacon");
+  // Back from the back/forward cache: the beaconed event is sent again for an answer.
+  document.visibilityState = "visible";
+  listeners.visibilitychange();
+  await settle();
+  assert.deepEqual(names(requests[2].body.events), ["page_view"]);
+  s = await t.stats();
+  assert.equal(s.pending, 0);
+  assert.equal(s.acked, 2);
+  assert.equal(stored.size, 2, "the relay stored each once");
 });
 
 test("no entry point throws, whatever it is given", async () => {

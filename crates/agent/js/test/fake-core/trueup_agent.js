@@ -1,7 +1,10 @@
 // A stand-in for wasm-bindgen's output (trueup_agent.js + trueup_agent_bg.wasm, an empty
 // module) that keeps the Agent contract, for testing the stub without the Rust core.
 // `globalThis.__fakeCore` steers it and records what happened:
-//   failInit: "message"  → init() rejects (as when the wasm cannot load)
+//   failInit: "message"  → init() rejects with an Error (as when the wasm cannot run), or with
+//                          failInit itself when it is not a string (e.g. a WebAssembly.CompileError)
+//   failNext: n          → the next n init() calls reject with TypeError("Failed to fetch"), as
+//                          when the glue or the wasm cannot be fetched (offline)
 //   noWasm: true         → init() does not fetch and instantiate the wasm (Node)
 //   agent                → the constructed Agent: .options, .calls ([method, args, ctx]), .flushes
 // A call whose first argument is "panic!" throws a RuntimeError, as a trapped Rust panic does.
@@ -13,7 +16,11 @@ export default async function init({ module_or_path } = {}) {
   f.initCalls = (f.initCalls || 0) + 1;
   module_or_path ||= new URL('trueup_agent_bg.wasm', import.meta.url);
   f.wasmUrl = String(module_or_path);
-  if (f.failInit) throw new Error(f.failInit);
+  if (f.failNext > 0) {
+    f.failNext--;
+    throw new TypeError("Failed to fetch");
+  }
+  if (f.failInit) throw typeof f.failInit == "string" ? new Error(f.failInit) : f.failInit;
   if (!f.noWasm) {
     const bytes = await (await fetch(module_or_path)).arrayBuffer();
     await WebAssembly.instantiate(bytes); // what a CSP without 'wasm-unsafe-eval' refuses
