@@ -201,7 +201,8 @@ struct State {
     writes: Vec<Entry>,
     write_scheduled: bool,
     /// This page's events not known to be acknowledged, for the `pagehide` beacon.
-    mirror: Vec<(Entry, bool)>,
+    /// (event, beaconed, persisted).
+    mirror: Vec<(Entry, bool, bool)>,
     /// Events held while consent is pending.
     held: Vec<Entry>,
     device: String,
@@ -226,6 +227,10 @@ struct State {
     unstored_drops: u64,
     /// The identity as JS strings.
     ids: Ids,
+    /// Events were written since the sending tab last folded counters and enforced the cap.
+    dirty: bool,
+    /// This tab left a rescue list in localStorage (see `rescue`).
+    rescued: bool,
     /// Known at construction when IndexedDB is missing or not wanted: events are flagged
     /// `degraded: memory_queue` from the first one.
     memory_only: bool,
@@ -419,6 +424,8 @@ impl Agent {
                 stopped: false,
                 unstored_drops: 0,
                 memory_only,
+                dirty: true,
+                rescued: false,
                 ids: Ids {
                     anon: JsValue::UNDEFINED,
                     user: JsValue::UNDEFINED,
@@ -539,7 +546,10 @@ impl Core {
         {
             let mut st = self.st.borrow_mut();
             st.memory_only = degraded;
-            st.queue = Some(queue);
+            st.queue = Some(queue.clone());
+        }
+        if !degraded && self.st.borrow().consent == Consent::Granted {
+            self.adopt_rescued(&queue).await;
         }
         self.persist().await;
         self.request_lock();
@@ -643,7 +653,7 @@ impl Core {
             {
                 let mut st = self.st.borrow_mut();
                 for e in held {
-                    st.mirror.push((e.clone(), false));
+                    st.mirror.push((e.clone(), false, false));
                     st.writes.push(e);
                 }
             }
@@ -775,7 +785,7 @@ impl Core {
         if st.mirror.len() >= 2_000 {
             st.mirror.remove(0);
         }
-        st.mirror.push((entry.clone(), false));
+        st.mirror.push((entry.clone(), false, false));
         st.writes.push(entry);
         if !st.write_scheduled {
             st.write_scheduled = true;
@@ -807,8 +817,22 @@ impl Core {
             let _ = q.drop_uncounted("storage_unavailable", n).await;
             let mut st = self.st.borrow_mut();
             st.mirror
-                .retain(|(m, _)| !writes.iter().any(|w| w.id == m.id));
+                .retain(|(m, _, _)| !writes.iter().any(|w| w.id == m.id));
             return;
+        }
+        {
+            let mut st = self.st.borrow_mut();
+            st.dirty = true;
+            for m in st.mirror.iter_mut() {
+                if !m.2 && writes.iter().any(|w| w.id == m.0.id) {
+                    m.2 = true;
+                }
+            }
+            // Back visible and all committed: the rescue list is no longer needed.
+            if st.rescued && st.mirror.iter().all(|m| m.2) {
+                st.rescued = false;
+                local_remove(&(String::from("rescue.") + &st.stream));
+            }
         }
         self.wake();
         if !self.st.borrow().leader
@@ -837,6 +861,7 @@ impl Core {
                     .and_then(|w| w.document())
                     .is_some_and(|d| d.visibility_state() == web_sys::VisibilityState::Hidden);
             if hidden {
+                me.rescue();
                 me.beacon();
                 if e.type_() == "pagehide" {
                     me.release_lock();
@@ -869,6 +894,28 @@ impl Core {
                 }
             }
         });
+        let me = self.clone();
+        let on_storage = Closure::<dyn FnMut(web_sys::Event)>::new(move |e: web_sys::Event| {
+            // Another tab went away and rescued events it had not committed: adopt them now,
+            // not at the next page load.
+            let key = Reflect::get(&e, &"key".into())
+                .ok()
+                .and_then(|k| k.as_string());
+            if key.is_some_and(|k| k.starts_with("trueup.rescue.")) {
+                let me = me.clone();
+                spawn_local(async move {
+                    let queue = me.st.borrow().queue.clone();
+                    if let Some(q) = queue.filter(|q| q.durable()) {
+                        me.adopt_rescued(&q).await;
+                        me.st.borrow_mut().dirty = true;
+                        me.wake();
+                    }
+                });
+            }
+        });
+        let _ =
+            window.add_event_listener_with_callback("storage", on_storage.as_ref().unchecked_ref());
+        on_storage.forget();
         let _ = window.add_event_listener_with_callback("online", on_show.as_ref().unchecked_ref());
         let _ =
             window.add_event_listener_with_callback("pageshow", on_show.as_ref().unchecked_ref());
@@ -961,6 +1008,18 @@ impl Core {
                 if stop {
                     break;
                 }
+                // Fold the tabs' counter deltas and enforce the byte cap, online or not.
+                // (No borrow of the state is held across an await.)
+                let due_maintenance = {
+                    let mut st = me.st.borrow_mut();
+                    let dirty = std::mem::take(&mut st.dirty);
+                    st.queue.clone().filter(|_| dirty)
+                };
+                if let Some(q) = due_maintenance
+                    && q.maintain(me.opts.max_queue_bytes).await.is_err()
+                {
+                    me.st.borrow_mut().dirty = true;
+                }
                 if go {
                     me.send_round().await;
                 }
@@ -1028,7 +1087,7 @@ impl Core {
             let _ = q.settle(&outcomes, n, retried).await;
             let mut st = self.st.borrow_mut();
             st.mirror
-                .retain(|(m, _)| !outcomes.iter().any(|(id, _)| *id == m.id));
+                .retain(|(m, _, _)| !outcomes.iter().any(|(id, _)| *id == m.id));
             if settled {
                 st.failures = 0;
                 st.split_limit = st.split_limit.saturating_mul(2);
@@ -1050,45 +1109,117 @@ impl Core {
 
     /// On `pagehide`/hidden: hands this page's unacknowledged events to `sendBeacon`, in
     /// bodies under the batch budget, until the browser refuses (the keepalive quota).
+    /// On `pagehide`/hidden: keeps this tab's events that IndexedDB has not committed yet in
+    /// `localStorage` (synchronous, so it survives the tab going away right now). The next
+    /// page of the site adopts them into the queue (`adopt_rescued`); the queue is keyed by
+    /// event id, so an event that was committed after all is not added twice.
+    fn rescue(&self) {
+        let mut st = self.st.borrow_mut();
+        if st.consent != Consent::Granted {
+            return;
+        }
+        let key = String::from("rescue.") + &st.stream;
+        let list = Array::new();
+        for (e, _, persisted) in st.mirror.iter() {
+            if !*persisted {
+                let o = Object::new();
+                set(&o, "i", &e.id);
+                set(&o, "s", &e.json);
+                set(&o, "b", &e.bytes.into());
+                set(&o, "t", &e.ts.into());
+                list.push(&o);
+            }
+        }
+        if list.length() == 0 {
+            if std::mem::take(&mut st.rescued) {
+                local_remove(&key);
+            }
+            return;
+        }
+        if let Some(text) = JSON::stringify(&list)
+            .ok()
+            .and_then(|t| JsValue::from(t).as_string())
+        {
+            local_set(&key, &text);
+            st.rescued = true;
+        }
+    }
+
+    /// Adopts the events other tabs rescued when they went away (see `rescue`).
+    async fn adopt_rescued(&self, q: &Queue) {
+        let Some(storage) = local_storage() else {
+            return;
+        };
+        let n = storage.length().unwrap_or(0);
+        let keys: Vec<String> = (0..n)
+            .filter_map(|i| storage.key(i).ok().flatten())
+            .filter(|k| k.starts_with("trueup.rescue."))
+            .collect();
+        for key in keys {
+            let Some(text) = storage.get_item(&key).ok().flatten() else {
+                continue;
+            };
+            let entries: Vec<Entry> = JSON::parse(&text)
+                .ok()
+                .and_then(|v| v.dyn_into::<Array>().ok())
+                .map(|list| {
+                    list.iter()
+                        .filter_map(|o| {
+                            Some(Entry {
+                                id: Reflect::get(&o, &"i".into()).ok()?.dyn_into().ok()?,
+                                json: Reflect::get(&o, &"s".into()).ok()?.dyn_into().ok()?,
+                                bytes: Reflect::get(&o, &"b".into()).ok()?.as_f64()?,
+                                ts: Reflect::get(&o, &"t".into()).ok()?.as_f64()?,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if q.adopt(&entries).await.is_ok() {
+                let _ = storage.remove_item(&key);
+            }
+        }
+    }
+
     fn beacon(&self) {
         let Some(nav) = web_sys::window().map(|w| w.navigator()) else {
             return;
         };
         let mut st = self.st.borrow_mut();
-        let counters = Counters {
-            device_id: st.device.clone(),
-            ..Counters::default()
-        };
-        let mut i = 0;
-        while i < st.mirror.len() {
-            let mut batch = Vec::new();
-            let mut bytes = 0.0;
-            let start = i;
-            while i < st.mirror.len() {
-                let (e, beaconed) = &st.mirror[i];
-                if !*beaconed {
-                    if !batch.is_empty() && bytes + e.bytes > self.opts.batch_bytes - 1_000.0 {
+        // Events not yet committed to IndexedDB first: nothing else would save them. Then the
+        // persisted ones (the queue keeps them anyway; a beacon only makes them earlier).
+        // No counters: a beacon's answer is never read, so they would be stale.
+        let no_counters = Counters::default();
+        let budget = self.opts.batch_bytes - 1_000.0;
+        for persisted_pass in [false, true] {
+            loop {
+                let mut picked = Vec::new();
+                let mut bytes = 0.0;
+                for (i, (e, beaconed, persisted)) in st.mirror.iter().enumerate() {
+                    if *beaconed || *persisted != persisted_pass {
+                        continue;
+                    }
+                    if !picked.is_empty() && bytes + e.bytes > budget {
                         break;
                     }
                     bytes += e.bytes;
-                    batch.push(e.clone());
+                    picked.push(i);
                 }
-                i += 1;
-            }
-            if batch.is_empty() {
-                continue;
-            }
-            let body = envelope(&self.opts.site, &batch, &counters);
-            // The counters of a beacon are a placeholder (device only): its answer is never
-            // read, so the sender's next batch reports the real ones.
-            if !nav
-                .send_beacon_with_opt_str(&self.opts.endpoint, Some(&String::from(body)))
-                .unwrap_or(false)
-            {
-                break;
-            }
-            for (_, b) in st.mirror[start..i].iter_mut() {
-                *b = true;
+                if picked.is_empty() {
+                    break;
+                }
+                let batch: Vec<Entry> = picked.iter().map(|&i| st.mirror[i].0.clone()).collect();
+                let body = envelope(&self.opts.site, &batch, &no_counters);
+                // The browser refuses beyond its keepalive quota (64 KiB in flight): stop.
+                if !nav
+                    .send_beacon_with_opt_str(&self.opts.endpoint, Some(&String::from(body)))
+                    .unwrap_or(false)
+                {
+                    return;
+                }
+                for i in picked {
+                    st.mirror[i].1 = true;
+                }
             }
         }
     }

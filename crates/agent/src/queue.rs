@@ -8,20 +8,32 @@
 //! tabs of the site share (IndexedDB serialises overlapping read-write transactions, so two
 //! tabs never hand out the same `seq`).
 //!
-//! # Layout (database `trueup`, version 1)
+//! # Layout (database `trueup`, version 2)
 //!
 //! - store `q`: key = the event id (a UUIDv7, so keys sort by capture time across tabs),
 //!   value `{s: the event's JSON text, b: its size, t: its capture time}`. The text is made
 //!   once, at `track()` time, and sent as is.
 //! - store `kv`: `qb` (bytes queued) and `c` (the counters). The agent's identity lives in
 //!   `localStorage` instead (see the crate docs): it must be readable synchronously.
+//! - store `d` (auto-increment keys): counter *deltas* written by `enqueue` and
+//!   `drop_uncounted`, `{n, b, r?}` = `n` events enqueued (and pending, or dropped for reason
+//!   `r`), `b` bytes. The sending tab folds them into `c` and `qb` in its own transactions.
+//!
+//! # Why deltas
+//!
+//! A tab can go away right after `track()`. Chromium aborts a transaction that still waits
+//! for a read when the page is torn down, so the write that persists events must not read:
+//! `enqueue` issues its puts and one delta `add`, then commits in the same task. The
+//! read-modify-write of the counters happens later, in the sending tab (`peek`, `settle`,
+//! `maintain`), where an abort only means the work is done again. Readers add the pending
+//! deltas to what is stored, so the identity holds at every commit.
 //!
 //! Writes issue all their requests before awaiting anything but the counters, and commit
 //! explicitly, so a tab closed right after `track()` has the best chance to keep its events
 //! (the page's `pagehide` beacon covers the rest).
 //!
-//! The queue is bounded by bytes (`max_queue_bytes`; the oldest are evicted, counted as
-//! `queue_full`) and by age (events older than `max_age_ms` are dropped as `expired` when
+//! The queue is bounded by bytes (`max_queue_bytes`; the sending tab evicts the oldest in
+//! `maintain`, counted as `queue_full`, even while offline) and by age (events older than `max_age_ms` are dropped as `expired` when
 //! the sender reads them).
 
 use std::cell::RefCell;
@@ -88,15 +100,22 @@ impl Mem {
     }
 }
 
-/// Awaits an IndexedDB request. The continuation runs in a microtask of the success event,
-/// while the transaction is still active, so more requests can be made in it.
-pub async fn done(req: &IdbRequest) -> Result<JsValue, JsValue> {
+/// Watches an IndexedDB request: the handlers are attached *now* (not when the future is
+/// first polled), so several requests can be issued at once and awaited one after the other
+/// without missing a success event. The continuation runs in a microtask of the success
+/// event, while the transaction is still active, so more requests can be made in it.
+pub fn done(
+    req: &IdbRequest,
+) -> impl std::future::Future<Output = Result<JsValue, JsValue>> + use<> {
     let promise = Promise::new(&mut |resolve, reject| {
         req.set_onsuccess(Some(&resolve));
         req.set_onerror(Some(&reject));
     });
-    JsFuture::from(promise).await?;
-    req.result()
+    let req = req.clone();
+    async move {
+        JsFuture::from(promise).await?;
+        req.result()
+    }
 }
 
 /// Asks the browser to commit now rather than when the renderer is idle, so a tab that goes
@@ -124,7 +143,7 @@ pub async fn open_idb(name: &str) -> Result<IdbDatabase, JsValue> {
         .ok_or(JsValue::NULL)?
         .indexed_db()?
         .ok_or(JsValue::NULL)?;
-    let req = factory.open_with_u32(name, 1)?;
+    let req = factory.open_with_u32(name, 2)?;
     let upgrade = Closure::<dyn FnMut(web_sys::IdbVersionChangeEvent)>::new(
         move |ev: web_sys::IdbVersionChangeEvent| {
             let db: Option<IdbDatabase> = ev
@@ -133,8 +152,12 @@ pub async fn open_idb(name: &str) -> Result<IdbDatabase, JsValue> {
                 .and_then(|r| r.result().ok())
                 .and_then(|r| r.dyn_into().ok());
             if let Some(db) = db {
+                // Creating a store that exists fails harmlessly (an upgrade from version 1).
                 let _ = db.create_object_store("q");
                 let _ = db.create_object_store("kv");
+                let auto = web_sys::IdbObjectStoreParameters::new();
+                auto.set_auto_increment(true);
+                let _ = db.create_object_store_with_optional_parameters("d", &auto);
             }
         },
     );
@@ -278,24 +301,97 @@ struct Rw {
     tx: IdbTransaction,
     q: IdbObjectStore,
     kv: IdbObjectStore,
+    d: IdbObjectStore,
 }
 
 impl Rw {
     fn begin(db: &IdbDatabase) -> Result<Rw, JsValue> {
-        let names = js_sys::Array::of2(&"q".into(), &"kv".into());
+        let names = js_sys::Array::of3(&"q".into(), &"kv".into(), &"d".into());
         let tx =
             db.transaction_with_str_sequence_and_mode(&names, IdbTransactionMode::Readwrite)?;
         Ok(Rw {
             q: tx.object_store("q")?,
             kv: tx.object_store("kv")?,
+            d: tx.object_store("d")?,
             tx,
         })
     }
-    async fn get(&self, key: &str) -> Result<JsValue, JsValue> {
-        done(&self.kv.get(&key.into())?).await
-    }
+
     fn put(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
         self.kv.put_with_key(value, &key.into()).map(|_| ())
+    }
+
+    /// Reads the stored counters and bytes and takes the pending deltas into them (the deltas
+    /// are cleared in this transaction; `store` writes the result back). All reads are issued
+    /// at once.
+    async fn totals(&self) -> Result<(Counters, f64), JsValue> {
+        let (c, qb, d) = (
+            self.kv.get(&"c".into())?,
+            self.kv.get(&"qb".into())?,
+            self.d.get_all()?,
+        );
+        let mut c = counters_from(done(&c).await?);
+        let mut qb = num(&done(&qb).await?);
+        fold(&mut c, &mut qb, &done(&d).await?);
+        self.d.clear()?;
+        Ok((c, qb))
+    }
+
+    fn store(&self, c: &Counters, qb: f64) -> Result<(), JsValue> {
+        self.put("qb", &qb.max(0.0).into())?;
+        self.put("c", &counters_to(c))
+    }
+
+    /// Evicts the oldest events while over `max_bytes`.
+    async fn cap(&self, c: &mut Counters, qb: &mut f64, max_bytes: f64) -> Result<(), JsValue> {
+        if *qb <= max_bytes {
+            return Ok(());
+        }
+        let cursor_req = self.q.open_cursor()?;
+        while *qb > max_bytes {
+            let Ok(cursor) = done(&cursor_req)
+                .await?
+                .dyn_into::<web_sys::IdbCursorWithValue>()
+            else {
+                break;
+            };
+            *qb -= num(&Reflect::get(&cursor.value()?, &"b".into())?);
+            cursor.delete()?;
+            c.pending = c.pending.saturating_sub(1);
+            bump(c, "queue_full", 1);
+            cursor.continue_()?;
+        }
+        Ok(())
+    }
+}
+
+/// A delta record: `n` events enqueued (pending, or dropped for `reason`), `bytes` queued.
+fn delta(n: u64, bytes: f64, reason: Option<&str>) -> JsValue {
+    let o = Object::new();
+    let _ = Reflect::set(&o, &"n".into(), &(n as f64).into());
+    let _ = Reflect::set(&o, &"b".into(), &bytes.into());
+    if let Some(r) = reason {
+        let _ = Reflect::set(&o, &"r".into(), &r.into());
+    }
+    o.into()
+}
+
+/// Adds delta records (an array of `delta`) to counters and bytes.
+fn fold(c: &mut Counters, qb: &mut f64, deltas: &JsValue) {
+    let Some(deltas) = deltas.dyn_ref::<js_sys::Array>() else {
+        return;
+    };
+    for d in deltas.iter() {
+        let n = num(&Reflect::get(&d, &"n".into()).unwrap_or_default()) as u64;
+        c.enqueued += n;
+        match Reflect::get(&d, &"r".into())
+            .ok()
+            .and_then(|r| r.as_string())
+        {
+            Some(reason) => bump(c, &reason, n),
+            None => c.pending += n,
+        }
+        *qb += num(&Reflect::get(&d, &"b".into()).unwrap_or_default());
     }
 }
 
@@ -343,34 +439,20 @@ impl Queue {
         let added: f64 = events.iter().map(|e| e.bytes).sum();
         match self {
             Queue::Idb(db) => {
-                let rw = Rw::begin(db)?;
+                // Writes only, committed in this task (see "Why deltas"); the byte cap is
+                // enforced by the sending tab's `maintain`.
+                let names = js_sys::Array::of2(&"q".into(), &"d".into());
+                let tx = db.transaction_with_str_sequence_and_mode(
+                    &names,
+                    IdbTransactionMode::Readwrite,
+                )?;
+                let q = tx.object_store("q")?;
                 for e in events {
-                    rw.q.put_with_key(&entry_value(e), &e.id)?;
+                    q.put_with_key(&entry_value(e), &e.id)?;
                 }
-                let mut qb = num(&rw.get("qb").await?) + added;
-                let mut c = counters_from(rw.get("c").await?);
-                c.enqueued += n;
-                c.pending += n;
-                if qb > max_bytes {
-                    let cursor_req = rw.q.open_cursor()?;
-                    while qb > max_bytes {
-                        let Ok(cursor) = done(&cursor_req)
-                            .await?
-                            .dyn_into::<web_sys::IdbCursorWithValue>()
-                        else {
-                            break;
-                        };
-                        qb -= num(&Reflect::get(&cursor.value()?, &"b".into())?);
-                        cursor.delete()?;
-                        c.pending = c.pending.saturating_sub(1);
-                        bump(&mut c, "queue_full", 1);
-                        cursor.continue_()?;
-                    }
-                }
-                rw.put("qb", &qb.max(0.0).into())?;
-                rw.put("c", &counters_to(&c))?;
-                commit(&rw.tx);
-                committed(&rw.tx).await
+                tx.object_store("d")?.add(&delta(n, added, None))?;
+                commit(&tx);
+                committed(&tx).await
             }
             Queue::Mem(m) => {
                 let mut m = m.borrow_mut();
@@ -395,11 +477,38 @@ impl Queue {
     /// Counts events that never entered the queue (consent withheld, too large, storage
     /// failed) as enqueued and dropped at once, so the identity keeps holding.
     pub async fn drop_uncounted(&self, reason: &'static str, n: u64) -> Result<(), JsValue> {
-        self.update_counters(|c| {
-            c.enqueued += n;
-            bump(c, reason, n);
-        })
-        .await
+        match self {
+            Queue::Idb(db) => {
+                let tx = db.transaction_with_str_and_mode("d", IdbTransactionMode::Readwrite)?;
+                tx.object_store("d")?.add(&delta(n, 0.0, Some(reason)))?;
+                commit(&tx);
+                committed(&tx).await
+            }
+            Queue::Mem(_) => {
+                self.update_counters(|c| {
+                    c.enqueued += n;
+                    bump(c, reason, n);
+                })
+                .await
+            }
+        }
+    }
+
+    /// Folds the deltas into the counters and evicts the oldest events while the queue is over
+    /// `max_bytes` (the sending tab calls it after writes, online or not).
+    pub async fn maintain(&self, max_bytes: f64) -> Result<(), JsValue> {
+        match self {
+            Queue::Idb(db) => {
+                let rw = Rw::begin(db)?;
+                let (mut c, mut qb) = rw.totals().await?;
+                rw.cap(&mut c, &mut qb, max_bytes).await?;
+                rw.store(&c, qb)?;
+                commit(&rw.tx);
+                committed(&rw.tx).await
+            }
+            // The memory queue is capped as it is written.
+            Queue::Mem(_) => Ok(()),
+        }
     }
 
     /// Applies a change to the counters in its own transaction.
@@ -407,9 +516,10 @@ impl Queue {
         match self {
             Queue::Idb(db) => {
                 let rw = Rw::begin(db)?;
-                let mut c = counters_from(rw.get("c").await?);
+                let (mut c, qb) = rw.totals().await?;
                 f(&mut c);
-                rw.put("c", &counters_to(&c))?;
+                rw.store(&c, qb)?;
+                commit(&rw.tx);
                 committed(&rw.tx).await
             }
             Queue::Mem(m) => {
@@ -449,33 +559,33 @@ impl Queue {
         };
         match self {
             Queue::Idb(db) => {
+                // Two bulk reads (no cursor round trips) keep the sending tab's transaction
+                // short, so the other tabs' writes wait as little as possible.
                 let rw = Rw::begin(db)?;
-                let cursor_req = rw.q.open_cursor()?;
-                loop {
-                    let Ok(cursor) = done(&cursor_req)
-                        .await?
-                        .dyn_into::<web_sys::IdbCursorWithValue>()
-                    else {
-                        break;
-                    };
-                    let e = entry_from(cursor.key()?, &cursor.value()?)?;
+                let limit = max_events.min(u32::MAX as usize) as u32;
+                let keys =
+                    rw.q.get_all_keys_with_key_and_limit(&JsValue::UNDEFINED, limit)?;
+                let values =
+                    rw.q.get_all_with_key_and_limit(&JsValue::UNDEFINED, limit)?;
+                let keys: js_sys::Array = done(&keys).await?.dyn_into()?;
+                let values: js_sys::Array = done(&values).await?.dyn_into()?;
+                for (key, value) in keys.iter().zip(values.iter()) {
+                    let e = entry_from(key.clone(), &value)?;
                     let was_expired = expired(e.ts, now, max_age_ms);
                     if !take(e, &mut out) {
                         break;
                     }
                     if was_expired {
-                        cursor.delete()?;
+                        rw.q.delete(&key)?;
                     }
-                    cursor.continue_()?;
                 }
+                let (mut c, mut qb) = rw.totals().await?;
+                c.pending = c.pending.saturating_sub(n_expired);
                 if n_expired > 0 {
-                    let qb = num(&rw.get("qb").await?);
-                    let mut c = counters_from(rw.get("c").await?);
-                    c.pending = c.pending.saturating_sub(n_expired);
                     bump(&mut c, "expired", n_expired);
-                    rw.put("qb", &(qb - bytes_expired).max(0.0).into())?;
-                    rw.put("c", &counters_to(&c))?;
                 }
+                qb -= bytes_expired;
+                rw.store(&c, qb)?;
                 commit(&rw.tx);
                 committed(&rw.tx).await?;
             }
@@ -526,22 +636,24 @@ impl Queue {
         match self {
             Queue::Idb(db) => {
                 let rw = Rw::begin(db)?;
-                let mut qb = num(&rw.get("qb").await?);
-                let mut c = counters_from(rw.get("c").await?);
+                // Every read issued at once: one round trip, however many events.
+                let gets = outcomes
+                    .iter()
+                    .map(|(id, _)| rw.q.get(id).map(|r| done(&r)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (mut c, mut qb) = rw.totals().await?;
                 c.sent += sent;
                 c.retried += retried;
-                for (id, s) in outcomes {
-                    let key: &JsValue = id;
-                    let value = done(&rw.q.get(key)?).await?;
+                for ((id, s), get) in outcomes.iter().zip(gets) {
+                    let value = get.await?;
                     if value.is_undefined() {
                         continue;
                     }
                     qb -= num(&Reflect::get(&value, &"b".into())?);
-                    rw.q.delete(key)?;
+                    rw.q.delete(id)?;
                     count(&mut c, s);
                 }
-                rw.put("qb", &qb.max(0.0).into())?;
-                rw.put("c", &counters_to(&c))?;
+                rw.store(&c, qb)?;
                 commit(&rw.tx);
                 committed(&rw.tx).await
             }
@@ -566,6 +678,47 @@ impl Queue {
         }
     }
 
+    /// Adds events that may already be queued (rescued from localStorage after their tab went
+    /// away mid-write): only those absent are added and counted. Returns how many were added.
+    pub async fn adopt(&self, events: &[Entry]) -> Result<u64, JsValue> {
+        match self {
+            Queue::Idb(db) => {
+                let rw = Rw::begin(db)?;
+                let gets = events
+                    .iter()
+                    .map(|e| rw.q.get(&e.id).map(|r| done(&r)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (mut c, mut qb) = rw.totals().await?;
+                let mut added = 0;
+                for (e, get) in events.iter().zip(gets) {
+                    if get.await?.is_undefined() {
+                        rw.q.put_with_key(&entry_value(e), &e.id)?;
+                        added += 1;
+                        qb += e.bytes;
+                    }
+                }
+                c.enqueued += added;
+                c.pending += added;
+                rw.store(&c, qb)?;
+                commit(&rw.tx);
+                committed(&rw.tx).await?;
+                Ok(added)
+            }
+            Queue::Mem(m) => {
+                let fresh: Vec<Entry> = {
+                    let m = m.borrow();
+                    events
+                        .iter()
+                        .filter(|e| !m.q.iter().any(|q| q.id == e.id))
+                        .cloned()
+                        .collect()
+                };
+                self.enqueue(&fresh, f64::INFINITY).await?;
+                Ok(fresh.len() as u64)
+            }
+        }
+    }
+
     /// Drops everything queued with `reason` (opt-out).
     pub async fn clear(&self, reason: &'static str) -> Result<(), JsValue> {
         let all = self
@@ -578,9 +731,23 @@ impl Queue {
         self.settle(&outcomes, 0, 0).await
     }
 
-    /// The counters as stored.
+    /// The counters: what is stored plus the deltas not yet folded in.
     pub async fn counters(&self) -> Counters {
-        counters_from(self.get("c").await.unwrap_or(JsValue::UNDEFINED))
+        let read = async {
+            match self {
+                Queue::Idb(db) => {
+                    let names = js_sys::Array::of2(&"kv".into(), &"d".into());
+                    let tx = db.transaction_with_str_sequence(&names)?;
+                    let c = done(&tx.object_store("kv")?.get(&"c".into())?);
+                    let d = done(&tx.object_store("d")?.get_all()?);
+                    let mut counters = counters_from(c.await?);
+                    fold(&mut counters, &mut 0.0, &d.await?);
+                    Ok::<_, JsValue>(counters)
+                }
+                Queue::Mem(m) => Ok(counters_from(m.borrow().get("c"))),
+            }
+        };
+        read.await.unwrap_or_default()
     }
 }
 

@@ -51,6 +51,8 @@ async fn byte_cap_evicts_the_oldest_and_counts_it() {
             .collect();
         q.enqueue(&batch[..6], 550.0).await.unwrap();
         q.enqueue(&batch[6..], 550.0).await.unwrap();
+        // IndexedDB: the writes only write; the sending tab's maintenance enforces the cap.
+        q.maintain(550.0).await.unwrap();
         let c = q.counters().await;
         assert_eq!((c.enqueued, c.pending), (10, 5));
         assert_eq!(c.dropped("queue_full"), Some(5));
@@ -119,6 +121,26 @@ async fn settling_counts_once_and_keeps_the_identity() {
         q.drop_uncounted("too_large", 3).await.unwrap();
         identity(&q).await;
     }
+}
+
+#[wasm_bindgen_test]
+async fn counters_include_deltas_not_yet_folded() {
+    let q = Queue::Idb(open_idb("t-deltas").await.unwrap());
+    q.enqueue(&[entry(1, 1000.0, 10.0), entry(2, 1000.0, 10.0)], 1e9)
+        .await
+        .unwrap();
+    q.drop_uncounted("too_large", 1).await.unwrap();
+    // Nothing folded yet: the reader adds the deltas.
+    let c = q.counters().await;
+    assert_eq!(
+        (c.enqueued, c.pending, c.dropped("too_large")),
+        (3, 2, Some(1))
+    );
+    identity(&q).await;
+    // Folding changes nothing visible, and is idempotent.
+    q.maintain(1e9).await.unwrap();
+    q.maintain(1e9).await.unwrap();
+    assert_eq!(q.counters().await, c);
 }
 
 #[wasm_bindgen_test]
