@@ -6,7 +6,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Relay, launch, delivery, runId, until, sleep, ROOT } from "./harness.mjs";
+import { Relay, launch, delivery, runId, until, sleep, ROOT, ready, stats, droppedSum, trackN } from "./harness.mjs";
 
 let relay;
 let browser;
@@ -21,17 +21,6 @@ after(async () => {
   await relay?.dispose();
 });
 
-// The loader has run and the core is constructed (flush() waits for it) — not the no-wasm
-// fallback, unless the test wants it.
-async function ready(page) {
-  await page.waitForFunction(() => typeof window.trueup?.stats === "function");
-  await page.evaluate(() => window.trueup.flush());
-}
-const trackN = (page, run, n, from = 0) =>
-  page.evaluate(([run, n, from]) => {
-    for (let i = from; i < from + n; i++) window.trueup.track("fault_test", { run, i });
-  }, [run, n, from]);
-
 async function allArrive(run, n, what) {
   await until(`${what}: all ${n} events`, async () => {
     await relay.drained();
@@ -44,9 +33,8 @@ async function allArrive(run, n, what) {
 }
 
 async function identity(page) {
-  const s = await page.evaluate(() => window.trueup.stats());
-  const dropped = Object.values(s.dropped || {}).reduce((a, b) => a + b, 0);
-  assert.equal(s.enqueued, s.acked + dropped + s.pending, JSON.stringify(s));
+  const s = await stats(page);
+  assert.equal(s.enqueued, s.acked + droppedSum(s) + s.pending, JSON.stringify(s));
   return s;
 }
 
@@ -65,7 +53,7 @@ test("offline: events wait while offline and go when back online", async () => {
   try {
     await allArrive(run, 30, "offline");
   } catch (e) {
-    const s = await page.evaluate(() => window.trueup.stats());
+    const s = await stats(page);
     console.log("offline diagnostics", JSON.stringify(s), "delivered", delivery(relay, run, 30).delivered, "ms since online", Date.now() - online);
     throw e;
   }

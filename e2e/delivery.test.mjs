@@ -22,7 +22,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Relay, launch, runId, until, sleep, ROOT } from "./harness.mjs";
+import { Relay, launch, runId, until, sleep, ROOT, ready, stats, droppedSum, trackN } from "./harness.mjs";
 
 const SITES = join(ROOT, "e2e/sites");
 let browser;
@@ -50,13 +50,6 @@ async function withRelay(fn) {
   }
 }
 
-// The loader has run and the core is constructed (flush() waits for it), as in
-// agent-faults.test.mjs.
-async function ready(page) {
-  await page.waitForFunction(() => typeof window.trueup?.stats === "function", null, { timeout: 15000 });
-  await page.evaluate(() => window.trueup.flush());
-}
-
 async function openSite(context, relay, path = "/plain/") {
   const page = await context.newPage();
   await page.goto(`${relay.origin}${path}`);
@@ -64,13 +57,7 @@ async function openSite(context, relay, path = "/plain/") {
   return page;
 }
 
-/** Tracks `n` events `{run, i: from + k}` in one task; returns how many track() calls returned. */
-const trackBurst = (page, run, n, from = 0, name = "delivery") =>
-  page.evaluate(([run, n, from, name]) => {
-    let c = 0;
-    for (let i = from; i < from + n; i++, c++) window.trueup.track(name, { run, i });
-    return c;
-  }, [run, n, from, name]);
+const trackBurst = (page, run, n, from = 0, name = "delivery") => trackN(page, run, n, from, name);
 
 const isCollect = (r) => r.method() === "POST" && new URL(r.url()).pathname === "/_r/q";
 
@@ -124,8 +111,6 @@ async function arrive(relay, run, expected, ms = 20000, stallMs = 10000) {
   return countOf(relay, run, expected);
 }
 
-const stats = (page) => page.evaluate(() => window.trueup.stats());
-const droppedSum = (s) => Object.values(s?.dropped || {}).reduce((a, b) => a + b, 0);
 const statsText = (s) =>
   s ? `enqueued ${s.enqueued} acked ${s.acked} dropped ${droppedSum(s)} pending ${s.pending} sent ${s.sent} retried ${s.retried}` : "no stats";
 

@@ -8,7 +8,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Relay, launch, delivery, runId, until, sleep, ROOT } from "./harness.mjs";
+import { Relay, launch, delivery, runId, until, sleep, ROOT, stats, trackN as trackAs } from "./harness.mjs";
 
 let relay;
 let browser;
@@ -24,11 +24,7 @@ after(async () => {
 });
 
 const stub = (page) => page.waitForFunction(() => typeof window.trueup?.stats === "function");
-const stats = (page) => page.evaluate(() => window.trueup.stats());
-const trackN = (page, run, n, from = 0) =>
-  page.evaluate(([run, n, from]) => {
-    for (let i = from; i < from + n; i++) window.trueup.track("fallback_test", { run, i });
-  }, [run, n, from]);
+const trackN = (page, run, n, from = 0) => trackAs(page, run, n, from, "fallback_test");
 const isCore = (url) => new URL(url).pathname.startsWith("/_r/a/trueup_agent");
 
 async function allArrive(run, n, what, page) {

@@ -15,7 +15,7 @@ const RELAY = process.env.TRUEUP_RELAY_BIN || join(ROOT, "target/debug/trueup-re
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-function freePort() {
+export function freePort() {
   return new Promise((res, rej) => {
     const s = createServer();
     s.listen(0, "127.0.0.1", () => {
@@ -146,3 +146,25 @@ export function delivery(relay, run, expected) {
 export function runId() {
   return Math.random().toString(36).slice(2, 10);
 }
+
+// Page helpers shared by the scenario files.
+
+/** The loader has run and the core is constructed (flush() waits for it). */
+export async function ready(page) {
+  await page.waitForFunction(() => typeof window.trueup?.stats === "function", null, { timeout: 15000 });
+  await page.evaluate(() => window.trueup.flush());
+}
+
+/** The agent's counters. */
+export const stats = (page) => page.evaluate(() => window.trueup.stats());
+
+/** Sum of the counters' drops. */
+export const droppedSum = (s) => Object.values(s?.dropped || {}).reduce((a, b) => a + b, 0);
+
+/** Tracks `n` events `{run, i: from + k}` named `name` in one task; returns how many calls returned. */
+export const trackN = (page, run, n, from = 0, name = "e2e") =>
+  page.evaluate(([run, n, from, name]) => {
+    let c = 0;
+    for (let i = from; i < from + n; i++, c++) window.trueup.track(name, { run, i });
+    return c;
+  }, [run, n, from, name]);

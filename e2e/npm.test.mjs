@@ -10,11 +10,10 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
-import { createServer as netServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
-import { Relay, ROOT, launch, delivery, runId, until } from "./harness.mjs";
+import { Relay, ROOT, launch, delivery, runId, until, freePort, droppedSum } from "./harness.mjs";
 
 const APP = join(ROOT, "e2e/npm-app");
 const VITE = join(ROOT, "node_modules/vite/bin/vite.js");
@@ -31,18 +30,7 @@ function cleanups(t) {
   return stack;
 }
 
-function freePort() {
-  return new Promise((res, rej) => {
-    const s = netServer();
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => res(port));
-    });
-    s.on("error", rej);
-  });
-}
-
-const dropped = (s) => Object.values(s.dropped || {}).reduce((a, b) => a + b, 0);
+const dropped = droppedSum;
 
 /** Every response the context gets: {path, status, type}. */
 function recordResponses(context) {
