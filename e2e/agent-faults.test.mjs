@@ -216,3 +216,38 @@ test("ack lost and flaky relay: stored batches whose answer is lost are retried 
     await flaky.dispose();
   }
 });
+
+test("413 splits the batch until it fits; another 4xx drops the events with a counted reason", async () => {
+  const context = await browser.newContext();
+  let refusedTooLarge = 0;
+  let badRequest = false;
+  await context.route("**/_r/q", async (route) => {
+    const events = JSON.parse(route.request().postData() || "{}").events || [];
+    if (badRequest) {
+      await route.fulfill({ status: 400, body: '{"error":"malformed_batch","message":"test"}' });
+    } else if (events.length > 5) {
+      refusedTooLarge++;
+      await route.fulfill({ status: 413, body: '{"error":"too_many_events","message":"test"}' });
+    } else {
+      await route.continue();
+    }
+  });
+  const page = await context.newPage();
+  await page.goto(`${relay.origin}/plain/`);
+  await ready(page);
+  const run = runId();
+  await trackN(page, run, 30);
+  await allArrive(run, 30, "413-split");
+  assert.ok(refusedTooLarge > 0, "the relay refused batches as too large");
+  await until("the counters to settle", async () => (await identity(page)).pending === 0);
+  badRequest = true;
+  const lost = runId();
+  await trackN(page, lost, 3);
+  const s = await until("the 400 to be counted", async () => {
+    const s = await identity(page);
+    return s.dropped.rejected >= 3 && s;
+  });
+  assert.equal(s.pending, 0);
+  assert.equal(delivery(relay, lost, 3).delivered, 0);
+  await context.close();
+});

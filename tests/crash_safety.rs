@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
@@ -21,18 +19,7 @@ async fn kill_9_under_load_loses_nothing_and_doubles_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(tmp.path(), "");
     let url = relay.collect_url();
-    let stop = Arc::new(AtomicBool::new(false));
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|i| {
-            tokio::spawn(agent_loop(
-                url.clone(),
-                format!("dev-{i}"),
-                20,
-                stop.clone(),
-                Duration::from_secs(60),
-            ))
-        })
-        .collect();
+    let agents = Agents::spawn(&url, SENDERS);
 
     let relay = tokio::task::spawn_blocking(move || {
         let mut relay = relay;
@@ -48,16 +35,7 @@ async fn kill_9_under_load_loses_nothing_and_doubles_nothing() {
     })
     .await
     .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let mut logs = Vec::new();
-    for s in senders {
-        logs.push(
-            tokio::time::timeout(Duration::from_secs(90), s)
-                .await
-                .expect("senders finish")
-                .unwrap(),
-        );
-    }
+    let logs = agents.finish().await;
     relay.wait_drained();
     let (events, duplicates) = check_exactly_once(&relay, &logs);
     let unanswered: u64 = logs.iter().map(|l| l.attempts_unanswered).sum();

@@ -10,14 +10,21 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::*;
 
+/// POSTs `body` with `headers`; the response.
+async fn send(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    let mut req = client().post(url).body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
 async fn post(url: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
-    let resp = client()
-        .post(url)
-        .header("content-type", "text/plain;charset=UTF-8")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = send(url, &[("content-type", "text/plain;charset=UTF-8")], body).await;
     let status = resp.status();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
@@ -281,44 +288,44 @@ async fn bad_input_gets_its_exact_status_and_changes_nothing() {
     );
 
     // Wrong content type, wrong Origin.
-    let resp = client()
-        .post(&url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(batch(&[event("d", 1)]))
-        .send()
-        .await
-        .unwrap();
+    let resp = send(
+        &url,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        batch(&[event("d", 1)]),
+    )
+    .await;
     assert_eq!(resp.status(), 415);
-    let resp = client()
-        .post(&url)
-        .header("content-type", "text/plain")
-        .header("origin", "https://evil.example")
-        .body(batch(&[event("d", 1)]))
-        .send()
-        .await
-        .unwrap();
+    let resp = send(
+        &url,
+        &[
+            ("content-type", "text/plain"),
+            ("origin", "https://evil.example"),
+        ],
+        batch(&[event("d", 1)]),
+    )
+    .await;
     assert_eq!(resp.status(), 403);
     assert_eq!(code(&resp.json().await.unwrap()), "origin_not_allowed");
 
     // Server path: no secret, a wrong secret, a client event with the right secret.
     let server_url = relay.url("/_r/s");
     let body = json!({"v": 1, "events": [server_event("order_paid")]}).to_string();
-    let resp = client()
-        .post(&server_url)
-        .header("content-type", "application/json")
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = send(
+        &server_url,
+        &[("content-type", "application/json")],
+        body.clone(),
+    )
+    .await;
     assert_eq!(resp.status(), 401);
-    let resp = client()
-        .post(&server_url)
-        .header("content-type", "application/json")
-        .header("authorization", "Bearer not-the-secret-at-all-000")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = send(
+        &server_url,
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer not-the-secret-at-all-000"),
+        ],
+        body,
+    )
+    .await;
     assert_eq!(resp.status(), 401);
 
     // Per-event defects inside a well-formed batch: 200 with a reason each.
@@ -423,28 +430,30 @@ async fn allowed_origins_get_cors_and_same_origin_is_accepted() {
         resp.headers()["access-control-allow-origin"],
         "https://shop.example"
     );
-    let resp = client()
-        .post(&url)
-        .header("content-type", "text/plain")
-        .header("origin", "https://shop.example")
-        .body(batch(&[event("d", 1)]))
-        .send()
-        .await
-        .unwrap();
+    let resp = send(
+        &url,
+        &[
+            ("content-type", "text/plain"),
+            ("origin", "https://shop.example"),
+        ],
+        batch(&[event("d", 1)]),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers()["access-control-allow-origin"],
         "https://shop.example"
     );
     // Same origin as the relay's own host: allowed (the relay behind the app's domain).
-    let resp = client()
-        .post(&url)
-        .header("content-type", "text/plain")
-        .header("origin", format!("http://{}", relay.public))
-        .body(batch(&[event("d", 2)]))
-        .send()
-        .await
-        .unwrap();
+    let resp = send(
+        &url,
+        &[
+            ("content-type", "text/plain"),
+            ("origin", &format!("http://{}", relay.public)),
+        ],
+        batch(&[event("d", 2)]),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     // Another origin: no CORS grant.
     let resp = client()
@@ -513,13 +522,12 @@ async fn a_full_spool_answers_503_fast_and_loses_nothing() {
     for seq in 0..50 {
         let events: Vec<Value> = (0..5).map(|i| event("d", seq * 5 + i)).collect();
         let started = std::time::Instant::now();
-        let resp = client()
-            .post(relay.collect_url())
-            .header("content-type", "text/plain")
-            .body(batch(&events))
-            .send()
-            .await
-            .unwrap();
+        let resp = send(
+            &relay.collect_url(),
+            &[("content-type", "text/plain")],
+            batch(&events),
+        )
+        .await;
         if resp.status() == 503 {
             assert!(
                 started.elapsed() < std::time::Duration::from_millis(500),
@@ -563,13 +571,12 @@ async fn a_full_spool_answers_503_fast_and_loses_nothing() {
         assert_eq!(c, 1, "{id}");
     }
     // And new batches are taken again.
-    let resp = client()
-        .post(relay.collect_url())
-        .header("content-type", "text/plain")
-        .body(batch(&[event("d", 999)]))
-        .send()
-        .await
-        .unwrap();
+    let resp = send(
+        &relay.collect_url(),
+        &[("content-type", "text/plain")],
+        batch(&[event("d", 999)]),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
 }
 

@@ -5,8 +5,6 @@
 mod support;
 
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::*;
@@ -16,18 +14,7 @@ async fn sigterm_finishes_requests_in_flight_and_flushes_the_spool() {
     let tmp = tempfile::tempdir().unwrap();
     let mut relay = RelayProc::start(tmp.path(), "");
     let url = relay.collect_url();
-    let stop = Arc::new(AtomicBool::new(false));
-    let senders: Vec<_> = (0..4)
-        .map(|i| {
-            tokio::spawn(agent_loop(
-                url.clone(),
-                format!("dev-{i}"),
-                20,
-                stop.clone(),
-                Duration::from_secs(60),
-            ))
-        })
-        .collect();
+    let agents = Agents::spawn(&url, 4);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let status = tokio::task::spawn_blocking(move || {
         let status = relay.terminate();
@@ -51,16 +38,7 @@ async fn sigterm_finishes_requests_in_flight_and_flushes_the_spool() {
     drop(spool);
     // Senders with a batch in flight retry it once the relay is back.
     relay.restart();
-    stop.store(true, Ordering::Relaxed);
-    let mut logs = Vec::new();
-    for s in senders {
-        logs.push(
-            tokio::time::timeout(Duration::from_secs(60), s)
-                .await
-                .unwrap()
-                .unwrap(),
-        );
-    }
+    let logs = agents.finish().await;
     relay.wait_drained();
     let (events, _) = check_exactly_once(&relay, &logs);
     assert!(events > 0);

@@ -415,3 +415,42 @@ pub fn check_exactly_once(relay: &RelayProc, logs: &[SenderLog]) -> (usize, usiz
     assert_eq!(gaps, 0, "seq gaps: events lost");
     (stored.len(), duplicates)
 }
+
+/// `n` simulated agents (devices `dev-0`…) sending batches of 20 to `url` (see `agent_loop`).
+pub struct Agents {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<SenderLog>>,
+}
+
+impl Agents {
+    pub fn spawn(url: &str, n: usize) -> Agents {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles = (0..n)
+            .map(|i| {
+                tokio::spawn(agent_loop(
+                    url.to_string(),
+                    format!("dev-{i}"),
+                    20,
+                    stop.clone(),
+                    Duration::from_secs(60),
+                ))
+            })
+            .collect();
+        Agents { stop, handles }
+    }
+
+    /// Stops them after their batch in flight is acknowledged; waits at most 90 s.
+    pub async fn finish(self) -> Vec<SenderLog> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut logs = Vec::new();
+        for h in self.handles {
+            logs.push(
+                tokio::time::timeout(Duration::from_secs(90), h)
+                    .await
+                    .expect("agents finish")
+                    .unwrap(),
+            );
+        }
+        logs
+    }
+}

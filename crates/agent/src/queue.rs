@@ -401,38 +401,6 @@ impl Queue {
         matches!(self, Queue::Idb(_))
     }
 
-    /// Reads one small state value.
-    pub async fn get(&self, key: &'static str) -> Result<JsValue, JsValue> {
-        match self {
-            Queue::Idb(db) => {
-                let tx = db.transaction_with_str("kv")?;
-                done(&tx.object_store("kv")?.get(&key.into())?).await
-            }
-            Queue::Mem(m) => Ok(m.borrow().get(key)),
-        }
-    }
-
-    /// Writes small state values in one transaction.
-    pub async fn set(&self, pairs: &[(&'static str, JsValue)]) -> Result<(), JsValue> {
-        match self {
-            Queue::Idb(db) => {
-                let tx = db.transaction_with_str_and_mode("kv", IdbTransactionMode::Readwrite)?;
-                let kv = tx.object_store("kv")?;
-                for (k, v) in pairs {
-                    kv.put_with_key(v, &(*k).into())?;
-                }
-                committed(&tx).await
-            }
-            Queue::Mem(m) => {
-                let mut m = m.borrow_mut();
-                for (k, v) in pairs {
-                    m.set(k, v.clone());
-                }
-                Ok(())
-            }
-        }
-    }
-
     /// Appends events and evicts the oldest while over `max_bytes`.
     pub async fn enqueue(&self, events: &[Entry], max_bytes: f64) -> Result<(), JsValue> {
         let n = events.len() as u64;
