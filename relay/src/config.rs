@@ -58,6 +58,9 @@ pub struct Config {
     pub request_timeout_secs: u64,
     /// Log format: `text` or `json`.
     pub log_format: String,
+    /// Reconciliation of client analytics against the system of record: the truth database,
+    /// the metrics, and the schedule on which the relay publishes the gaps as gauges.
+    pub reconcile: trueup_reconcile::ReconcileConfig,
 }
 
 /// Request and event bounds, all checked before the data they bound is allocated.
@@ -203,6 +206,7 @@ impl Default for Config {
             faults: FaultsConfig::default(),
             request_timeout_secs: 30,
             log_format: "text".into(),
+            reconcile: trueup_reconcile::ReconcileConfig::default(),
         }
     }
 }
@@ -375,6 +379,9 @@ impl Config {
         if !(0.0..=1.0).contains(&f.fail_ratio) || !(0.0..=1.0).contains(&f.ack_lost_ratio) {
             return bad("faults.fail_ratio and faults.ack_lost_ratio must be within 0..=1".into());
         }
+        self.reconcile
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format must be \"text\" or \"json\"".into());
         }

@@ -245,6 +245,7 @@ async fn ingest(
                 fresh.push(NewEvent {
                     id: event.id,
                     site: site.clone(),
+                    source: label,
                     body: raw.get().to_string(),
                 });
                 fresh_index.push(i);

@@ -13,7 +13,7 @@ use trueup_relay::{Config, Relay};
 #[command(version, about)]
 struct Args {
     /// TOML configuration file (every field optional; see relay/trueup.example.toml).
-    #[arg(long, env = "TRUEUP_CONFIG")]
+    #[arg(long, env = "TRUEUP_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Public address (collection endpoint, agent files, demo site).
     #[arg(long, env = "TRUEUP_LISTEN")]
@@ -42,6 +42,54 @@ struct Args {
     /// Print the effective configuration and public URL paths, then exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Compare client analytics with the system of record (the `[reconcile]` section of the
+    /// configuration) per day and metric, print the table and loss by stage, and exit.
+    /// Reads the data directory and the truth database; writes nothing.
+    Reconcile {
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Days to report, ending today (UTC); overrides reconcile.days.
+        #[arg(long)]
+        days: Option<u32>,
+        /// The truth database (sqlite:<path> or postgres://...); overrides reconcile.truth.
+        #[arg(long, env = "TRUEUP_RECONCILE_TRUTH", hide_env_values = true)]
+        truth: Option<String>,
+    },
+}
+
+fn run_reconcile(
+    mut cfg: Config,
+    json: bool,
+    days: Option<u32>,
+    truth: Option<String>,
+) -> anyhow::Result<()> {
+    if let Some(d) = days {
+        cfg.reconcile.days = d;
+    }
+    if truth.is_some() {
+        cfg.reconcile.truth = truth;
+    }
+    if cfg.reconcile.metrics.is_empty() {
+        eprintln!(
+            "trueup-relay: no [[reconcile.metrics]] in the configuration; reporting loss by stage only"
+        );
+    }
+    let stores = trueup_reconcile::Stores::in_data_dir(&cfg.data_dir);
+    let report =
+        trueup_reconcile::reconcile(&cfg.reconcile, &stores, trueup_relay::time::now_ms())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
 }
 
 fn effective_config(args: &Args) -> anyhow::Result<Config> {
@@ -86,6 +134,9 @@ fn print_config(cfg: &Config) -> anyhow::Result<()> {
             *s = "<redacted>".into();
         }
     }
+    if let Some(truth) = &mut shown.reconcile.truth {
+        *truth = trueup_reconcile::truth::redact(truth);
+    }
     println!("# Effective trueup-relay configuration");
     println!("{}", toml::to_string_pretty(&shown)?);
     println!("[public_paths]  # derived; not settable");
@@ -109,6 +160,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if let Some(Command::Reconcile { json, days, truth }) = args.command {
+        return match run_reconcile(cfg, json, days, truth) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trueup-relay reconcile: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if args.print_config {
         return match print_config(&cfg) {
             Ok(()) => std::process::ExitCode::SUCCESS,

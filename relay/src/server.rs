@@ -103,6 +103,50 @@ fn describe_metrics() {
         "trueup_forward_lag_seconds",
         "Age of the oldest record not yet forwarded."
     );
+    describe_gauge!(
+        "trueup_reconcile_gap_percent",
+        "Today's measurement gap, (actual - tracked) / actual x 100, by metric."
+    );
+    describe_gauge!(
+        "trueup_reconcile_actual",
+        "Today's conversions in the system of record, by metric."
+    );
+    describe_gauge!(
+        "trueup_reconcile_tracked",
+        "Today's conversions counted by client analytics, by metric."
+    );
+    describe_gauge!(
+        "trueup_reconcile_server",
+        "Today's conversions emitted as server events, by metric."
+    );
+    describe_gauge!(
+        "trueup_reconcile_unknown_attribution_percent",
+        "Share of today's conversions with unknown attribution, by metric."
+    );
+    describe_gauge!(
+        "trueup_reconcile_gap_moved",
+        "1 when today's gap moved beyond its trailing average by more than alert_points."
+    );
+    describe_gauge!(
+        "trueup_loss_stage_events",
+        "Client events reaching each stage: created, stored, sent, accepted_by_relay, in_warehouse."
+    );
+    describe_gauge!(
+        "trueup_loss_duplicates_removed",
+        "Client retries the relay answered duplicate and did not store again."
+    );
+    describe_gauge!(
+        "trueup_loss_seq_gaps",
+        "Sequence numbers missing below each tab stream's highest seq in the warehouse."
+    );
+    describe_gauge!(
+        "trueup_reconcile_last_success_timestamp_seconds",
+        "When the published reconciliation figures were computed."
+    );
+    describe_counter!(
+        "trueup_reconcile_errors_total",
+        "Scheduled reconciliations that failed (figures stale)."
+    );
     describe_histogram!(
         "trueup_request_duration_seconds",
         "Request latency on the public listener."
@@ -223,6 +267,14 @@ impl Relay {
             housekeeping_stop.clone(),
         ));
 
+        let reconcile_stop = CancellationToken::new();
+        let reconcile = (cfg.reconcile.interval_secs > 0).then(|| {
+            tokio::spawn(crate::reconcile::run_schedule(
+                cfg.clone(),
+                reconcile_stop.clone(),
+            ))
+        });
+
         let public_addr = self.public.local_addr()?;
         let admin_addr = self.admin.local_addr()?;
         tracing::info!(
@@ -259,6 +311,10 @@ impl Relay {
         let _ = forwarder.await;
         housekeeping_stop.cancel();
         let _ = housekeeping.await;
+        reconcile_stop.cancel();
+        if let Some(task) = reconcile {
+            let _ = task.await;
+        }
         spool.close().await;
         admin_stop.cancel();
         let _ = admin.await;

@@ -19,6 +19,10 @@
 //! - `seen(id BLOB PRIMARY KEY)`: the 16 bytes of every event id stored, for dedupe.
 //! - `dead_letter(...)`: events rejected at ingest (invalid) or by the sink (permanently),
 //!   with the reason and the raw event. Never deleted by the relay.
+//! - `tally(day, site, source, accepted, duplicates)`: per UTC day of receipt, the events
+//!   stored and the retries answered `duplicate`, updated in the same transaction as the
+//!   writes, so reconciliation can report what the relay accepted and what dedupe removed.
+//!   Never deleted by the relay.
 //!
 //! # Group commit
 //!
@@ -65,6 +69,8 @@ pub struct NewEvent {
     pub id: Uuid,
     /// The site it was sent for.
     pub site: String,
+    /// Who emitted it: `client` or `server`.
+    pub source: &'static str,
     /// Its JSON, as received and validated.
     pub body: String,
 }
@@ -201,6 +207,14 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     event_id TEXT,
     raw TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tally (
+    day TEXT NOT NULL,
+    site TEXT NOT NULL,
+    source TEXT NOT NULL,
+    accepted INTEGER NOT NULL,
+    duplicates INTEGER NOT NULL,
+    PRIMARY KEY (day, site, source)
+) WITHOUT ROWID;
 ";
 
 const MAX_DEAD_RAW: usize = 64 * 1024;
@@ -511,16 +525,33 @@ impl Writer {
                     tracing::info!(forgotten = n, "pruned dedupe ids past retention");
                 }
             }
+            // (site, source) -> (accepted, duplicates) of this transaction.
+            let mut tally: Vec<((&str, &str), (i64, i64))> = Vec::new();
             for w in writes {
                 let mut adm = Vec::with_capacity(w.events.len());
                 for e in &w.events {
-                    if seen.execute(params![e.id.as_bytes().as_slice()])? == 1 {
+                    let new = seen.execute(params![e.id.as_bytes().as_slice()])? == 1;
+                    if new {
                         spool.execute(params![0, e.site, now, e.body])?;
                         rows += 1;
                         bytes += e.body.len() as u64;
                         adm.push(Admission::New);
                     } else {
                         adm.push(Admission::Duplicate);
+                    }
+                    let key = (e.site.as_str(), e.source);
+                    let at = match tally.iter().position(|(k, _)| *k == key) {
+                        Some(at) => at,
+                        None => {
+                            tally.push((key, (0, 0)));
+                            tally.len() - 1
+                        }
+                    };
+                    let counts = &mut tally[at].1;
+                    if new {
+                        counts.0 += 1;
+                    } else {
+                        counts.1 += 1;
                     }
                 }
                 if let Some((site, body)) = &w.counters {
@@ -532,6 +563,16 @@ impl Writer {
                     insert_dead(d)?;
                 }
                 all.push(adm);
+            }
+            let mut add = tx.prepare_cached(
+                "INSERT INTO tally (day, site, source, accepted, duplicates)
+                 VALUES (strftime('%Y-%m-%d', ?1 / 1000, 'unixepoch'), ?2, ?3, ?4, ?5)
+                 ON CONFLICT (day, site, source) DO UPDATE SET
+                   accepted = accepted + excluded.accepted,
+                   duplicates = duplicates + excluded.duplicates",
+            )?;
+            for ((site, source), (accepted, duplicates)) in tally {
+                add.execute(params![now, site, source, accepted, duplicates])?;
             }
             let mut delete = tx.prepare_cached("DELETE FROM spool WHERE pos <= ?1")?;
             for a in acks {
@@ -599,12 +640,13 @@ mod tests {
                 let mut spool = Spool::open(&path, 8).unwrap();
                 let mut seen: HashSet<Uuid> = HashSet::new();
                 let mut pending: Vec<(Uuid, String)> = Vec::new();
+                let (mut accepted, mut duplicates) = (0i64, 0i64);
                 for op in ops {
                     match op {
                         Op::Write(picks) => {
                             let events: Vec<NewEvent> = picks
                                 .iter()
-                                .map(|&i| NewEvent { id: pool[i], site: "s".into(), body: format!("{{\"i\":{i}}}") })
+                                .map(|&i| NewEvent { id: pool[i], site: "s".into(), source: "client", body: format!("{{\"i\":{i}}}") })
                                 .collect();
                             let got = spool.write(events.clone(), None, vec![]).await.unwrap();
                             let want: Vec<Admission> = events
@@ -612,8 +654,10 @@ mod tests {
                                 .map(|e| {
                                     if seen.insert(e.id) {
                                         pending.push((e.id, e.body.clone()));
+                                        accepted += 1;
                                         Admission::New
                                     } else {
+                                        duplicates += 1;
                                         Admission::Duplicate
                                     }
                                 })
@@ -641,6 +685,15 @@ mod tests {
                     assert_eq!(spool.stats().rows.load(Ordering::Relaxed), pending.len() as u64);
                     let bytes: u64 = pending.iter().map(|(_, b)| b.len() as u64).sum();
                     assert_eq!(spool.stats().bytes.load(Ordering::Relaxed), bytes);
+                    let tally: (i64, i64) = Connection::open(&path)
+                        .unwrap()
+                        .query_row(
+                            "SELECT coalesce(sum(accepted), 0), coalesce(sum(duplicates), 0) FROM tally",
+                            [],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .unwrap();
+                    assert_eq!(tally, (accepted, duplicates), "tally of accepted and duplicates");
                 }
                 spool.close().await;
             });
@@ -656,6 +709,7 @@ mod tests {
         let ev = |id| NewEvent {
             id,
             site: "s".into(),
+            source: "client",
             body: "{}".into(),
         };
         spool

@@ -5,7 +5,9 @@
 //! - An [`Event`] is one thing that happened, captured once. Its `id` is a UUIDv7 fixed when
 //!   the event is captured; it is the idempotency key, so every retry carries the same id and
 //!   the relay stores an id once. `ts` is the capture time in milliseconds since the Unix
-//!   epoch; the time a batch is sent travels separately, in [`Batch::sent_at`].
+//!   epoch; the time a batch is sent travels separately, in [`Batch::sent_at`]. Server events
+//!   derive their id from an idempotency key and the fact's time ([`id_for_key`]), so a
+//!   replayed job emits the same id.
 //! - Client events carry `device_id` and `seq`, a per-device counter that only grows: a `seq`
 //!   missing at the relay is an event that was captured and never arrived, so loss can be
 //!   counted rather than guessed.
@@ -20,6 +22,7 @@
 
 mod batch;
 mod envelope;
+mod ids;
 mod schema;
 mod validate;
 
@@ -28,6 +31,7 @@ pub use batch::{
     MAX_EVENTS_PER_BATCH_LIMIT, RawBatch, RawEvents,
 };
 pub use envelope::{Attribution, Context, Event, Source, Touch};
+pub use ids::id_for_key;
 pub use schema::{PropSpec, PropType, SchemaDef, SchemaError, SchemaRegistry};
 pub use validate::{Limits, Reason, Rejection, json_depth, validate_event};
 

@@ -1,0 +1,579 @@
+//! Reconciliation: how far client analytics is from the truth, published like an error rate.
+//!
+//! Client-side events are behavioural signals and are lossy (ad blockers, closed tabs,
+//! flaky networks). Business metrics come from the systems of record and are exact. For each
+//! metric declared in the configuration and each UTC day, this crate compares:
+//!
+//! - **actual**: what the system of record knows, counted by the metric's own SQL in the
+//!   truth database (SQLite or PostgreSQL, see [`truth`]);
+//! - **tracked**: the client events of the metric's `event` name in the warehouse
+//!   (`source = 'client'`, stored once per id, so duplicates never inflate it);
+//! - **server**: the same event emitted by the backend through the server path, when it does
+//!   (it should equal *actual*; a difference means the emitter lost or the truth SQL differs);
+//!
+//! and reports `gap % = (actual − tracked) / actual × 100` and the share of the day's
+//! conversions with unknown attribution. A day's gap that moves more than
+//! `alert_points` from the average of its trailing days is marked `moved` ([`Report::moved`];
+//! the relay logs each one as a warning).
+//!
+//! **Loss by stage** ([`LossByStage`]) follows client events down the path from the agents'
+//! own counters (the latest each device reported, in the warehouse's `agent_counters`), the
+//! relay's tally (the spool's `tally` table: events stored and retries answered duplicate)
+//! and the warehouse itself: created in page → stored in queue → sent → accepted by the
+//! relay → in the warehouse, with duplicates removed, events still pending, drops by reason,
+//! and `seq` gaps (events a tab numbered that never arrived).
+//!
+//! Nothing here writes: the warehouse, the spool and the truth database are opened
+//! read-only. The day of a client event is the UTC day of its capture time `ts`; the truth
+//! SQL must use UTC days too, or the rows near midnight move between days.
+
+#![deny(missing_docs)]
+
+pub mod day;
+pub mod truth;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+pub use truth::{TruthDay, TruthDb};
+
+/// What can go wrong; every variant says which part failed and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The `[reconcile]` configuration is incomplete or invalid.
+    #[error("reconcile configuration: {0}")]
+    Config(String),
+    /// The truth database could not be read, or a metric's SQL failed or returned bad rows.
+    #[error("metric {metric}: truth database: {detail}")]
+    Truth {
+        /// The metric whose query failed.
+        metric: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The warehouse or the spool could not be read.
+    #[error("reading {what}: {detail}")]
+    Store {
+        /// Which file.
+        what: String,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+/// The `[reconcile]` section of the relay's configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// The system-of-record database: `sqlite:<path>` or
+    /// `postgres://user:password@host:port/db`. Required when metrics are declared.
+    pub truth: Option<String>,
+    /// Only count the warehouse's events of this site key (all sites when unset).
+    pub site: Option<String>,
+    /// How many days to report, ending today (UTC).
+    pub days: u32,
+    /// How many earlier days the trailing average of a gap covers.
+    pub trailing_days: u32,
+    /// A day whose gap differs from its trailing average by more than this many percentage
+    /// points is marked `moved` and logged as a warning.
+    pub alert_points: f64,
+    /// The relay runs the reconciliation every this many seconds and publishes the latest
+    /// figures as Prometheus gauges; 0 turns the schedule off.
+    pub interval_secs: u64,
+    /// The metrics to reconcile.
+    pub metrics: Vec<MetricConfig>,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            truth: None,
+            site: None,
+            days: 7,
+            trailing_days: 7,
+            alert_points: 5.0,
+            interval_secs: 3600,
+            metrics: Vec::new(),
+        }
+    }
+}
+
+/// One business metric: the analytics event that should count it, and the SQL that counts it
+/// in the system of record.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricConfig {
+    /// The metric's name in reports and gauges, e.g. `signups`.
+    pub name: String,
+    /// The event name the page tracks for it, e.g. `signup_completed`.
+    pub event: String,
+    /// SQL run on the truth database, returning one row per UTC day with columns `day`
+    /// (`YYYY-MM-DD` text), `actual` (integer) and optionally `unknown_attribution` (integer).
+    pub truth_sql: String,
+}
+
+impl ReconcileConfig {
+    /// Checks the configuration; the error names the field to fix.
+    pub fn validate(&self) -> Result<(), ReconcileError> {
+        if self.metrics.is_empty() {
+            return Ok(());
+        }
+        let truth = self.truth.as_deref().ok_or_else(|| {
+            ReconcileError::Config(
+                "metrics are declared but `truth` (the system-of-record database) is not set"
+                    .into(),
+            )
+        })?;
+        TruthDb::parse(truth)?;
+        if self.days == 0 {
+            return Err(ReconcileError::Config("days must be at least 1".into()));
+        }
+        if !(self.alert_points.is_finite() && self.alert_points >= 0.0) {
+            return Err(ReconcileError::Config(
+                "alert_points must be a number ≥ 0".into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for m in &self.metrics {
+            let valid = |s: &str| {
+                !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            };
+            if !valid(&m.name) {
+                return Err(ReconcileError::Config(format!(
+                    "metric name {:?}: use letters, digits, '_' or '-'",
+                    m.name
+                )));
+            }
+            if m.event.is_empty() || m.truth_sql.trim().is_empty() {
+                return Err(ReconcileError::Config(format!(
+                    "metric {}: event and truth_sql are required",
+                    m.name
+                )));
+            }
+            if !names.insert(m.name.as_str()) {
+                return Err(ReconcileError::Config(format!(
+                    "metric {} is declared twice",
+                    m.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One metric on one day.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DayRow {
+    /// The UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    /// What the system of record counted.
+    pub actual: u64,
+    /// What client analytics counted (distinct client events in the warehouse).
+    pub tracked: u64,
+    /// Server events of the same name in the warehouse (from the emitter).
+    pub server: u64,
+    /// `(actual − tracked) / actual × 100`; `None` when `actual` is 0.
+    pub gap_pct: Option<f64>,
+    /// Conversions with unknown attribution, when the truth SQL reports them.
+    pub unknown_attribution: Option<u64>,
+    /// `unknown_attribution / actual × 100`.
+    pub unknown_pct: Option<f64>,
+    /// The average gap of the trailing days that have one.
+    pub trailing_gap_pct: Option<f64>,
+    /// The gap moved more than `alert_points` from the trailing average.
+    pub moved: bool,
+}
+
+/// One metric over the reported days.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricReport {
+    /// The metric's name.
+    pub name: String,
+    /// The client event that counts it.
+    pub event: String,
+    /// One row per reported day, oldest first.
+    pub days: Vec<DayRow>,
+}
+
+/// Where client events were lost on their way, from the agents' counters, the relay's tally
+/// and the warehouse (all time, for the configured site).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LossByStage {
+    /// Devices that reported counters.
+    pub devices: u64,
+    /// Events `track()` gave an id and a seq to (the agents' `enqueued`).
+    pub created: u64,
+    /// Of those, events that were kept in a queue (created minus the drops that happen
+    /// before storing: consent withheld, storage unavailable).
+    pub stored: u64,
+    /// Events sent at least once (send attempts minus re-sends).
+    pub sent: u64,
+    /// Events the agents saw acknowledged.
+    pub acked: u64,
+    /// Distinct client events the relay stored (its tally).
+    pub accepted_by_relay: u64,
+    /// Distinct client events in the warehouse.
+    pub in_warehouse: u64,
+    /// Retries the relay answered `duplicate` and did not store again.
+    pub duplicates_removed: u64,
+    /// Events still queued in browsers.
+    pub pending: u64,
+    /// Events the agents gave up, by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Client events the relay rejected at ingest (kept in its dead-letter store).
+    pub rejected_by_relay: u64,
+    /// Numbers missing below each tab stream's highest `seq` in the warehouse: events created
+    /// in a page that have not arrived (yet).
+    pub seq_gaps: u64,
+    /// Devices whose latest counters break `enqueued = acked + dropped + pending`.
+    pub identity_violations: u64,
+}
+
+/// The result of one reconciliation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// When it ran, ms since the Unix epoch.
+    pub generated_at_ms: i64,
+    /// The site it was restricted to, if any.
+    pub site: Option<String>,
+    /// The percentage points a gap may move before it is marked.
+    pub alert_points: f64,
+    /// The metrics.
+    pub metrics: Vec<MetricReport>,
+    /// Loss by stage of client events.
+    pub loss: LossByStage,
+}
+
+/// The files reconciliation reads besides the truth database.
+#[derive(Debug, Clone)]
+pub struct Stores {
+    /// The embedded warehouse (`<data_dir>/warehouse.sqlite`).
+    pub warehouse: PathBuf,
+    /// The relay's spool (`<data_dir>/spool.sqlite`), for its tally; skipped when missing.
+    pub spool: Option<PathBuf>,
+}
+
+impl Stores {
+    /// The files of a relay's data directory.
+    pub fn in_data_dir(dir: &Path) -> Stores {
+        Stores {
+            warehouse: dir.join("warehouse.sqlite"),
+            spool: Some(dir.join("spool.sqlite")),
+        }
+    }
+}
+
+fn store_error(what: &Path, e: impl fmt::Display) -> ReconcileError {
+    ReconcileError::Store {
+        what: what.display().to_string(),
+        detail: e.to_string(),
+    }
+}
+
+fn open_read_only(path: &Path) -> Result<Connection, ReconcileError> {
+    if !path.exists() {
+        return Err(store_error(
+            path,
+            "no such file (has the relay run with this data_dir?)",
+        ));
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| store_error(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(|e| store_error(path, e))?;
+    Ok(conn)
+}
+
+/// Runs the reconciliation as of `now_ms` (ms since the Unix epoch).
+pub fn reconcile(
+    cfg: &ReconcileConfig,
+    stores: &Stores,
+    now_ms: i64,
+) -> Result<Report, ReconcileError> {
+    cfg.validate()?;
+    let warehouse = open_read_only(&stores.warehouse)?;
+    let site = cfg.site.as_deref();
+    let all_days = day::window(now_ms, cfg.days + cfg.trailing_days);
+    let first = day::start_ms(&all_days[0]).expect("window days are valid");
+    let mut metrics = Vec::with_capacity(cfg.metrics.len());
+    if !cfg.metrics.is_empty() {
+        let truth = TruthDb::parse(cfg.truth.as_deref().expect("validated"))?;
+        for m in &cfg.metrics {
+            let actual = truth.query(&m.name, &m.truth_sql)?;
+            let counted = count_events(&warehouse, &stores.warehouse, &m.event, site, first)?;
+            metrics.push(metric_report(m, &all_days, cfg, &actual, &counted));
+        }
+    }
+    let loss = loss_by_stage(&warehouse, stores, site)?;
+    Ok(Report {
+        generated_at_ms: now_ms,
+        site: cfg.site.clone(),
+        alert_points: cfg.alert_points,
+        metrics,
+        loss,
+    })
+}
+
+fn pct(part: f64, whole: u64) -> Option<f64> {
+    (whole > 0).then(|| part / whole as f64 * 100.0)
+}
+
+fn metric_report(
+    m: &MetricConfig,
+    all_days: &[String],
+    cfg: &ReconcileConfig,
+    actual: &BTreeMap<String, TruthDay>,
+    counted: &BTreeMap<String, (u64, u64)>,
+) -> MetricReport {
+    let mut rows: Vec<DayRow> = all_days
+        .iter()
+        .map(|d| {
+            let truth = actual.get(d).copied().unwrap_or_default();
+            let (tracked, server) = counted.get(d).copied().unwrap_or_default();
+            DayRow {
+                day: d.clone(),
+                actual: truth.actual,
+                tracked,
+                server,
+                gap_pct: pct(truth.actual as f64 - tracked as f64, truth.actual),
+                unknown_attribution: truth.unknown_attribution,
+                unknown_pct: truth
+                    .unknown_attribution
+                    .and_then(|u| pct(u as f64, truth.actual)),
+                trailing_gap_pct: None,
+                moved: false,
+            }
+        })
+        .collect();
+    let trailing = cfg.trailing_days as usize;
+    for i in trailing..rows.len() {
+        let earlier: Vec<f64> = rows[i - trailing..i]
+            .iter()
+            .filter_map(|r| r.gap_pct)
+            .collect();
+        // One earlier day is an anecdote, not an average.
+        if earlier.len() >= 2 {
+            let avg = earlier.iter().sum::<f64>() / earlier.len() as f64;
+            rows[i].trailing_gap_pct = Some(avg);
+            rows[i].moved = rows[i]
+                .gap_pct
+                .is_some_and(|g| (g - avg).abs() > cfg.alert_points);
+        }
+    }
+    MetricReport {
+        name: m.name.clone(),
+        event: m.event.clone(),
+        days: rows.split_off(trailing),
+    }
+}
+
+/// Client and server events of `event` per UTC day since `from_ms`.
+fn count_events(
+    conn: &Connection,
+    path: &Path,
+    event: &str,
+    site: Option<&str>,
+    from_ms: i64,
+) -> Result<BTreeMap<String, (u64, u64)>, ReconcileError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day, source, count(*)
+             FROM events WHERE name = ?1 AND (?2 IS NULL OR site = ?2) AND ts >= ?3
+             GROUP BY day, source",
+        )
+        .map_err(|e| store_error(path, e))?;
+    let rows = stmt
+        .query_map(params![event, site, from_ms], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .map_err(|e| store_error(path, e))?;
+    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for row in rows {
+        let (d, source, n) = row.map_err(|e| store_error(path, e))?;
+        let entry = out.entry(d).or_default();
+        match source.as_str() {
+            "client" => entry.0 += n as u64,
+            _ => entry.1 += n as u64,
+        }
+    }
+    Ok(out)
+}
+
+/// The drops that happen before an event is kept in a queue.
+const DROPPED_BEFORE_STORING: [&str; 2] = ["consent", "storage_unavailable"];
+
+fn loss_by_stage(
+    warehouse: &Connection,
+    stores: &Stores,
+    site: Option<&str>,
+) -> Result<LossByStage, ReconcileError> {
+    let path = stores.warehouse.as_path();
+    let mut loss = LossByStage::default();
+    let mut stmt = warehouse
+        .prepare_cached(
+            "SELECT enqueued, sent, acked, retried, pending, dropped FROM agent_counters
+             WHERE (?1 IS NULL OR site = ?1)",
+        )
+        .map_err(|e| store_error(path, e))?;
+    let rows = stmt
+        .query_map(params![site], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? as u64,
+                r.get::<_, i64>(4)? as u64,
+                r.get::<_, String>(5)?,
+            ))
+        })
+        .map_err(|e| store_error(path, e))?;
+    for row in rows {
+        let (enqueued, sent, acked, retried, pending, dropped) =
+            row.map_err(|e| store_error(path, e))?;
+        let dropped: BTreeMap<String, u64> = serde_json::from_str(&dropped)
+            .map_err(|e| store_error(path, format!("agent_counters.dropped: {e}")))?;
+        let dropped_total: u64 = dropped.values().sum();
+        let before_storing: u64 = DROPPED_BEFORE_STORING
+            .iter()
+            .filter_map(|r| dropped.get(*r))
+            .sum();
+        loss.devices += 1;
+        loss.created += enqueued;
+        loss.stored += enqueued.saturating_sub(before_storing);
+        loss.sent += sent.saturating_sub(retried);
+        loss.acked += acked;
+        loss.pending += pending;
+        if acked + dropped_total + pending != enqueued {
+            loss.identity_violations += 1;
+        }
+        for (reason, n) in dropped {
+            *loss.dropped.entry(reason).or_default() += n;
+        }
+    }
+    loss.in_warehouse = warehouse
+        .query_row(
+            "SELECT count(*) FROM events WHERE source = 'client' AND (?1 IS NULL OR site = ?1)",
+            params![site],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(|e| store_error(path, e))? as u64;
+    loss.seq_gaps = warehouse
+        .query_row(
+            "SELECT coalesce(sum(top - n), 0) FROM (
+               SELECT max(seq) AS top, count(DISTINCT seq) AS n FROM events
+               WHERE source = 'client' AND seq IS NOT NULL AND (?1 IS NULL OR site = ?1)
+               GROUP BY device_id)",
+            params![site],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(|e| store_error(path, e))? as u64;
+    if let Some(spool_path) = stores.spool.as_deref().filter(|p| p.exists()) {
+        let spool = open_read_only(spool_path)?;
+        let has_tally: Option<String> = spool
+            .query_row(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'tally'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| store_error(spool_path, e))?;
+        if has_tally.is_some() {
+            let (accepted, duplicates): (i64, i64) = spool
+                .query_row(
+                    "SELECT coalesce(sum(accepted), 0), coalesce(sum(duplicates), 0) FROM tally
+                     WHERE source = 'client' AND (?1 IS NULL OR site = ?1)",
+                    params![site],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(|e| store_error(spool_path, e))?;
+            loss.accepted_by_relay = accepted as u64;
+            loss.duplicates_removed = duplicates as u64;
+        }
+        loss.rejected_by_relay = spool
+            .query_row(
+                "SELECT count(*) FROM dead_letter WHERE stage = 'ingest' AND (?1 IS NULL OR site = ?1)",
+                params![site],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|e| store_error(spool_path, e))? as u64;
+    }
+    Ok(loss)
+}
+
+impl Report {
+    /// The latest reported day of each metric (today), for gauges.
+    pub fn latest(&self) -> impl Iterator<Item = (&MetricReport, &DayRow)> {
+        self.metrics
+            .iter()
+            .filter_map(|m| m.days.last().map(|d| (m, d)))
+    }
+
+    /// Every (metric, day) whose gap moved beyond its trailing average.
+    pub fn moved(&self) -> impl Iterator<Item = (&MetricReport, &DayRow)> {
+        self.metrics
+            .iter()
+            .flat_map(|m| m.days.iter().filter(|d| d.moved).map(move |d| (m, d)))
+    }
+}
+
+fn opt_pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"))
+}
+
+impl fmt::Display for Report {
+    /// The table the `reconcile` command prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<12} {:<16} {:>8} {:>8} {:>8} {:>8} {:>10} {:>9}  moved",
+            "day", "metric", "actual", "tracked", "server", "gap %", "unknown %", "trail %"
+        )?;
+        for m in &self.metrics {
+            for d in &m.days {
+                writeln!(
+                    f,
+                    "{:<12} {:<16} {:>8} {:>8} {:>8} {:>8} {:>10} {:>9}  {}",
+                    d.day,
+                    m.name,
+                    d.actual,
+                    d.tracked,
+                    d.server,
+                    opt_pct(d.gap_pct),
+                    opt_pct(d.unknown_pct),
+                    opt_pct(d.trailing_gap_pct),
+                    if d.moved { "MOVED" } else { "" }
+                )?;
+            }
+        }
+        let l = &self.loss;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "loss by stage (client events, {} devices): created {} → stored {} → sent {} → accepted by relay {} → in warehouse {}",
+            l.devices, l.created, l.stored, l.sent, l.accepted_by_relay, l.in_warehouse
+        )?;
+        let dropped: Vec<String> = l.dropped.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        writeln!(
+            f,
+            "acked {}, pending {}, dropped {} [{}], rejected by relay {}, duplicates removed {}, seq gaps {}, counter identity broken on {} devices",
+            l.acked,
+            l.pending,
+            l.dropped.values().sum::<u64>(),
+            dropped.join(", "),
+            l.rejected_by_relay,
+            l.duplicates_removed,
+            l.seq_gaps,
+            l.identity_violations
+        )
+    }
+}
