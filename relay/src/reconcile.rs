@@ -19,10 +19,16 @@ use trueup_reconcile::{Report, Stores, reconcile};
 use crate::config::Config;
 use crate::time::now_ms;
 
-/// Runs the reconciliation now and then every `interval_secs` until `stop`.
+/// Runs the reconciliation every `interval_secs` until `stop`; the first run comes after
+/// at most 10 s, leaving the app that owns the truth database time to create it when both
+/// start together.
 pub async fn run_schedule(cfg: Arc<Config>, stop: CancellationToken) {
     let interval = Duration::from_secs(cfg.reconcile.interval_secs);
     let mut warned: BTreeSet<(String, String)> = BTreeSet::new();
+    tokio::select! {
+        _ = tokio::time::sleep(interval.min(Duration::from_secs(10))) => {}
+        _ = stop.cancelled() => return,
+    }
     loop {
         let run_cfg = cfg.clone();
         let outcome = tokio::task::spawn_blocking(move || {

@@ -1,1 +1,141 @@
-fn main() {}
+//! `trueup-demo`: reads the command line, optionally starts the relay, opens the database,
+//! builds the emitter and serves the shop until Ctrl-C or SIGTERM; then stops serving, shuts
+//! the emitter down (the last business events reach the relay) and stops the relay.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use trueup_demo::config::Args;
+use trueup_demo::relay_child::{RelayChild, RelayFile};
+use trueup_demo::{AppState, Flaky, app, db, proxy};
+use trueup_emitter::{Config as EmitterConfig, Emitter};
+
+/// How long the emitter may take, at exit, to deliver what it holds.
+const EMITTER_DRAIN: Duration = Duration::from_secs(10);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("TRUEUP_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trueup-demo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // block_on runs `run` on this (the main) thread, so the relay is forked from a thread
+    // that lives as long as the process (what PR_SET_PDEATHSIG watches).
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "the shop stopped with an error");
+            eprintln!("trueup-demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut relay = match &args.relay_config {
+        Some(path) => {
+            if let Some(listen) = RelayFile::read(path)?.listen
+                && !args.relay.contains(&listen.to_string())
+            {
+                tracing::warn!(relay = %args.relay, %listen, "--relay does not point at the relay config's listen address");
+            }
+            Some(RelayChild::start(path).await?)
+        }
+        None => None,
+    };
+    let relay_died = relay.as_mut().map(RelayChild::died);
+
+    let db = db::Db::open(&args.db).with_context(|| format!("database {}", args.db.display()))?;
+    let emitter = Emitter::new(EmitterConfig::new(
+        &args.relay,
+        &args.site,
+        &args.server_secret,
+    ))?;
+    let state = AppState {
+        db,
+        emitter: emitter.clone(),
+        proxy: proxy::Proxy::new(&args.relay)?,
+        flaky: Flaky::new(args.flaky_checkout, args.seed),
+    };
+    if args.flaky_checkout > 0.0 {
+        tracing::warn!(
+            ratio = args.flaky_checkout,
+            seed = args.seed,
+            "fault injection on: some checkouts answer 503 after committing"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(
+        url = %format!("http://{}/", listener.local_addr()?),
+        relay = %args.relay,
+        db = %args.db.display(),
+        "demo shop listening"
+    );
+
+    let (died_tx, mut died_rx) = tokio::sync::oneshot::channel::<String>();
+    let stop = async move {
+        let died = async move {
+            match relay_died {
+                Some(d) => d.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown_signal() => tracing::info!("shutting down"),
+            why = died => { let _ = died_tx.send(why); }
+        }
+    };
+    axum::serve(
+        listener,
+        app(state, &args.www).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await?;
+
+    match emitter.shutdown(EMITTER_DRAIN).await {
+        Ok(()) => tracing::info!(stats = ?emitter.stats(), "emitter drained"),
+        Err(e) => {
+            tracing::error!(error = %e, stats = ?emitter.stats(), "emitter shut down with events undelivered")
+        }
+    }
+    if let Some(relay) = relay {
+        relay.stop().await;
+    }
+    match died_rx.try_recv() {
+        Ok(why) => anyhow::bail!(why),
+        Err(_) => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

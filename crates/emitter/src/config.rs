@@ -73,7 +73,12 @@ impl Config {
         let endpoint = reqwest::Url::parse(&self.endpoint);
         match endpoint {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-            _ => return Some(format!("endpoint {:?} is not an http(s) URL", self.endpoint)),
+            _ => {
+                return Some(format!(
+                    "endpoint {:?} is not an http(s) URL",
+                    self.endpoint
+                ));
+            }
         }
         if self.site.is_empty() {
             return Some("site must not be empty".into());

@@ -133,12 +133,18 @@ mod tests {
             .user_id("u-1")
             .prop("amount", 12.5);
         let (id, json) = e.to_wire("demo").unwrap();
-        assert_eq!(id, id_for_key("demo", "order_paid", "o-1", 1_764_324_000_123));
+        assert_eq!(
+            id,
+            id_for_key("demo", "order_paid", "o-1", 1_764_324_000_123)
+        );
         let v: Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["id"], id.to_string());
         assert_eq!(v["source"], "server");
         assert_eq!(v["schema"], "order_paid/1");
-        assert_eq!(v["anon_id"], "u-1", "the user id stands in for a missing anon id");
+        assert_eq!(
+            v["anon_id"], "u-1",
+            "the user id stands in for a missing anon id"
+        );
         assert_eq!(v["user_id"], "u-1");
         assert_eq!(v["props"]["amount"], 12.5);
         assert!(v.get("seq").is_none() && v.get("device_id").is_none());

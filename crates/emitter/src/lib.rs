@@ -73,7 +73,9 @@
 //! [`Emitter::new`] spawns one background task on the current Tokio runtime; [`Emitter`] is a
 //! cheap handle (an `Arc`) to clone into request handlers. When every handle is dropped
 //! without a shutdown, the task keeps delivering what is held, in the background, for as long
-//! as the runtime runs.
+//! as the runtime runs. One request is in flight at a time (batches of up to
+//! [`Config::max_batch_events`]), which keeps events settled in emit order. HTTPS uses rustls
+//! with the platform's root certificates; no OpenSSL.
 #![deny(missing_docs)]
 
 mod backoff;
@@ -85,7 +87,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls_platform_verifier::BuilderVerifierExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -104,10 +105,7 @@ pub enum BuildError {
     /// [`Emitter::new`] was called outside a Tokio runtime.
     #[error("the emitter must be created inside a Tokio runtime")]
     NoRuntime,
-    /// TLS could not be set up for an `https` endpoint (e.g. no root certificates found).
-    #[error("cannot set up TLS: {0}")]
-    Tls(String),
-    /// The HTTP client could not be built.
+    /// The HTTP client could not be built (e.g. TLS could not be set up).
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
 }
@@ -216,8 +214,8 @@ impl Emitter {
             return Err(BuildError::Config(problem));
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
+        // TLS is rustls (aws-lc-rs provider, the platform's roots), never OpenSSL.
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config(&config.endpoint)?)
             .timeout(config.request_timeout)
             .connect_timeout(config.request_timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("trueup-emitter/", env!("CARGO_PKG_VERSION")))
@@ -343,24 +341,6 @@ impl Emitter {
     }
 }
 
-/// rustls with the `ring` provider and the platform's roots (no OpenSSL). An `http` endpoint
-/// needs no roots, so a machine without any still gets a working client for it.
-fn tls_config(endpoint: &str) -> Result<rustls::ClientConfig, BuildError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = || {
-        rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| BuildError::Tls(e.to_string()))
-    };
-    match builder()?.with_platform_verifier() {
-        Ok(b) => Ok(b.with_no_client_auth()),
-        Err(e) if endpoint.starts_with("https:") => Err(BuildError::Tls(e.to_string())),
-        Err(_) => Ok(builder()?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,7 +372,10 @@ mod tests {
         e.shutdown(Duration::from_millis(10)).await.unwrap();
         let ev = ServerEvent::new("order_paid", "o-1", 1).user_id("u");
         assert_eq!(e.emit(ev), Err(EmitError::Closed));
-        assert_eq!(e.flush(Duration::from_secs(1)).await, Err(FlushError::Closed));
+        assert_eq!(
+            e.flush(Duration::from_secs(1)).await,
+            Err(FlushError::Closed)
+        );
         assert_eq!(e.shutdown(Duration::from_secs(1)).await, Ok(()));
         assert_eq!(e.stats(), Stats::default());
     }

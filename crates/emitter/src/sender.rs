@@ -334,7 +334,10 @@ impl Sender {
 
     fn retry_later(&mut self, batch: Vec<Queued>, why: String, retry_after: Option<Duration>) {
         self.failures = self.failures.saturating_add(1);
-        let age = batch.first().map(|ev| ev.emitted_at.elapsed()).unwrap_or_default();
+        let age = batch
+            .first()
+            .map(|ev| ev.emitted_at.elapsed())
+            .unwrap_or_default();
         if age >= self.cfg.give_up_after {
             let why = format!("gave up after {}s unacknowledged: {why}", age.as_secs());
             self.fail(batch, &why);
@@ -461,7 +464,8 @@ fn batch_body(site: &str, events: &[Queued]) -> String {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
     let site = serde_json::Value::from(site);
-    let mut body = String::with_capacity(64 + events.iter().map(|e| e.json.len() + 1).sum::<usize>());
+    let mut body =
+        String::with_capacity(64 + events.iter().map(|e| e.json.len() + 1).sum::<usize>());
     body.push_str(&format!(
         "{{\"v\":{PROTOCOL_VERSION},\"site\":{site},\"sent_at\":{sent_at},\"events\":["
     ));
