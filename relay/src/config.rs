@@ -446,4 +446,12 @@ impl Config {
     pub fn spool_path(&self) -> PathBuf {
         self.data_dir.join("spool.sqlite")
     }
+
+    /// The files reconciliation reads: the warehouse and the spool's tally.
+    pub fn reconcile_stores(&self) -> trueup_reconcile::Stores {
+        trueup_reconcile::Stores {
+            warehouse: self.warehouse_path(),
+            spool: Some(self.spool_path()),
+        }
+    }
 }

@@ -245,7 +245,6 @@ async fn ingest(
                 fresh.push(NewEvent {
                     id: event.id,
                     site: site.clone(),
-                    source: label,
                     body: raw.get().to_string(),
                 });
                 fresh_index.push(i);
@@ -283,7 +282,7 @@ async fn ingest(
     let ids: Vec<_> = fresh.iter().map(|e| e.id).collect();
     let admissions = st
         .spool
-        .write(fresh, counters, dead)
+        .write(label, fresh, counters, dead)
         .await
         .map_err(|e| match e {
             SpoolError::Closed => ApiError::Unavailable {

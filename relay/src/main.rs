@@ -39,6 +39,15 @@ struct Args {
     /// A server secret for the first site (for backends emitting server events).
     #[arg(long, env = "TRUEUP_SERVER_SECRET", hide_env_values = true)]
     server_secret: Option<String>,
+    /// The reconciliation's truth database (sqlite:<path> or postgres://...), so that its
+    /// password need not be in the file; overrides reconcile.truth.
+    #[arg(
+        long,
+        env = "TRUEUP_RECONCILE_TRUTH",
+        hide_env_values = true,
+        global = true
+    )]
+    reconcile_truth: Option<String>,
     /// Print the effective configuration and public URL paths, then exit.
     #[arg(long)]
     print_config: bool,
@@ -58,30 +67,19 @@ enum Command {
         /// Days to report, ending today (UTC); overrides reconcile.days.
         #[arg(long)]
         days: Option<u32>,
-        /// The truth database (sqlite:<path> or postgres://...); overrides reconcile.truth.
-        #[arg(long, env = "TRUEUP_RECONCILE_TRUTH", hide_env_values = true)]
-        truth: Option<String>,
     },
 }
 
-fn run_reconcile(
-    mut cfg: Config,
-    json: bool,
-    days: Option<u32>,
-    truth: Option<String>,
-) -> anyhow::Result<()> {
+fn run_reconcile(mut cfg: Config, json: bool, days: Option<u32>) -> anyhow::Result<()> {
     if let Some(d) = days {
         cfg.reconcile.days = d;
-    }
-    if truth.is_some() {
-        cfg.reconcile.truth = truth;
     }
     if cfg.reconcile.metrics.is_empty() {
         eprintln!(
             "trueup-relay: no [[reconcile.metrics]] in the configuration; reporting loss by stage only"
         );
     }
-    let stores = trueup_reconcile::Stores::in_data_dir(&cfg.data_dir);
+    let stores = cfg.reconcile_stores();
     let report =
         trueup_reconcile::reconcile(&cfg.reconcile, &stores, trueup_relay::time::now_ms())?;
     if json {
@@ -123,6 +121,9 @@ fn effective_config(args: &Args) -> anyhow::Result<Config> {
     {
         site.server_secrets.push(secret.clone());
     }
+    if let Some(v) = &args.reconcile_truth {
+        cfg.reconcile.truth = Some(v.clone());
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -160,8 +161,8 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    if let Some(Command::Reconcile { json, days, truth }) = args.command {
-        return match run_reconcile(cfg, json, days, truth) {
+    if let Some(Command::Reconcile { json, days }) = args.command {
+        return match run_reconcile(cfg, json, days) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("trueup-relay reconcile: {e:#}");

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use trueup_reconcile::{Report, Stores, reconcile};
+use trueup_reconcile::{Report, reconcile};
 
 use crate::config::Config;
 use crate::time::now_ms;
@@ -31,11 +31,14 @@ pub async fn run_schedule(cfg: Arc<Config>, stop: CancellationToken) {
     }
     loop {
         let run_cfg = cfg.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let stores = Stores::in_data_dir(&run_cfg.data_dir);
-            reconcile(&run_cfg.reconcile, &stores, now_ms())
-        })
-        .await;
+        let run = tokio::task::spawn_blocking(move || {
+            reconcile(&run_cfg.reconcile, &run_cfg.reconcile_stores(), now_ms())
+        });
+        // A slow truth database must not hold up shutdown: the run is read-only, abandon it.
+        let outcome = tokio::select! {
+            outcome = run => outcome,
+            _ = stop.cancelled() => return,
+        };
         match outcome {
             Ok(Ok(report)) => {
                 publish(&report);
@@ -68,7 +71,8 @@ pub async fn run_schedule(cfg: Arc<Config>, stop: CancellationToken) {
     }
 }
 
-/// Sets the gauges from a report: each metric's latest day, and loss by stage.
+/// Sets the gauges from a report: each metric's figures for today (still filling up), whether
+/// the latest complete day's gap moved, and loss by stage.
 pub fn publish(report: &Report) {
     for (m, d) in report.latest() {
         let name = m.name.clone();
@@ -78,9 +82,11 @@ pub fn publish(report: &Report) {
         // A day without conversions has no gap: publish 0 rather than a stale value.
         metrics::gauge!("trueup_reconcile_gap_percent", "metric" => name.clone())
             .set(d.gap_pct.unwrap_or(0.0));
-        metrics::gauge!("trueup_reconcile_unknown_attribution_percent", "metric" => name.clone())
+        metrics::gauge!("trueup_reconcile_unknown_attribution_percent", "metric" => name)
             .set(d.unknown_pct.unwrap_or(0.0));
-        metrics::gauge!("trueup_reconcile_gap_moved", "metric" => name).set(if d.moved {
+    }
+    for (m, d) in report.latest_complete() {
+        metrics::gauge!("trueup_reconcile_gap_moved", "metric" => m.name.clone()).set(if d.moved {
             1.0
         } else {
             0.0

@@ -125,7 +125,19 @@ fn describe_metrics() {
     );
     describe_gauge!(
         "trueup_reconcile_gap_moved",
-        "1 when today's gap moved beyond its trailing average by more than alert_points."
+        "1 when the latest complete day's gap moved beyond its trailing average by more than alert_points."
+    );
+    describe_gauge!(
+        "trueup_loss_pending_events",
+        "Client events still queued in browsers, from the agents' latest counters."
+    );
+    describe_gauge!(
+        "trueup_loss_rejected_by_relay",
+        "Client events the relay rejected at ingest (kept in dead_letter)."
+    );
+    describe_gauge!(
+        "trueup_loss_dropped_events",
+        "Client events the agents gave up, by reason."
     );
     describe_gauge!(
         "trueup_loss_stage_events",

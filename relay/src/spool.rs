@@ -19,9 +19,10 @@
 //! - `seen(id BLOB PRIMARY KEY)`: the 16 bytes of every event id stored, for dedupe.
 //! - `dead_letter(...)`: events rejected at ingest (invalid) or by the sink (permanently),
 //!   with the reason and the raw event. Never deleted by the relay.
-//! - `tally(day, site, source, accepted, duplicates)`: per UTC day of receipt, the events
-//!   stored and the retries answered `duplicate`, updated in the same transaction as the
-//!   writes, so reconciliation can report what the relay accepted and what dedupe removed.
+//! - `tally(day, site, source, accepted, duplicates, rejected)`: per UTC day of receipt and
+//!   per source (`client`, `server`), the events stored, the retries answered `duplicate` and
+//!   the events rejected at ingest, updated in the same transaction as the writes, so
+//!   reconciliation can report what the relay accepted, rejected and what dedupe removed.
 //!   Never deleted by the relay.
 //!
 //! # Group commit
@@ -69,8 +70,6 @@ pub struct NewEvent {
     pub id: Uuid,
     /// The site it was sent for.
     pub site: String,
-    /// Who emitted it: `client` or `server`.
-    pub source: &'static str,
     /// Its JSON, as received and validated.
     pub body: String,
 }
@@ -156,6 +155,7 @@ pub struct SpoolStats {
 }
 
 struct WriteJob {
+    source: &'static str,
     events: Vec<NewEvent>,
     counters: Option<(String, String)>,
     dead: Vec<DeadLetter>,
@@ -213,6 +213,7 @@ CREATE TABLE IF NOT EXISTS tally (
     source TEXT NOT NULL,
     accepted INTEGER NOT NULL,
     duplicates INTEGER NOT NULL,
+    rejected INTEGER NOT NULL,
     PRIMARY KEY (day, site, source)
 ) WITHOUT ROWID;
 ";
@@ -262,17 +263,19 @@ impl Spool {
         &self.stats
     }
 
-    /// Stores events (deduped), an agent's counters and dead letters in one durable
-    /// transaction, shared with whatever other requests are waiting. Returns, per event in
-    /// order, whether it was new.
+    /// Stores events (deduped), an agent's counters and dead letters of one request from
+    /// `source` (`client` or `server`) in one durable transaction, shared with whatever other
+    /// requests are waiting. Returns, per event in order, whether it was new.
     pub async fn write(
         &self,
+        source: &'static str,
         events: Vec<NewEvent>,
         counters: Option<(String, String)>,
         dead: Vec<DeadLetter>,
     ) -> Result<Vec<Admission>, SpoolError> {
         let (reply, rx) = oneshot::channel();
         let job = Job::Write(WriteJob {
+            source,
             events,
             counters,
             dead,
@@ -525,8 +528,22 @@ impl Writer {
                     tracing::info!(forgotten = n, "pruned dedupe ids past retention");
                 }
             }
-            // (site, source) -> (accepted, duplicates) of this transaction.
-            let mut tally: Vec<((&str, &str), (i64, i64))> = Vec::new();
+            // (site, source) -> [accepted, duplicates, rejected] of this transaction.
+            let mut tally: Vec<((&str, &str), [i64; 3])> = Vec::new();
+            fn count<'a>(
+                tally: &mut Vec<((&'a str, &'a str), [i64; 3])>,
+                key: (&'a str, &'a str),
+                what: usize,
+            ) {
+                match tally.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, counts)) => counts[what] += 1,
+                    None => {
+                        let mut counts = [0; 3];
+                        counts[what] = 1;
+                        tally.push((key, counts));
+                    }
+                }
+            }
             for w in writes {
                 let mut adm = Vec::with_capacity(w.events.len());
                 for e in &w.events {
@@ -539,20 +556,7 @@ impl Writer {
                     } else {
                         adm.push(Admission::Duplicate);
                     }
-                    let key = (e.site.as_str(), e.source);
-                    let at = match tally.iter().position(|(k, _)| *k == key) {
-                        Some(at) => at,
-                        None => {
-                            tally.push((key, (0, 0)));
-                            tally.len() - 1
-                        }
-                    };
-                    let counts = &mut tally[at].1;
-                    if new {
-                        counts.0 += 1;
-                    } else {
-                        counts.1 += 1;
-                    }
+                    count(&mut tally, (&e.site, w.source), if new { 0 } else { 1 });
                 }
                 if let Some((site, body)) = &w.counters {
                     spool.execute(params![1, site, now, body])?;
@@ -561,18 +565,20 @@ impl Writer {
                 }
                 for d in &w.dead {
                     insert_dead(d)?;
+                    count(&mut tally, (d.site.as_deref().unwrap_or(""), w.source), 2);
                 }
                 all.push(adm);
             }
             let mut add = tx.prepare_cached(
-                "INSERT INTO tally (day, site, source, accepted, duplicates)
-                 VALUES (strftime('%Y-%m-%d', ?1 / 1000, 'unixepoch'), ?2, ?3, ?4, ?5)
+                "INSERT INTO tally (day, site, source, accepted, duplicates, rejected)
+                 VALUES (strftime('%Y-%m-%d', ?1 / 1000, 'unixepoch'), ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (day, site, source) DO UPDATE SET
                    accepted = accepted + excluded.accepted,
-                   duplicates = duplicates + excluded.duplicates",
+                   duplicates = duplicates + excluded.duplicates,
+                   rejected = rejected + excluded.rejected",
             )?;
-            for ((site, source), (accepted, duplicates)) in tally {
-                add.execute(params![now, site, source, accepted, duplicates])?;
+            for ((site, source), [accepted, duplicates, rejected]) in tally {
+                add.execute(params![now, site, source, accepted, duplicates, rejected])?;
             }
             let mut delete = tx.prepare_cached("DELETE FROM spool WHERE pos <= ?1")?;
             for a in acks {
@@ -646,9 +652,9 @@ mod tests {
                         Op::Write(picks) => {
                             let events: Vec<NewEvent> = picks
                                 .iter()
-                                .map(|&i| NewEvent { id: pool[i], site: "s".into(), source: "client", body: format!("{{\"i\":{i}}}") })
+                                .map(|&i| NewEvent { id: pool[i], site: "s".into(), body: format!("{{\"i\":{i}}}") })
                                 .collect();
-                            let got = spool.write(events.clone(), None, vec![]).await.unwrap();
+                            let got = spool.write("client", events.clone(), None, vec![]).await.unwrap();
                             let want: Vec<Admission> = events
                                 .iter()
                                 .map(|e| {
@@ -709,16 +715,15 @@ mod tests {
         let ev = |id| NewEvent {
             id,
             site: "s".into(),
-            source: "client",
             body: "{}".into(),
         };
         spool
-            .write(vec![ev(old), ev(new)], None, vec![])
+            .write("client", vec![ev(old), ev(new)], None, vec![])
             .await
             .unwrap();
         spool.prune(now_ms() - 60_000).await;
         let again = spool
-            .write(vec![ev(old), ev(new)], None, vec![])
+            .write("client", vec![ev(old), ev(new)], None, vec![])
             .await
             .unwrap();
         assert_eq!(again, vec![Admission::New, Admission::Duplicate]);
@@ -737,7 +742,10 @@ mod tests {
             event_id: None,
             raw: "é".repeat(MAX_DEAD_RAW),
         };
-        spool.write(vec![], None, vec![dead]).await.unwrap();
+        spool
+            .write("client", vec![], None, vec![dead])
+            .await
+            .unwrap();
         let counts = spool.reader().unwrap().dead_letter_counts().unwrap();
         assert_eq!(
             counts,

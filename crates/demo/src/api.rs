@@ -178,6 +178,36 @@ fn valid_token(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
+fn stored_ms(created_at: &str) -> Result<i64, ApiError> {
+    parse_rfc3339(created_at)
+        .ok_or_else(|| ApiError::Internal(format!("bad created_at {created_at:?}")))
+}
+
+/// The `signup_completed` event of a stored user: keyed by the user id and stamped with its
+/// `created_at`, so every emit of it (the first, or a re-emit at start) has the same id.
+pub fn signup_event(user: &db::Signup) -> Result<ServerEvent, ApiError> {
+    let mut event = ServerEvent::new("signup_completed", &user.id, stored_ms(&user.created_at)?)
+        .user_id(&user.id)
+        .prop("plan", user.plan.as_str());
+    if let Some(anon) = &user.anon_id {
+        event = event.anon_id(anon);
+    }
+    Ok(event)
+}
+
+/// The `order_paid` event of a stored order, keyed by the order id.
+pub fn order_event(order: &db::Order) -> Result<ServerEvent, ApiError> {
+    let mut event = ServerEvent::new("order_paid", &order.id, stored_ms(&order.created_at)?)
+        .user_id(&order.user_id)
+        .prop("order_id", order.id.as_str())
+        .prop("amount", order.amount_cents as f64 / 100.0)
+        .prop("currency", order.currency.as_str());
+    if let Some(anon) = &order.anon_id {
+        event = event.anon_id(anon);
+    }
+    Ok(event)
+}
+
 /// Creates the account, keeps its attribution, then emits `signup_completed`.
 pub async fn signup(
     State(st): State<AppState>,
@@ -214,6 +244,7 @@ pub async fn signup(
         id: uuid::Uuid::now_v7().to_string(),
         email,
         anon_id,
+        plan,
         created_at: to_rfc3339(created_ms),
         attribution,
     };
@@ -223,13 +254,12 @@ pub async fn signup(
         .await?;
     tracing::info!(user_id = %user.id, known = user.attribution.known, "signup stored");
 
-    let mut event = ServerEvent::new("signup_completed", &user.id, created_ms)
-        .user_id(&user.id)
-        .prop("plan", plan);
-    if let Some(anon) = &user.anon_id {
-        event = event.anon_id(anon);
-    }
-    st.emit(event);
+    st.emit(signup_event(&db::Signup {
+        id: user.id.clone(),
+        anon_id: user.anon_id.clone(),
+        plan: user.plan.clone(),
+        created_at: user.created_at.clone(),
+    })?);
     Ok((StatusCode::CREATED, Json(json!({ "user_id": user.id }))))
 }
 
@@ -275,17 +305,7 @@ pub async fn checkout(
     if created {
         tracing::info!(order_id = %order.id, "order stored");
     }
-    let created_ms = parse_rfc3339(&order.created_at)
-        .ok_or_else(|| ApiError::Internal(format!("bad created_at {:?}", order.created_at)))?;
-    let mut event = ServerEvent::new("order_paid", &order.id, created_ms)
-        .user_id(&order.user_id)
-        .prop("order_id", order.id.as_str())
-        .prop("amount", order.amount_cents as f64 / 100.0)
-        .prop("currency", order.currency.as_str());
-    if let Some(anon) = &order.anon_id {
-        event = event.anon_id(anon);
-    }
-    st.emit(event);
+    st.emit(order_event(&order)?);
     if st.flaky_now() {
         return Err(ApiError::InjectedFault);
     }

@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS users (
   id TEXT PRIMARY KEY,
   email TEXT NOT NULL UNIQUE,
   anon_id TEXT,
+  plan TEXT NOT NULL,
   created_at TEXT NOT NULL,
   attribution TEXT,
   ft_source TEXT, ft_medium TEXT, ft_campaign TEXT, ft_click_id TEXT, ft_referrer TEXT, ft_landing TEXT,
@@ -99,6 +100,8 @@ pub struct NewUser {
     pub email: String,
     /// The agent's anonymous id, when the page sent it.
     pub anon_id: Option<String>,
+    /// The plan chosen at signup.
+    pub plan: String,
     /// RFC 3339 UTC with ms.
     pub created_at: String,
     /// What the page said about how the visitor arrived.
@@ -113,8 +116,8 @@ pub fn insert_user(conn: &mut Connection, user: &NewUser) -> Result<(), DbError>
         "INSERT INTO users (id, email, anon_id, created_at, attribution,
             ft_source, ft_medium, ft_campaign, ft_click_id, ft_referrer, ft_landing,
             lt_source, lt_medium, lt_campaign, lt_click_id, lt_referrer, lt_landing,
-            attribution_known)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+            attribution_known, plan)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
          ON CONFLICT (email) DO NOTHING",
         params![
             user.id,
@@ -135,6 +138,7 @@ pub fn insert_user(conn: &mut Connection, user: &NewUser) -> Result<(), DbError>
             l.referrer,
             l.landing,
             user.attribution.known,
+            user.plan,
         ],
     )?;
     if inserted == 0 {
@@ -142,6 +146,60 @@ pub fn insert_user(conn: &mut Connection, user: &NewUser) -> Result<(), DbError>
     }
     tx.commit()?;
     Ok(())
+}
+
+/// A stored user, as the `signup_completed` event describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signup {
+    /// UUID.
+    pub id: String,
+    /// The agent's anonymous id, if known.
+    pub anon_id: Option<String>,
+    /// The plan chosen.
+    pub plan: String,
+    /// RFC 3339 UTC with ms.
+    pub created_at: String,
+}
+
+/// Users and orders created at or after `since` (RFC 3339), oldest first, at most `limit`
+/// of each: the facts to emit again at start, in case an emit was lost.
+pub fn recent_facts(
+    conn: &Connection,
+    since: &str,
+    limit: usize,
+) -> Result<(Vec<Signup>, Vec<Order>), DbError> {
+    let mut users = conn.prepare(
+        "SELECT id, anon_id, plan, created_at FROM users WHERE created_at >= ?1
+         ORDER BY created_at LIMIT ?2",
+    )?;
+    let signups = users
+        .query_map(params![since, limit as i64], |r| {
+            Ok(Signup {
+                id: r.get(0)?,
+                anon_id: r.get(1)?,
+                plan: r.get(2)?,
+                created_at: r.get(3)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut orders = conn.prepare(
+        "SELECT o.id, o.user_id, o.amount_cents, o.currency, o.created_at, u.anon_id
+         FROM orders o JOIN users u ON u.id = o.user_id WHERE o.created_at >= ?1
+         ORDER BY o.created_at LIMIT ?2",
+    )?;
+    let orders = orders
+        .query_map(params![since, limit as i64], |r| {
+            Ok(Order {
+                id: r.get(0)?,
+                user_id: r.get(1)?,
+                amount_cents: r.get(2)?,
+                currency: r.get(3)?,
+                created_at: r.get(4)?,
+                anon_id: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((signups, orders))
 }
 
 /// An order to create, unless its idempotency key already has one.
@@ -261,6 +319,7 @@ mod tests {
             id: id.into(),
             email: email.into(),
             anon_id: Some("anon-1".into()),
+            plan: "pro".into(),
             created_at: "2026-11-28T10:00:00.123Z".into(),
             attribution: attribution::Stored::default(),
         }

@@ -85,6 +85,25 @@ impl AppState {
         }
     }
 
+    /// Emits again the facts of the last `window_ms` (at most 10,000 users and 10,000
+    /// orders). An emit can be lost after its commit (the process dies with the event
+    /// buffered, a request is dropped between the commit and the emit); the ids derive from
+    /// the facts, so the relay answers `duplicate` for every event it already has.
+    pub async fn re_emit_recent(&self, window_ms: i64) -> anyhow::Result<(usize, usize)> {
+        let since = time::to_rfc3339(time::now_ms() - window_ms);
+        let (users, orders) = self
+            .db
+            .run(move |conn| db::recent_facts(conn, &since, 10_000))
+            .await?;
+        for u in &users {
+            self.emit(api::signup_event(u)?);
+        }
+        for o in &orders {
+            self.emit(api::order_event(o)?);
+        }
+        Ok((users.len(), orders.len()))
+    }
+
     /// Whether this checkout answer should be an injected 503.
     pub fn flaky_now(&self) -> bool {
         self.flaky.as_ref().is_some_and(|f| f.roll())

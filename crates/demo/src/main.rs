@@ -74,6 +74,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "fault injection on: some checkouts answer 503 after committing"
         );
     }
+    // Facts of the last day whose emit may have been lost before a restart: sent again,
+    // stored once.
+    match state.re_emit_recent(24 * 3600 * 1000).await {
+        Ok((users, orders)) if users + orders > 0 => {
+            tracing::info!(
+                users,
+                orders,
+                "re-emitted the last day's facts (the relay dedupes)"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not re-emit recent facts"),
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

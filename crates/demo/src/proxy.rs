@@ -110,13 +110,28 @@ pub async fn forward(State(st): State<AppState>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .is_some_and(|len| len > MAX_REQUEST_BYTES as u64);
+    if too_long {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is too large",
+        );
+    }
     let body = match to_bytes(body, MAX_REQUEST_BYTES).await {
-        Ok(b) if !too_long => b,
-        _ => {
+        Ok(b) => b,
+        // Over the cap while streaming (no Content-Length), or the client went away.
+        Err(e) if e.to_string().contains("length limit") => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 "the request body is too large",
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "body_unreadable",
+                "the request body could not be read",
             );
         }
     };
@@ -138,6 +153,8 @@ pub async fn forward(State(st): State<AppState>, req: Request) -> Response {
             headers.insert(xff_name, v);
         }
     }
+    // Only this proxy says which host was asked for; a client's own claim is dropped.
+    headers.remove(HeaderName::from_static("x-forwarded-host"));
     if let Some(host) = parts.headers.get(header::HOST) {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
     }

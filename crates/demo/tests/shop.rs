@@ -555,3 +555,59 @@ async fn the_relay_sees_each_browsers_address_through_the_proxy() {
     assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(limited.headers().contains_key("retry-after"));
 }
+
+/// A fact whose emit was lost (the shop died between its commit and the relay's answer) is
+/// emitted again when the shop starts; facts already delivered are not stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn facts_whose_emit_was_lost_are_emitted_again_at_start_and_stored_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = start_relay(tmp.path(), None);
+    let mut demo = Demo::start(tmp.path(), &relay, &[]);
+    let (status, answer) = post(
+        &demo.url("/api/signup"),
+        json!({"email": "emitted@shop.example", "plan": "pro"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let server_signups =
+        "SELECT count(*) FROM events WHERE source = 'server' AND name = 'signup_completed'";
+    assert_eq!(
+        wait_count(|| relay.warehouse(), server_signups, &[], 1, SOON),
+        1
+    );
+    demo.signal_and_wait(libc::SIGTERM, SOON);
+
+    // A user the shop committed but never emitted (written while it was down).
+    demo.db()
+        .execute(
+            "INSERT INTO users (id, email, plan, created_at, attribution_known)
+             VALUES ('01a22014-0000-7000-8000-000000000001', 'lost@shop.example', 'team',
+                     strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 0)",
+            [],
+        )
+        .unwrap();
+    let demo = Demo::start(tmp.path(), &relay, &[]);
+    assert_eq!(
+        wait_count(|| relay.warehouse(), server_signups, &[], 2, SOON),
+        2,
+        "{}",
+        demo.log_text()
+    );
+    let plan: String = relay
+        .warehouse()
+        .query_row(
+            "SELECT props->>'plan' FROM events WHERE user_id = '01a22014-0000-7000-8000-000000000001'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(plan, "team");
+    // The already delivered signup was re-emitted too, and answered duplicate.
+    std::thread::sleep(Duration::from_millis(500));
+    let n: i64 = relay
+        .warehouse()
+        .query_row(server_signups, [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2);
+    assert!(relay.metric("trueup_events_duplicate_total") >= 1.0);
+}

@@ -9,7 +9,8 @@ use rand::Rng;
 ///
 /// Without `Retry-After`: a uniformly random wait in `[0, min(max, initial · 2^(failures-1))]`
 /// ("full jitter": many backends restarted at once do not retry in lockstep). With it: at
-/// least what the relay asked for.
+/// least what the relay asked for, up to [`MAX_RETRY_AFTER`] or `max`, whichever is longer
+/// (a broken or hostile `Retry-After` must not park events for years).
 pub(crate) fn retry_delay(
     failures: u32,
     initial: Duration,
@@ -20,10 +21,13 @@ pub(crate) fn retry_delay(
     let cap = initial.saturating_mul(1u32 << exp).min(max);
     let jittered = Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64));
     match retry_after {
-        Some(ra) => ra.max(jittered),
+        Some(ra) => ra.min(MAX_RETRY_AFTER.max(max)).max(jittered),
         None => jittered,
     }
 }
+
+/// The longest `Retry-After` honoured when it exceeds `max_backoff`.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// A `Retry-After` header value: delay-seconds or an HTTP-date.
 pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
@@ -69,9 +73,11 @@ mod tests {
             let d = retry_delay(1, 100 * MS, 30_000 * MS, Some(2_000 * MS));
             assert!(d >= 2_000 * MS);
         }
-        // Longer than max_backoff is still honoured.
+        // Longer than max_backoff is still honoured, up to ten minutes.
         let d = retry_delay(1, 100 * MS, 1_000 * MS, Some(120_000 * MS));
         assert_eq!(d, 120_000 * MS);
+        let d = retry_delay(1, 100 * MS, 1_000 * MS, Some(Duration::from_secs(u64::MAX)));
+        assert_eq!(d, MAX_RETRY_AFTER);
     }
 
     #[test]

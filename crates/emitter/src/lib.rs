@@ -313,7 +313,20 @@ impl Emitter {
             let _ = task.await;
         }
         match flushed {
-            Err(FlushError::Closed) => Ok(()),
+            // Already shut down: fine if nothing was left behind.
+            Err(FlushError::Closed) => {
+                let stats = self.stats();
+                if stats.buffered == 0 {
+                    Ok(())
+                } else {
+                    Err(FlushError::Failed {
+                        failed: stats.buffered,
+                        rejected: 0,
+                        last_error: "the emitter's background task stopped with events buffered"
+                            .into(),
+                    })
+                }
+            }
             other => other,
         }
     }

@@ -343,12 +343,14 @@ impl Sender {
             self.fail(batch, &why);
             return;
         }
+        // Never wait past the point of giving up.
         let delay = retry_delay(
             self.failures,
             self.cfg.initial_backoff,
             self.cfg.max_backoff,
             retry_after,
-        );
+        )
+        .min(self.cfg.give_up_after.saturating_sub(age));
         tracing::warn!(
             events = batch.len(),
             failures = self.failures,
@@ -357,7 +359,11 @@ impl Sender {
             "server events not delivered; retrying"
         );
         self.shared.set_last_error(&why);
-        self.not_before = Some(Instant::now() + delay);
+        let now = Instant::now();
+        self.not_before = Some(
+            now.checked_add(delay)
+                .unwrap_or_else(|| now + crate::backoff::MAX_RETRY_AFTER),
+        );
         self.batch = Some(batch);
     }
 

@@ -12,9 +12,9 @@
 //!   (it should equal *actual*; a difference means the emitter lost or the truth SQL differs);
 //!
 //! and reports `gap % = (actual − tracked) / actual × 100` and the share of the day's
-//! conversions with unknown attribution. A day's gap that moves more than
-//! `alert_points` from the average of its trailing days is marked `moved` ([`Report::moved`];
-//! the relay logs each one as a warning).
+//! conversions with unknown attribution. A complete day (not today, whose late events are
+//! still arriving) whose gap moves more than `alert_points` from the average of its trailing
+//! days is marked `moved` ([`Report::moved`]; the relay logs each one as a warning).
 //!
 //! **Loss by stage** ([`LossByStage`]) follows client events down the path from the agents'
 //! own counters (the latest each device reported, in the warehouse's `agent_counters`), the
@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+use trueup_protocol::Counters;
 
 pub use truth::{TruthDay, TruthDb};
 
@@ -102,6 +103,9 @@ impl Default for ReconcileConfig {
     }
 }
 
+/// The longest window `days` and `trailing_days` may each cover (ten years).
+pub const MAX_DAYS: u32 = 3660;
+
 /// One business metric: the analytics event that should count it, and the SQL that counts it
 /// in the system of record.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -119,6 +123,11 @@ pub struct MetricConfig {
 impl ReconcileConfig {
     /// Checks the configuration; the error names the field to fix.
     pub fn validate(&self) -> Result<(), ReconcileError> {
+        if !(1..=MAX_DAYS).contains(&self.days) || self.trailing_days > MAX_DAYS {
+            return Err(ReconcileError::Config(format!(
+                "days must be 1..={MAX_DAYS} and trailing_days 0..={MAX_DAYS}"
+            )));
+        }
         if self.metrics.is_empty() {
             return Ok(());
         }
@@ -129,9 +138,6 @@ impl ReconcileConfig {
             )
         })?;
         TruthDb::parse(truth)?;
-        if self.days == 0 {
-            return Err(ReconcileError::Config("days must be at least 1".into()));
-        }
         if !(self.alert_points.is_finite() && self.alert_points >= 0.0) {
             return Err(ReconcileError::Config(
                 "alert_points must be a number ≥ 0".into(),
@@ -186,7 +192,7 @@ pub struct DayRow {
     pub unknown_pct: Option<f64>,
     /// The average gap of the trailing days that have one.
     pub trailing_gap_pct: Option<f64>,
-    /// The gap moved more than `alert_points` from the trailing average.
+    /// The gap moved more than `alert_points` from the trailing average (complete days only).
     pub moved: bool,
 }
 
@@ -257,16 +263,6 @@ pub struct Stores {
     pub warehouse: PathBuf,
     /// The relay's spool (`<data_dir>/spool.sqlite`), for its tally; skipped when missing.
     pub spool: Option<PathBuf>,
-}
-
-impl Stores {
-    /// The files of a relay's data directory.
-    pub fn in_data_dir(dir: &Path) -> Stores {
-        Stores {
-            warehouse: dir.join("warehouse.sqlite"),
-            spool: Some(dir.join("spool.sqlite")),
-        }
-    }
 }
 
 fn store_error(what: &Path, e: impl fmt::Display) -> ReconcileError {
@@ -352,6 +348,9 @@ fn metric_report(
         })
         .collect();
     let trailing = cfg.trailing_days as usize;
+    // Today is still filling up (pending events arrive late): it gets a trailing average
+    // but is never judged as moved.
+    let complete = rows.len().saturating_sub(1);
     for i in trailing..rows.len() {
         let earlier: Vec<f64> = rows[i - trailing..i]
             .iter()
@@ -361,9 +360,10 @@ fn metric_report(
         if earlier.len() >= 2 {
             let avg = earlier.iter().sum::<f64>() / earlier.len() as f64;
             rows[i].trailing_gap_pct = Some(avg);
-            rows[i].moved = rows[i]
-                .gap_pct
-                .is_some_and(|g| (g - avg).abs() > cfg.alert_points);
+            rows[i].moved = i < complete
+                && rows[i]
+                    .gap_pct
+                    .is_some_and(|g| (g - avg).abs() > cfg.alert_points);
         }
     }
     MetricReport {
@@ -409,6 +409,11 @@ fn count_events(
     Ok(out)
 }
 
+/// A count read from SQLite (an INTEGER is signed; negative means corrupt: 0).
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
 /// The drops that happen before an event is kept in a queue.
 const DROPPED_BEFORE_STORING: [&str; 2] = ["consent", "storage_unavailable"];
 
@@ -428,11 +433,11 @@ fn loss_by_stage(
     let rows = stmt
         .query_map(params![site], |r| {
             Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, i64>(2)? as u64,
-                r.get::<_, i64>(3)? as u64,
-                r.get::<_, i64>(4)? as u64,
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
                 r.get::<_, String>(5)?,
             ))
         })
@@ -440,43 +445,63 @@ fn loss_by_stage(
     for row in rows {
         let (enqueued, sent, acked, retried, pending, dropped) =
             row.map_err(|e| store_error(path, e))?;
-        let dropped: BTreeMap<String, u64> = serde_json::from_str(&dropped)
-            .map_err(|e| store_error(path, format!("agent_counters.dropped: {e}")))?;
-        let dropped_total: u64 = dropped.values().sum();
-        let before_storing: u64 = DROPPED_BEFORE_STORING
+        // Counters come from anonymous browsers: never trust them to be small or sane.
+        let dropped: BTreeMap<String, u64> = serde_json::from_str(&dropped).unwrap_or_default();
+        let counters = Counters {
+            device_id: String::new(),
+            enqueued: count(enqueued),
+            sent: count(sent),
+            acked: count(acked),
+            retried: count(retried),
+            pending: count(pending),
+            dropped,
+            degraded: None,
+        };
+        let before_storing = DROPPED_BEFORE_STORING
             .iter()
-            .filter_map(|r| dropped.get(*r))
-            .sum();
+            .filter_map(|r| counters.dropped.get(*r))
+            .fold(0u64, |a, b| a.saturating_add(*b));
         loss.devices += 1;
-        loss.created += enqueued;
-        loss.stored += enqueued.saturating_sub(before_storing);
-        loss.sent += sent.saturating_sub(retried);
-        loss.acked += acked;
-        loss.pending += pending;
-        if acked + dropped_total + pending != enqueued {
+        loss.created = loss.created.saturating_add(counters.enqueued);
+        loss.stored = loss
+            .stored
+            .saturating_add(counters.enqueued.saturating_sub(before_storing));
+        loss.sent = loss
+            .sent
+            .saturating_add(counters.sent.saturating_sub(counters.retried));
+        loss.acked = loss.acked.saturating_add(counters.acked);
+        loss.pending = loss.pending.saturating_add(counters.pending);
+        if !counters.identity_holds() {
             loss.identity_violations += 1;
         }
-        for (reason, n) in dropped {
-            *loss.dropped.entry(reason).or_default() += n;
+        for (reason, n) in counters.dropped {
+            let total = loss.dropped.entry(reason).or_default();
+            *total = total.saturating_add(n);
         }
     }
-    loss.in_warehouse = warehouse
-        .query_row(
-            "SELECT count(*) FROM events WHERE source = 'client' AND (?1 IS NULL OR site = ?1)",
-            params![site],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(|e| store_error(path, e))? as u64;
-    loss.seq_gaps = warehouse
-        .query_row(
-            "SELECT coalesce(sum(top - n), 0) FROM (
-               SELECT max(seq) AS top, count(DISTINCT seq) AS n FROM events
-               WHERE source = 'client' AND seq IS NOT NULL AND (?1 IS NULL OR site = ?1)
-               GROUP BY device_id)",
-            params![site],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(|e| store_error(path, e))? as u64;
+    loss.in_warehouse = count(
+        warehouse
+            .query_row(
+                "SELECT count(*) FROM events WHERE source = 'client' AND (?1 IS NULL OR site = ?1)",
+                params![site],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|e| store_error(path, e))?,
+    );
+    // Seqs start at 1. A stream is capped at a million gaps, so one forged seq cannot drown
+    // the figure.
+    loss.seq_gaps = count(
+        warehouse
+            .query_row(
+                "SELECT coalesce(sum(min(top - n, 1000000)), 0) FROM (
+                   SELECT max(seq) AS top, count(DISTINCT seq) AS n FROM events
+                   WHERE source = 'client' AND seq >= 1 AND (?1 IS NULL OR site = ?1)
+                   GROUP BY device_id)",
+                params![site],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|e| store_error(path, e))?,
+    );
     if let Some(spool_path) = stores.spool.as_deref().filter(|p| p.exists()) {
         let spool = open_read_only(spool_path)?;
         let has_tally: Option<String> = spool
@@ -488,24 +513,19 @@ fn loss_by_stage(
             .optional()
             .map_err(|e| store_error(spool_path, e))?;
         if has_tally.is_some() {
-            let (accepted, duplicates): (i64, i64) = spool
+            let (accepted, duplicates, rejected): (i64, i64, i64) = spool
                 .query_row(
-                    "SELECT coalesce(sum(accepted), 0), coalesce(sum(duplicates), 0) FROM tally
-                     WHERE source = 'client' AND (?1 IS NULL OR site = ?1)",
+                    "SELECT coalesce(sum(accepted), 0), coalesce(sum(duplicates), 0),
+                            coalesce(sum(rejected), 0)
+                     FROM tally WHERE source = 'client' AND (?1 IS NULL OR site = ?1)",
                     params![site],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .map_err(|e| store_error(spool_path, e))?;
-            loss.accepted_by_relay = accepted as u64;
-            loss.duplicates_removed = duplicates as u64;
+            loss.accepted_by_relay = count(accepted);
+            loss.duplicates_removed = count(duplicates);
+            loss.rejected_by_relay = count(rejected);
         }
-        loss.rejected_by_relay = spool
-            .query_row(
-                "SELECT count(*) FROM dead_letter WHERE stage = 'ingest' AND (?1 IS NULL OR site = ?1)",
-                params![site],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(|e| store_error(spool_path, e))? as u64;
     }
     Ok(loss)
 }
@@ -516,6 +536,14 @@ impl Report {
         self.metrics
             .iter()
             .filter_map(|m| m.days.last().map(|d| (m, d)))
+    }
+
+    /// The latest complete day (yesterday) of each metric, whose `moved` is meaningful.
+    pub fn latest_complete(&self) -> impl Iterator<Item = (&MetricReport, &DayRow)> {
+        self.metrics.iter().filter_map(|m| {
+            let n = m.days.len();
+            (n >= 2).then(|| (m, &m.days[n - 2]))
+        })
     }
 
     /// Every (metric, day) whose gap moved beyond its trailing average.

@@ -63,17 +63,39 @@ impl TruthDb {
     }
 }
 
-/// The URL without its password, for messages and printed configurations.
+/// The URL without its passwords (in the userinfo or in `password=`/`sslpassword=`
+/// parameters), for messages and printed configurations.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+            let userinfo = &base[scheme + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
+            format!("{}{}:***{}", &base[..scheme + 3], user, &base[at..])
         }
-        _ => url.to_string(),
+        _ => base.to_string(),
+    };
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.to_ascii_lowercase().ends_with("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
+
+/// How long connecting to PostgreSQL may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long one metric's query may run (a runaway query must not hold the schedule).
+const STATEMENT_TIMEOUT: &str = "60s";
 
 fn truth_error(metric: &str, detail: impl std::fmt::Display) -> ReconcileError {
     ReconcileError::Truth {
@@ -151,13 +173,22 @@ fn query_postgres(
     metric: &str,
     sql: &str,
 ) -> Result<BTreeMap<String, TruthDay>, ReconcileError> {
-    let mut client = postgres::Client::connect(url, postgres::NoTls)
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e| truth_error(metric, format!("{}: {e}", redact(url))))?;
+    config.connect_timeout(CONNECT_TIMEOUT);
+    let mut client = config
+        .connect(postgres::NoTls)
         .map_err(|e| truth_error(metric, format!("cannot connect to {}: {e}", redact(url))))?;
     let mut tx = client
         .build_transaction()
         .read_only(true)
         .start()
         .map_err(|e| truth_error(metric, e))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'"
+    ))
+    .map_err(|e| truth_error(metric, e))?;
     let rows = tx.query(sql, &[]).map_err(|e| truth_error(metric, e))?;
     let mut out = BTreeMap::new();
     for row in rows {
@@ -219,6 +250,10 @@ mod tests {
             .to_string();
         assert!(err.contains("sqlite:<path>"), "{err}");
         assert!(!err.contains("secret"), "the password is not echoed: {err}");
+        assert_eq!(
+            redact("postgres://u:pw@h:5432/db?sslmode=disable&password=pw2"),
+            "postgres://u:***@h:5432/db?sslmode=disable&password=***"
+        );
         assert!(TruthDb::parse("sqlite:").is_err());
     }
 
