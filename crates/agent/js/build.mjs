@@ -3,6 +3,7 @@
 //
 //   cargo build (wasm32, profile "wasm")  →  wasm-opt -Oz (if installed)
 //   →  wasm-bindgen --target web
+//   →  esbuild: core.js (the Agent, with host.js and queue.js) and wasm-bindgen's glue, one module
 //   →  dist/trueup_agent_bg.<hash>.wasm, dist/trueup_agent.<hash>.js   (long-cache names)
 //   →  dist/trueup.js (npm entry, ESM) and dist/loader.js (<script> entry, IIFE; short-cache)
 //   →  .gz and .br siblings of each, dist/trueup.d.ts, dist/manifest.json
@@ -10,9 +11,9 @@
 // The hashes are of the final bytes, and the glue's hash covers the wasm's name, so a new wasm
 // always comes with a new glue name: the year-long cache never pairs a glue with the wrong wasm.
 //
-// `node build.mjs --from DIR` skips cargo and wasm-bindgen and takes DIR/trueup_agent.js and
-// DIR/trueup_agent_bg.wasm as they are; `--out DIR` writes there instead of dist/ (the tests
-// build a fake core this way).
+// `node build.mjs --from DIR` skips cargo, wasm-bindgen and core.js and takes DIR/trueup_agent.js
+// (a complete core module: default init, initSync, Agent) and DIR/trueup_agent_bg.wasm as they
+// are; `--out DIR` writes there instead of dist/ (the tests build a fake core this way).
 
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -46,7 +47,7 @@ const hash8 = (bytes) => createHash("sha256").update(bytes).digest("hex").slice(
 function compileCore() {
   const dir = arg("--from");
   if (dir) {
-    return { glue: path.join(dir, "trueup_agent.js"), wasm: path.join(dir, "trueup_agent_bg.wasm") };
+    return { glue: path.join(dir, "trueup_agent.js"), wasm: path.join(dir, "trueup_agent_bg.wasm"), bundle: false };
   }
   const meta = JSON.parse(execFileSync("cargo", ["metadata", "--format-version", "1", "--no-deps"],
     { cwd: root, encoding: "utf8" }));
@@ -77,7 +78,7 @@ function compileCore() {
   run("wasm-bindgen", ["--target", "web", "--remove-name-section", "--remove-producers-section",
     "--out-dir", work, "--out-name", "trueup_agent", wasm]);
   wasm = path.join(work, "trueup_agent_bg.wasm");
-  return { glue: path.join(work, "trueup_agent.js"), wasm };
+  return { glue: path.join(work, "trueup_agent.js"), wasm, bundle: true };
 }
 
 async function main() {
@@ -91,18 +92,30 @@ async function main() {
 
   // The glue's default URL for the wasm becomes the hashed name, so that bundlers resolving
   // `new URL(…, import.meta.url)` in it find a file that exists.
-  let glueSource = fs.readFileSync(core.glue, "utf8");
-  if (!/\bclass Agent\b/.test(glueSource)) throw new Error(`${core.glue} exports no Agent`);
   const defaultWasm = /(['"])(\.\/)?trueup_agent_bg\.wasm\1/g;
-  glueSource = glueSource.replace(defaultWasm, JSON.stringify(`./${wasmName}`));
-  const glue = await esbuild.transform(glueSource, { format: "esm", minify: true, target: TARGET });
-  const glueName = write(`trueup_agent.${hash8(glue.code)}.js`, glue.code);
+  const glueSource = fs.readFileSync(core.glue, "utf8").replace(defaultWasm, JSON.stringify(`./${wasmName}`));
+  let glueCode;
+  if (core.bundle) {
+    // core.js imports wasm-bindgen's glue as "trueup-glue".
+    const patched = core.glue.replace(/\.js$/, ".hashed.js");
+    fs.writeFileSync(patched, glueSource);
+    const out = await esbuild.build({
+      entryPoints: [path.join(here, "core.js")], bundle: true, write: false, format: "esm",
+      minify: true, target: TARGET, legalComments: "none", logLevel: "warning",
+      plugins: [{ name: "glue", setup: (b) => b.onResolve({ filter: /^trueup-glue$/ }, () => ({ path: patched })) }],
+    });
+    glueCode = out.outputFiles[0].text;
+  } else {
+    glueCode = (await esbuild.transform(glueSource, { format: "esm", minify: true, target: TARGET })).code;
+  }
+  const glueName = write(`trueup_agent.${hash8(glueCode)}.js`, glueCode);
 
   // Smoke test: the glue instantiates the wasm and runs its start (what a broken optimizer
   // output fails at). Node has WebAssembly; nothing here needs a browser.
-  const { initSync } = await import(pathToFileURL(path.join(dist, glueName)).href);
+  const glueModule = await import(pathToFileURL(path.join(dist, glueName)).href);
+  if (typeof glueModule.Agent != "function") throw new Error(`${glueName} exports no Agent`);
   try {
-    initSync({ module: wasmBytes });
+    glueModule.initSync({ module: wasmBytes });
   } catch (e) {
     throw new Error(`${wasmName} does not instantiate with its glue: ${e.message}`);
   }
