@@ -1,8 +1,8 @@
 // The agent's build: `npm run build` from the repository root writes dist/, which the relay
 // serves at <prefix>/a/ and which the npm package ships.
 //
-//   cargo build (wasm32, profile "wasm")  →  wasm-opt -Oz (if installed)
-//   →  wasm-bindgen --target web
+//   cargo build (wasm32, profile "wasm", no_std)  →  wasm-bindgen --target web
+//   →  wasm-opt -Oz (binaryen 132 from npm; else Debian's, before wasm-bindgen)
 //   →  esbuild: core.js (the Agent, with host.js and queue.js) and wasm-bindgen's glue, one module
 //   →  dist/trueup_agent_bg.<hash>.wasm, dist/trueup_agent.<hash>.js   (long-cache names)
 //   →  dist/trueup.js (npm entry, ESM) and dist/loader.js (<script> entry, IIFE; short-cache)
@@ -31,7 +31,8 @@ const arg = (flag) => {
 };
 const dist = arg("--out") || path.join(root, "dist");
 const TARGET = "es2021"; // every browser that runs wasm-bindgen's output
-// Debian's wasm-opt (binaryen 108) validates only what is enabled; these are what rustc emits.
+// wasm-opt validates only what is enabled; these are what rustc emits (binaryen 132 also needs
+// --enable-bulk-memory-opt).
 const WASM_OPT_FEATURES = ["--enable-bulk-memory", "--enable-nontrapping-float-to-int",
   "--enable-sign-ext", "--enable-mutable-globals", "--enable-reference-types",
   "--enable-multivalue"];
@@ -56,28 +57,36 @@ function compileCore() {
   // The workspace's size profile for the wasm (opt-level z, panic = abort, …) when it has one.
   const profile = /^\[profile\.wasm\]/m.test(fs.readFileSync(path.join(root, "Cargo.toml"), "utf8"))
     ? "wasm" : "release";
-  run("cargo", ["build", "--profile", profile, "--target", "wasm32-unknown-unknown", "-p", "trueup-agent"]);
+  // Without the default `std` feature: no_std, with a panic handler that traps (src/lib.rs).
+  run("cargo", ["build", "--profile", profile, "--target", "wasm32-unknown-unknown", "-p", "trueup-agent",
+    "--no-default-features"]);
   if (!has("wasm-bindgen")) {
     throw new Error("wasm-bindgen is not installed: cargo install wasm-bindgen-cli --version 0.2.130");
   }
   let wasm = path.join(meta.target_directory, "wasm32-unknown-unknown", profile, "trueup_agent.wasm");
-  // wasm-opt runs before wasm-bindgen, not after: binaryen 108 (Debian's) re-points the
-  // export of wasm-bindgen's second table (`__wbindgen_externrefs`) at table 0 when it writes
-  // a module with two tables, and the page then fails at start with "WebAssembly.Table.set():
-  // Argument 1 is invalid for table". Before bindgen there is one table; the sizes come out
-  // within 2% of optimizing after.
-  if (has("wasm-opt")) {
+  fs.mkdirSync(work, { recursive: true });
+  // binaryen from npm (the `binaryen` dev dependency, 132) runs after wasm-bindgen: only then can
+  // it drop what wasm-bindgen leaves behind (a function table of closure shims for imports the
+  // core never calls: 2.4 KB gzip). Debian's binaryen 108 cannot run there: it re-points the
+  // export of wasm-bindgen's second table (`__wbindgen_externrefs`) at table 0 when it writes a
+  // module with two tables, and the page then fails at start with "WebAssembly.Table.set():
+  // Argument 1 is invalid for table"; so without the npm one, Debian's runs before wasm-bindgen.
+  const npmWasmOpt = path.join(root, "node_modules", ".bin", "wasm-opt");
+  const after = fs.existsSync(npmWasmOpt);
+  if (!after && has("wasm-opt")) {
     const optimized = path.join(work, "trueup_agent.opt.wasm");
-    fs.mkdirSync(work, { recursive: true });
     run("wasm-opt", ["-Oz", ...WASM_OPT_FEATURES, wasm, "-o", optimized]);
     wasm = optimized;
-  } else {
-    console.warn("build: WARNING wasm-opt not found, the wasm is not size-optimized " +
-      "(apt-get install binaryen)");
+  } else if (!after) {
+    console.warn("build: WARNING wasm-opt not found, the wasm is not size-optimized (npm install)");
   }
   run("wasm-bindgen", ["--target", "web", "--remove-name-section", "--remove-producers-section",
     "--out-dir", work, "--out-name", "trueup_agent", wasm]);
   wasm = path.join(work, "trueup_agent_bg.wasm");
+  if (after) {
+    run(npmWasmOpt, ["-Oz", "--converge", "--strip-target-features", "--strip-producers",
+      ...WASM_OPT_FEATURES, "--enable-bulk-memory-opt", wasm, "-o", wasm]);
+  }
   return { glue: path.join(work, "trueup_agent.js"), wasm, bundle: true };
 }
 

@@ -36,6 +36,8 @@
 //! counted as `queue_full`, even while offline) and by age (events older than `maxAgeMs` are
 //! dropped as `expired` when the sender reads them, `Core::pick`).
 
+use alloc::vec::Vec;
+
 use js_sys::{Array, Object, Reflect};
 use wasm_bindgen::prelude::*;
 

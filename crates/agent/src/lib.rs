@@ -61,6 +61,18 @@
 //! collections beyond `Vec`, talc as the allocator.
 
 #![deny(missing_docs)]
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+// The size build (no `std` feature): a panic traps at once (`unreachable`), which the JS side
+// sees as a WebAssembly.RuntimeError, as with std's `panic = "abort"`, without formatting a
+// message nobody reads. (std's `panic_immediate_abort` would need a nightly compiler.)
+#[cfg(all(not(feature = "std"), target_family = "wasm"))]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    core::arch::wasm32::unreachable()
+}
 
 // Talc instead of Rust's default dlmalloc: smaller in the wasm and faster (its README's
 // WebAssembly benchmarks); single-threaded, as the agent is.
@@ -71,6 +83,8 @@ static TALC: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocato
 pub mod attribution;
 pub mod counters;
 pub mod policy;
+
+use alloc::vec::Vec;
 
 use js_sys::{Array, Object, Reflect};
 use wasm_bindgen::prelude::*;
@@ -443,7 +457,7 @@ impl Core {
         if list.length() > 0 {
             self.keep_rescue(&list);
             self.rescued = true;
-        } else if std::mem::take(&mut self.rescued) {
+        } else if core::mem::take(&mut self.rescued) {
             self.keep_rescue(&JsValue::UNDEFINED);
         }
     }
@@ -663,7 +677,7 @@ impl Core {
     }
 
     fn consent(&mut self, granted: bool) -> JsValue {
-        let held = std::mem::take(&mut self.held);
+        let held = core::mem::take(&mut self.held);
         if granted {
             self.consent = Consent::Granted;
             self.keep(false, "consent", &"granted".into());
