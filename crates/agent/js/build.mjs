@@ -13,7 +13,8 @@
 //
 // `node build.mjs --from DIR` skips cargo, wasm-bindgen and core.js and takes DIR/trueup_agent.js
 // (a complete core module: default init, initSync, Agent) and DIR/trueup_agent_bg.wasm as they
-// are; `--out DIR` writes there instead of dist/ (the tests build a fake core this way).
+// are; `--out DIR` writes there instead of dist/ (the tests build a fake core this way);
+// `--features LIST` builds the core with crate features (e2e/trap.test.mjs: `test-trap`).
 
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -58,8 +59,10 @@ function compileCore() {
   const profile = /^\[profile\.wasm\]/m.test(fs.readFileSync(path.join(root, "Cargo.toml"), "utf8"))
     ? "wasm" : "release";
   // Without the default `std` feature: no_std, with a panic handler that traps (src/lib.rs).
+  // `--features LIST` adds crate features (the e2e trap test builds with `test-trap`).
+  const features = process.argv.includes("--features") ? ["--features", process.argv[process.argv.indexOf("--features") + 1]] : [];
   run("cargo", ["build", "--profile", profile, "--target", "wasm32-unknown-unknown", "-p", "trueup-agent",
-    "--no-default-features"]);
+    "--no-default-features", ...features]);
   if (!has("wasm-bindgen")) {
     throw new Error("wasm-bindgen is not installed: cargo install wasm-bindgen-cli --version 0.2.130");
   }

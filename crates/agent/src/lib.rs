@@ -217,6 +217,9 @@ pub struct Core {
     backoff_until: f64,
     split_limit: f64,
     due_at: f64,
+    /// The next `take` panics (feature `test-trap`).
+    #[cfg(feature = "test-trap")]
+    trap_on_take: bool,
 }
 
 #[wasm_bindgen]
@@ -319,6 +322,8 @@ impl Core {
             backoff_until: 0.0,
             split_limit: f64::INFINITY,
             due_at: f64::INFINITY,
+            #[cfg(feature = "test-trap")]
+            trap_on_take: false,
         };
         core.refresh();
         core.save_identity();
@@ -331,6 +336,12 @@ impl Core {
     /// open, so a `pagehide` beacon can carry them. Returns the reason to drop everything
     /// queued with (opt-out), else undefined.
     pub fn call(&mut self, method: u32, a: JsValue, b: JsValue, ctx: &JsValue) -> JsValue {
+        #[cfg(feature = "test-trap")]
+        if a == "trueup:trap" {
+            panic!("test-trap");
+        } else if a == "trueup:trap-later" {
+            self.trap_on_take = true;
+        }
         match method {
             0 if a.is_string() => self.event(&a, "event/1", b, ctx),
             1 => self.event(&"page_view".into(), "page_view/1", a, ctx),
@@ -363,6 +374,10 @@ impl Core {
     /// the session's last activity (localStorage, with consent) once per task rather than
     /// per event (a Storage write costs ~20 µs).
     pub fn take(&mut self) -> JsValue {
+        #[cfg(feature = "test-trap")]
+        if self.trap_on_take {
+            panic!("test-trap");
+        }
         self.keep(true, "seq", &self.seq.into());
         if self.consent == Consent::Granted {
             self.keep(
