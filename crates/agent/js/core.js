@@ -194,12 +194,13 @@ export class Agent {
       if (!key.startsWith("trueup.rescue.")) continue;
       let records;
       try {
-        records = JSON.parse(localStorage.getItem(key)).filter((r) => typeof r.s == "string" && r.b >= 0);
+        records = JSON.parse(localStorage.getItem(key)).filter((r) => typeof r.i == "string" &&
+          typeof r.s == "string" && typeof r.b == "number" && typeof r.t == "number");
       } catch {
         continue;
       }
-      await this.q.adopt(this.core, records);
-      localStorage.removeItem(key);
+      // Kept when this fails: the next page tries again.
+      await this.q.adopt(this.core, records).then(() => localStorage.removeItem(key), (e) => this.fail(e));
     }
   }
 
