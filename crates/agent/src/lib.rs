@@ -136,8 +136,11 @@ pub(crate) fn set(o: &JsValue, k: &str, v: &JsValue) {
     let _ = Reflect::set(o, &k.into(), v);
 }
 
+/// A number of the agent's own data (the queue's records, counters and deltas; undefined → 0), by
+/// JS's unary `+`, which is cheaper than `as_f64` (that one returns through linear memory).
 pub(crate) fn num(v: &JsValue) -> f64 {
-    v.as_f64().unwrap_or(0.0)
+    let n = v.unchecked_into_f64();
+    if n.is_nan() { 0.0 } else { n }
 }
 
 fn now() -> f64 {
@@ -725,7 +728,13 @@ impl Core {
         if !id.is_string() {
             return;
         }
-        let ts = get(ctx, "ts").as_f64().unwrap_or_else(now);
+        // (The snippet's queue is the page's: anything may be there.)
+        let ts = get(ctx, "ts");
+        let ts = if js_sys::Number::is_finite(&ts) {
+            num(&ts)
+        } else {
+            now()
+        };
         if self.consent == Consent::Denied {
             self.unstored_drops += 1.0;
             return;
