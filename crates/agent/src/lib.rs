@@ -17,8 +17,9 @@
 //! the answer of the relay and the retry policy (`answered`, `policy`), the send schedule,
 //! and every counter and delta (`counters`). In JS: IndexedDB requests, `fetch`, `sendBeacon`,
 //! Storage, timers and events. Nothing here awaits: a read-write transaction of the queue is
-//! JS reading the stores, the core's `Totals` counting, and JS writing back. (An async Rust
-//! core with wasm-bindgen-futures and web-sys was about twice the size.)
+//! JS reading the stores, the core's `Totals` counting, and JS writing back. (The async Rust
+//! core this replaced, with wasm-bindgen-futures, closures and web-sys, was 46.6 KB of wasm
+//! gzipped; this one is 13.7 KB.)
 //!
 //! # What it promises
 //!
@@ -56,9 +57,11 @@
 //!
 //! # Size
 //!
-//! What the browser downloads is budgeted (`npm run size`), so: no serde, no `format!`, no
-//! Rust strings (JS values are compared and joined in JS), no float parsing or printing, no
-//! collections beyond `Vec`, talc as the allocator.
+//! What the browser downloads is budgeted (30 KB gzip for stub, glue and wasm: `npm run size`),
+//! so: no serde, no `format!` and no panic messages (the shipped build is `no_std` with a panic
+//! handler that traps; see the `std` feature), no Rust strings (JS values are compared and
+//! joined by JS), no float parsing or printing, no collections beyond `Vec`, talc as the
+//! allocator, and as few distinct imports and exports as the work needs (each is glue JS too).
 
 #![deny(missing_docs)]
 #![cfg_attr(not(feature = "std"), no_std)]
