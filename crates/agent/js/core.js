@@ -106,7 +106,7 @@ export class Agent {
   /** Handles `track`, `page`, `identify`, `reset` and `consent` with the call-time context `ctx`. */
   call(method, args, ctx) {
     this.alive();
-    const reason = this.core.call(METHODS.indexOf(method), args[0], args[1], ctx);
+    const reason = this.core.call(METHODS.indexOf(method), args?.[0], args?.[1], ctx);
     if (reason) this.bg(this.q.clear(this.core, reason));
     if (!this.soon) {
       // Every event of this task in one write, issued before the task ends.
