@@ -190,17 +190,19 @@ export class Agent {
 
   /** Adopts the events other tabs rescued when they went away (Core.rescue). */
   async adopt() {
-    for (const key of Object.keys(localStorage)) {
-      if (!key.startsWith("trueup.rescue.")) continue;
-      let records;
+    let keys = [];
+    try {
+      keys = Object.keys(localStorage).filter((k) => k.startsWith("trueup.rescue."));
+    } catch {} // access itself can throw (sandboxed frames, blocked cookies)
+    for (const key of keys) {
       try {
-        records = JSON.parse(localStorage.getItem(key)).filter((r) => typeof r.i == "string" &&
+        const records = JSON.parse(localStorage.getItem(key)).filter((r) => typeof r.i == "string" &&
           typeof r.s == "string" && typeof r.b == "number" && typeof r.t == "number");
-      } catch {
-        continue;
+        await this.q.adopt(this.core, records);
+        localStorage.removeItem(key);
+      } catch (e) {
+        this.fail(e); // the list stays: the next page tries again
       }
-      // Kept when this fails: the next page tries again.
-      await this.q.adopt(this.core, records).then(() => localStorage.removeItem(key), (e) => this.fail(e));
     }
   }
 
@@ -214,8 +216,12 @@ export class Agent {
     const locks = this.q.durable && navigator.locks;
     if (!locks) return this.lead();
     this.asked = 1;
-    locks.request("trueup-sender", () => (this.lead(), new Promise((r) => (this.release = r))))
-      .catch(() => ((this.asked = 0), this.lead()));
+    const refused = () => ((this.asked = 0), this.lead()); // (an opaque origin, …): send anyway
+    try {
+      locks.request("trueup-sender", () => (this.lead(), new Promise((r) => (this.release = r)))).catch(refused);
+    } catch {
+      refused();
+    }
   }
 
   /** Releases the lock (pagehide: the page stays bfcache-eligible; another tab takes over). */
