@@ -38,10 +38,10 @@ export async function until(what, check, ms = 15000, every = 50) {
 }
 
 export class Relay {
-  /** Starts the relay binary with a fresh data dir; `site` is served at `/`. */
-  static async start({ site = join(ROOT, "www"), toml = "" } = {}) {
+  /** Starts the relay binary with a fresh data dir; `site` is served at `/`, `assets` (the agent) at /_r/a/. */
+  static async start({ site = join(ROOT, "www"), toml = "", assets = join(ROOT, "dist") } = {}) {
     if (!existsSync(RELAY)) throw new Error(`${RELAY} is missing: run cargo build -p trueup-relay`);
-    if (!existsSync(join(ROOT, "dist/loader.js"))) throw new Error("dist/ is missing: run npm run build");
+    if (!existsSync(join(assets, "loader.js"))) throw new Error(`${assets} is missing: run npm run build`);
     const r = new Relay();
     r.dir = mkdtempSync(join(tmpdir(), "trueup-e2e-"));
     r.port = await freePort();
@@ -54,7 +54,7 @@ export class Relay {
         `listen = "127.0.0.1:${r.port}"`,
         `admin_listen = "127.0.0.1:${r.adminPort}"`,
         `data_dir = "${join(r.dir, "data")}"`,
-        `asset_dir = "${join(ROOT, "dist")}"`,
+        `asset_dir = "${assets}"`,
         `www_dir = "${site}"`,
         toml,
         toml.includes("[rate_limit]") ? "" : "[rate_limit]\nper_ip_per_sec = 0\nper_site_per_sec = 0",

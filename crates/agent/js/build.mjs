@@ -1,8 +1,9 @@
 // The agent's build: `npm run build` from the repository root writes dist/, which the relay
 // serves at <prefix>/a/ and which the npm package ships.
 //
-//   cargo build (wasm32, profile "wasm")  →  wasm-opt -Oz (if installed)
-//   →  wasm-bindgen --target web
+//   cargo build (wasm32, profile "wasm", no_std)  →  wasm-bindgen --target web
+//   →  wasm-opt -Oz (binaryen 132 from npm; else Debian's, before wasm-bindgen)
+//   →  esbuild: core.js (the Agent, with host.js and queue.js) and wasm-bindgen's glue, one module
 //   →  dist/trueup_agent_bg.<hash>.wasm, dist/trueup_agent.<hash>.js   (long-cache names)
 //   →  dist/trueup.js (npm entry, ESM) and dist/loader.js (<script> entry, IIFE; short-cache)
 //   →  .gz and .br siblings of each, dist/trueup.d.ts, dist/manifest.json
@@ -10,9 +11,10 @@
 // The hashes are of the final bytes, and the glue's hash covers the wasm's name, so a new wasm
 // always comes with a new glue name: the year-long cache never pairs a glue with the wrong wasm.
 //
-// `node build.mjs --from DIR` skips cargo and wasm-bindgen and takes DIR/trueup_agent.js and
-// DIR/trueup_agent_bg.wasm as they are; `--out DIR` writes there instead of dist/ (the tests
-// build a fake core this way).
+// `node build.mjs --from DIR` skips cargo, wasm-bindgen and core.js and takes DIR/trueup_agent.js
+// (a complete core module: default init, initSync, Agent) and DIR/trueup_agent_bg.wasm as they
+// are; `--out DIR` writes there instead of dist/ (the tests build a fake core this way);
+// `--features LIST` builds the core with crate features (e2e/trap.test.mjs: `test-trap`).
 
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -30,7 +32,8 @@ const arg = (flag) => {
 };
 const dist = arg("--out") || path.join(root, "dist");
 const TARGET = "es2021"; // every browser that runs wasm-bindgen's output
-// Debian's wasm-opt (binaryen 108) validates only what is enabled; these are what rustc emits.
+// wasm-opt validates only what is enabled; these are what rustc emits (binaryen 132 also needs
+// --enable-bulk-memory-opt).
 const WASM_OPT_FEATURES = ["--enable-bulk-memory", "--enable-nontrapping-float-to-int",
   "--enable-sign-ext", "--enable-mutable-globals", "--enable-reference-types",
   "--enable-multivalue"];
@@ -46,7 +49,7 @@ const hash8 = (bytes) => createHash("sha256").update(bytes).digest("hex").slice(
 function compileCore() {
   const dir = arg("--from");
   if (dir) {
-    return { glue: path.join(dir, "trueup_agent.js"), wasm: path.join(dir, "trueup_agent_bg.wasm") };
+    return { glue: path.join(dir, "trueup_agent.js"), wasm: path.join(dir, "trueup_agent_bg.wasm"), bundle: false };
   }
   const meta = JSON.parse(execFileSync("cargo", ["metadata", "--format-version", "1", "--no-deps"],
     { cwd: root, encoding: "utf8" }));
@@ -55,29 +58,39 @@ function compileCore() {
   // The workspace's size profile for the wasm (opt-level z, panic = abort, …) when it has one.
   const profile = /^\[profile\.wasm\]/m.test(fs.readFileSync(path.join(root, "Cargo.toml"), "utf8"))
     ? "wasm" : "release";
-  run("cargo", ["build", "--profile", profile, "--target", "wasm32-unknown-unknown", "-p", "trueup-agent"]);
+  // Without the default `std` feature: no_std, with a panic handler that traps (src/lib.rs).
+  // `--features LIST` adds crate features (the e2e trap test builds with `test-trap`).
+  const features = process.argv.includes("--features") ? ["--features", process.argv[process.argv.indexOf("--features") + 1]] : [];
+  run("cargo", ["build", "--profile", profile, "--target", "wasm32-unknown-unknown", "-p", "trueup-agent",
+    "--no-default-features", ...features]);
   if (!has("wasm-bindgen")) {
     throw new Error("wasm-bindgen is not installed: cargo install wasm-bindgen-cli --version 0.2.130");
   }
   let wasm = path.join(meta.target_directory, "wasm32-unknown-unknown", profile, "trueup_agent.wasm");
-  // wasm-opt runs before wasm-bindgen, not after: binaryen 108 (Debian's) re-points the
-  // export of wasm-bindgen's second table (`__wbindgen_externrefs`) at table 0 when it writes
-  // a module with two tables, and the page then fails at start with "WebAssembly.Table.set():
-  // Argument 1 is invalid for table". Before bindgen there is one table; the sizes come out
-  // within 2% of optimizing after.
-  if (has("wasm-opt")) {
+  fs.mkdirSync(work, { recursive: true });
+  // binaryen from npm (the `binaryen` dev dependency, 132) runs after wasm-bindgen: only then can
+  // it drop what wasm-bindgen leaves behind (a function table of closure shims for imports the
+  // core never calls: 2.4 KB gzip). Debian's binaryen 108 cannot run there: it re-points the
+  // export of wasm-bindgen's second table (`__wbindgen_externrefs`) at table 0 when it writes a
+  // module with two tables, and the page then fails at start with "WebAssembly.Table.set():
+  // Argument 1 is invalid for table"; so without the npm one, Debian's runs before wasm-bindgen.
+  const npmWasmOpt = path.join(root, "node_modules", ".bin", "wasm-opt");
+  const after = fs.existsSync(npmWasmOpt);
+  if (!after && has("wasm-opt")) {
     const optimized = path.join(work, "trueup_agent.opt.wasm");
-    fs.mkdirSync(work, { recursive: true });
     run("wasm-opt", ["-Oz", ...WASM_OPT_FEATURES, wasm, "-o", optimized]);
     wasm = optimized;
-  } else {
-    console.warn("build: WARNING wasm-opt not found, the wasm is not size-optimized " +
-      "(apt-get install binaryen)");
+  } else if (!after) {
+    console.warn("build: WARNING wasm-opt not found, the wasm is not size-optimized (npm install)");
   }
   run("wasm-bindgen", ["--target", "web", "--remove-name-section", "--remove-producers-section",
     "--out-dir", work, "--out-name", "trueup_agent", wasm]);
   wasm = path.join(work, "trueup_agent_bg.wasm");
-  return { glue: path.join(work, "trueup_agent.js"), wasm };
+  if (after) {
+    run(npmWasmOpt, ["-Oz", "--converge", "--strip-target-features", "--strip-producers",
+      ...WASM_OPT_FEATURES, "--enable-bulk-memory-opt", wasm, "-o", wasm]);
+  }
+  return { glue: path.join(work, "trueup_agent.js"), wasm, bundle: true };
 }
 
 async function main() {
@@ -91,18 +104,30 @@ async function main() {
 
   // The glue's default URL for the wasm becomes the hashed name, so that bundlers resolving
   // `new URL(…, import.meta.url)` in it find a file that exists.
-  let glueSource = fs.readFileSync(core.glue, "utf8");
-  if (!/\bclass Agent\b/.test(glueSource)) throw new Error(`${core.glue} exports no Agent`);
   const defaultWasm = /(['"])(\.\/)?trueup_agent_bg\.wasm\1/g;
-  glueSource = glueSource.replace(defaultWasm, JSON.stringify(`./${wasmName}`));
-  const glue = await esbuild.transform(glueSource, { format: "esm", minify: true, target: TARGET });
-  const glueName = write(`trueup_agent.${hash8(glue.code)}.js`, glue.code);
+  const glueSource = fs.readFileSync(core.glue, "utf8").replace(defaultWasm, JSON.stringify(`./${wasmName}`));
+  let glueCode;
+  if (core.bundle) {
+    // core.js imports wasm-bindgen's glue as "trueup-glue".
+    const patched = core.glue.replace(/\.js$/, ".hashed.js");
+    fs.writeFileSync(patched, glueSource);
+    const out = await esbuild.build({
+      entryPoints: [path.join(here, "core.js")], bundle: true, write: false, format: "esm",
+      minify: true, target: TARGET, legalComments: "none", logLevel: "warning",
+      plugins: [{ name: "glue", setup: (b) => b.onResolve({ filter: /^trueup-glue$/ }, () => ({ path: patched })) }],
+    });
+    glueCode = out.outputFiles[0].text;
+  } else {
+    glueCode = (await esbuild.transform(glueSource, { format: "esm", minify: true, target: TARGET })).code;
+  }
+  const glueName = write(`trueup_agent.${hash8(glueCode)}.js`, glueCode);
 
   // Smoke test: the glue instantiates the wasm and runs its start (what a broken optimizer
   // output fails at). Node has WebAssembly; nothing here needs a browser.
-  const { initSync } = await import(pathToFileURL(path.join(dist, glueName)).href);
+  const glueModule = await import(pathToFileURL(path.join(dist, glueName)).href);
+  if (typeof glueModule.Agent != "function") throw new Error(`${glueName} exports no Agent`);
   try {
-    initSync({ module: wasmBytes });
+    glueModule.initSync({ module: wasmBytes });
   } catch (e) {
     throw new Error(`${wasmName} does not instantiate with its glue: ${e.message}`);
   }

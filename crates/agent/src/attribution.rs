@@ -6,9 +6,26 @@
 //! each new touch. A new touch also starts a new session. Touches are plain JS objects with
 //! the field names of `trueup_protocol::Touch` (built with js-sys, not serde, for size).
 
-use js_sys::{Object, Reflect};
-use wasm_bindgen::JsValue;
-use web_sys::Url;
+use js_sys::Object;
+use wasm_bindgen::prelude::*;
+
+use crate::{get, set};
+
+#[wasm_bindgen]
+extern "C" {
+    // The few parts of the URL API needed here (web-sys's bindings are larger).
+    #[wasm_bindgen(js_name = URL)]
+    type Url;
+    #[wasm_bindgen(constructor, catch, js_class = URL)]
+    fn new(url: &JsValue) -> Result<Url, JsValue>;
+    #[wasm_bindgen(method, getter)]
+    fn host(this: &Url) -> JsValue;
+    #[wasm_bindgen(method, getter, js_name = searchParams)]
+    fn search_params(this: &Url) -> SearchParams;
+    type SearchParams;
+    #[wasm_bindgen(method)]
+    fn get(this: &SearchParams, name: &str) -> JsValue;
+}
 
 const PARAMS: [&str; 8] = [
     "utm_source",
@@ -21,49 +38,48 @@ const PARAMS: [&str; 8] = [
     "msclkid",
 ];
 
-/// The touch of a page load (its URL and referrer), if it is one.
-pub fn touch_of(href: &str, referrer: &str, now: f64) -> Option<Object> {
+/// The touch of a page load (its URL and referrer, strings), if it is one.
+pub fn touch_of(href: &JsValue, referrer: &JsValue, now: f64) -> Option<JsValue> {
     let url = Url::new(href).ok()?;
     let params = url.search_params();
-    let touch = Object::new();
+    let touch: JsValue = Object::new().into();
     let mut campaign = false;
     for key in PARAMS {
-        if let Some(v) = params.get(key).filter(|v| !v.is_empty()) {
-            let _ = Reflect::set(&touch, &key.into(), &v.into());
+        let v = params.get(key);
+        if v.is_truthy() {
+            set(&touch, key, &v);
             campaign = true;
         }
     }
-    let external = Url::new(referrer)
-        .map(|r| r.host() != url.host())
-        .unwrap_or(false);
+    let external = Url::new(referrer).is_ok_and(|r| r.host() != url.host());
     if !campaign && !external {
         return None;
     }
     if external {
-        let _ = Reflect::set(&touch, &"referrer".into(), &referrer.into());
+        set(&touch, "referrer", referrer);
     }
-    let _ = Reflect::set(&touch, &"landing_page".into(), &href.into());
-    let _ = Reflect::set(&touch, &"ts".into(), &now.into());
+    set(&touch, "landing_page", href);
+    set(&touch, "ts", &now.into());
     Some(touch)
 }
 
 /// Applies a page load's touch to the stored `{first, last}`; returns the new attribution
 /// object and whether there was a touch (a new campaign).
-pub fn apply(stored: &JsValue, touch: Option<Object>) -> (Object, bool) {
-    let attr = Object::new();
-    let first = Reflect::get(stored, &"first".into()).unwrap_or_default();
-    let last = Reflect::get(stored, &"last".into()).unwrap_or_default();
+pub fn apply(stored: &JsValue, touch: Option<JsValue>) -> (JsValue, bool) {
+    let attr: JsValue = Object::new().into();
+    let first = get(stored, "first");
+    let last = get(stored, "last");
     let had_first = first.is_object();
     if had_first {
-        let _ = Reflect::set(&attr, &"first".into(), &first);
+        set(&attr, "first", &first);
     }
     if last.is_object() {
-        let _ = Reflect::set(&attr, &"last".into(), &last);
+        set(&attr, "last", &last);
     }
     let Some(t) = touch else { return (attr, false) };
     if !had_first {
-        let _ = Reflect::set(&attr, &"first".into(), &t);
+        set(&attr, "first", &t);
     }
-    let _ = Reflect::set(&attr, &"last".into(), &t);
+    set(&attr, "last", &t);
     (attr, true)
 }

@@ -41,7 +41,7 @@ pub fn backoff_ms(
     base_ms: f64,
     cap_ms: f64,
 ) -> f64 {
-    let exp = base_ms * 2f64.powi(failures.saturating_sub(1).min(30) as i32);
+    let exp = base_ms * f64::from(1u32 << failures.saturating_sub(1).min(30));
     let jittered = exp.min(cap_ms) * random.clamp(0.0, 1.0);
     match retry_after_secs {
         // The server knows its load: never retry before it asks, however long it asks

@@ -1,97 +1,251 @@
-//! The queue in a real browser (headless Chromium via wasm-bindgen-test): byte cap and
-//! eviction, expiry by age, settling, and the counter identity
-//! `enqueued = acked + dropped + pending` after every step — for the IndexedDB queue and for
-//! the memory queue used when IndexedDB is unavailable.
+//! The agent in a real browser (headless Chromium via wasm-bindgen-test): the queue
+//! (`js/queue.js`, real IndexedDB, with every count taken by the core's `Totals`) — byte cap
+//! and eviction, expiry by age, batches, settling, deltas, and the counter identity
+//! `enqueued = acked + dropped + pending` after every step, for the IndexedDB queue and for the
+//! memory queue used when IndexedDB is unavailable — and the core's decisions: the relay's
+//! answers and the retry policy, stamping and writing events, consent, beacons, attribution.
 //!
 //! Run: `CHROMEDRIVER=/usr/bin/chromedriver cargo test -p trueup-agent --target wasm32-unknown-unknown`
 #![cfg(target_arch = "wasm32")]
 
-use std::cell::RefCell;
-
-use js_sys::JsString;
-use trueup_agent::queue::{Entry, Mem, Queue, Settle, open_idb};
+use js_sys::{Array, Object, Promise, Reflect};
+use trueup_agent::counters::{Counters, delta};
+use trueup_agent::{Core, Host};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
 use wasm_bindgen_test::*;
 
 wasm_bindgen_test_configure!(run_in_browser);
 
-fn entry(i: u32, ts: f64, bytes: f64) -> Entry {
-    let id = String::from("0190000000-")
-        + &char::from_digit(i / 10, 10).unwrap().to_string()
-        + &char::from_digit(i % 10, 10).unwrap().to_string();
-    Entry {
-        id: JsString::from(id.as_str()),
-        json: JsString::from("{\"x\":1}"),
-        bytes,
-        ts,
+#[wasm_bindgen(module = "/js/queue.js")]
+extern "C" {
+    type Queue;
+    #[wasm_bindgen(js_name = openIdb)]
+    fn open_idb(name: &str) -> Promise;
+    fn queue(db: &JsValue) -> Queue;
+    #[wasm_bindgen(method)]
+    fn write(this: &Queue, records: &Array, deltas: &Array) -> Promise;
+    #[wasm_bindgen(method)]
+    fn counters(this: &Queue, acc: &JsValue) -> Promise;
+    #[wasm_bindgen(method)]
+    fn peek(this: &Queue, acc: &JsValue) -> Promise;
+    #[wasm_bindgen(method)]
+    fn settle(
+        this: &Queue,
+        acc: &JsValue,
+        ids: &Array,
+        outcomes: &Array,
+        sent: f64,
+        retried: f64,
+    ) -> Promise;
+    #[wasm_bindgen(method)]
+    fn maintain(this: &Queue, acc: &JsValue, max: f64) -> Promise;
+    #[wasm_bindgen(method)]
+    fn clear(this: &Queue, acc: &JsValue, reason: &str) -> Promise;
+    #[wasm_bindgen(method)]
+    fn adopt(this: &Queue, acc: &JsValue, records: &Array) -> Promise;
+}
+
+#[wasm_bindgen(inline_js = "
+export function recordBeacons(h, accept) {
+  h.beacons = [];
+  h.beacon = (records) => accept-- > 0 && (h.beacons.push(records.map((r) => JSON.parse(r.s).name)), true);
+}
+export function clearStorage() {
+  localStorage.clear();
+  sessionStorage.clear();
+}")]
+extern "C" {
+    /// Makes `host` record (by event name) the beacons it accepts, up to `accept` of them.
+    #[wasm_bindgen(js_name = recordBeacons)]
+    fn record_beacons(host: &JsValue, accept: u32);
+    /// A device that never chose anything (tests share one page and its storage).
+    #[wasm_bindgen(js_name = clearStorage)]
+    fn clear_storage();
+}
+
+#[wasm_bindgen(module = "/js/host.js")]
+extern "C" {
+    fn host(o: &JsValue) -> Host;
+}
+
+async fn wait(p: Promise) -> JsValue {
+    JsFuture::from(p).await.expect("the promise resolves")
+}
+
+fn field(v: &JsValue, path: &[&str]) -> JsValue {
+    let mut cur = v.clone();
+    for k in path {
+        cur = Reflect::get(&cur, &(*k).into()).unwrap_or_default();
     }
+    cur
 }
 
-async fn queues(name: &str) -> Vec<Queue> {
-    let db = open_idb(name).await.expect("IndexedDB opens in Chromium");
-    vec![Queue::Idb(db), Queue::Mem(RefCell::new(Mem::default()))]
+fn text(v: &JsValue, path: &[&str]) -> Option<String> {
+    field(v, path).as_string()
 }
 
-async fn identity(q: &Queue) {
-    let c = q.counters().await;
+/// Options as js/core.js resolves them (what the tests do not set does not matter to them).
+fn options(set: &[(&str, f64)]) -> JsValue {
+    let o: JsValue = Object::new().into();
+    for (k, v) in [
+        ("maxEventBytes", 32_000.0),
+        ("sessionTimeoutMs", 1_800_000.0),
+        ("maxAgeMs", 1e15),
+        ("batchBytes", 60_000.0),
+        ("maxBatchEvents", 200.0),
+        ("flushIntervalMs", 1_000.0),
+        ("retryBaseMs", 1_000.0),
+        ("retryCapMs", 300_000.0),
+    ]
+    .iter()
+    .chain(set)
+    {
+        Reflect::set(&o, &(*k).into(), &(*v).into()).unwrap();
+    }
+    Reflect::set(&o, &"endpoint".into(), &"/_r/q".into()).unwrap();
+    o
+}
+
+fn core_with(set: &[(&str, f64)]) -> Core {
+    clear_storage();
+    let o = options(set);
+    Core::new(
+        &o,
+        host(&o),
+        &"https://shop.example/".into(),
+        &"".into(),
+        false,
+    )
+}
+
+/// A core as the queue's accounting (`acc` in js/queue.js).
+fn acc(set: &[(&str, f64)]) -> JsValue {
+    core_with(set).into()
+}
+
+fn now() -> f64 {
+    js_sys::Date::now()
+}
+
+/// A queued event record `{i, s, b, t}` (`Host::event`'s form).
+fn record(i: u32, ts: f64, bytes: f64) -> JsValue {
+    let r: JsValue = Object::new().into();
+    let id = String::from("0190000000-") + &(100 + i).to_string();
+    for (k, v) in [
+        ("i", JsValue::from(id)),
+        ("s", "{\"x\":1}".into()),
+        ("b", bytes.into()),
+        ("t", ts.into()),
+    ] {
+        Reflect::set(&r, &k.into(), &v).unwrap();
+    }
+    r
+}
+
+fn records(list: &[JsValue]) -> Array {
+    list.iter().collect()
+}
+
+/// Writes events as the core's `take` does: the records and one delta `{n, b}`.
+async fn enqueue(q: &Queue, list: &[JsValue]) {
+    let bytes: f64 = list
+        .iter()
+        .map(|r| field(r, &["b"]).as_f64().unwrap())
+        .sum();
+    let deltas = Array::of1(&delta(list.len() as f64, bytes, &JsValue::UNDEFINED));
+    wait(q.write(&records(list), &deltas)).await;
+}
+
+async fn counters(q: &Queue) -> Counters {
+    let c = Counters::from_js(&wait(q.counters(&acc(&[]))).await);
+    let dropped: Vec<String> = c
+        .dropped
+        .iter()
+        .map(|(r, n)| r.as_string().unwrap() + "=" + &n.to_string())
+        .collect();
     assert!(
         c.identity_holds(),
         "enqueued {} != acked {} + dropped {:?} + pending {}",
         c.enqueued,
         c.acked,
-        c.dropped,
+        dropped,
         c.pending
     );
+    c
+}
+
+async fn peek_ids(q: &Queue, acc: &JsValue) -> Vec<String> {
+    let batch: Array = wait(q.peek(acc)).await.unchecked_into();
+    batch.iter().map(|r| text(&r, &["i"]).unwrap()).collect()
+}
+
+fn ids_of(list: &[JsValue]) -> Vec<String> {
+    list.iter().map(|r| text(r, &["i"]).unwrap()).collect()
+}
+
+async fn queues(name: &str) -> Vec<Queue> {
+    let db = wait(open_idb(name)).await;
+    vec![queue(&db), queue(&JsValue::UNDEFINED)]
 }
 
 #[wasm_bindgen_test]
 async fn byte_cap_evicts_the_oldest_and_counts_it() {
     for q in queues("t-cap").await {
-        let batch: Vec<Entry> = (0..10)
-            .map(|i| entry(i, 1000.0 + f64::from(i), 100.0))
+        let t = now();
+        let batch: Vec<JsValue> = (0..10)
+            .map(|i| record(i, t + f64::from(i), 100.0))
             .collect();
-        q.enqueue(&batch[..6], 550.0).await.unwrap();
-        q.enqueue(&batch[6..], 550.0).await.unwrap();
-        // IndexedDB: the writes only write; the sending tab's maintenance enforces the cap.
-        q.maintain(550.0).await.unwrap();
-        let c = q.counters().await;
-        assert_eq!((c.enqueued, c.pending), (10, 5));
-        assert_eq!(c.dropped("queue_full"), Some(5));
-        identity(&q).await;
-        let left = q.peek(1e9, 100, 2000.0, 1e9).await.unwrap();
-        let ids: Vec<String> = left.iter().map(|e| String::from(&e.id)).collect();
-        let want: Vec<String> = batch[5..].iter().map(|e| String::from(&e.id)).collect();
-        assert_eq!(ids, want, "the newest stay, in order");
+        enqueue(&q, &batch[..6]).await;
+        enqueue(&q, &batch[6..]).await;
+        // The writes only write; the sending tab's maintenance enforces the cap.
+        wait(q.maintain(&acc(&[]), 550.0)).await;
+        let c = counters(&q).await;
+        assert_eq!((c.enqueued, c.pending), (10.0, 5.0));
+        assert_eq!(c.dropped("queue_full"), 5.0);
+        assert_eq!(
+            peek_ids(&q, &acc(&[])).await,
+            ids_of(&batch[5..]),
+            "the newest stay, in order"
+        );
     }
 }
 
 #[wasm_bindgen_test]
 async fn old_events_expire_and_are_counted() {
     for q in queues("t-expiry").await {
+        let t = now();
         let batch = [
-            entry(1, 100.0, 10.0),
-            entry(2, 200.0, 10.0),
-            entry(3, 5_000.0, 10.0),
+            record(1, t - 5_000.0, 10.0),
+            record(2, t - 4_000.0, 10.0),
+            record(3, t - 500.0, 10.0),
         ];
-        q.enqueue(&batch, 1e9).await.unwrap();
-        let out = q.peek(1e9, 100, 6_000.0, 3_000.0).await.unwrap();
-        assert_eq!(out.len(), 1);
-        assert_eq!(String::from(&out[0].id), String::from(&batch[2].id));
-        let c = q.counters().await;
-        assert_eq!(c.dropped("expired"), Some(2));
-        assert_eq!(c.pending, 1);
-        identity(&q).await;
+        enqueue(&q, &batch).await;
+        let out = peek_ids(&q, &acc(&[("maxAgeMs", 3_000.0)])).await;
+        assert_eq!(out, ids_of(&batch[2..]));
+        let c = counters(&q).await;
+        assert_eq!(c.dropped("expired"), 2.0);
+        assert_eq!(c.pending, 1.0);
+        // Expired events left the queue: they are not counted again.
+        peek_ids(&q, &acc(&[("maxAgeMs", 3_000.0)])).await;
+        assert_eq!(counters(&q).await.dropped("expired"), 2.0);
     }
 }
 
 #[wasm_bindgen_test]
-async fn peek_respects_bytes_and_count_but_returns_at_least_one() {
+async fn batches_respect_bytes_and_count_but_take_at_least_one() {
     for q in queues("t-peek").await {
-        let batch: Vec<Entry> = (0..5).map(|i| entry(i, 1000.0, 400.0)).collect();
-        q.enqueue(&batch, 1e9).await.unwrap();
-        assert_eq!(q.peek(1000.0, 100, 1000.0, 1e9).await.unwrap().len(), 2);
-        assert_eq!(q.peek(1e9, 3, 1000.0, 1e9).await.unwrap().len(), 3);
+        let batch: Vec<JsValue> = (0..5).map(|i| record(i, now(), 400.0)).collect();
+        enqueue(&q, &batch).await;
+        // The batch budget is batchBytes - 1000 (room for the envelope).
+        let by_bytes = acc(&[("batchBytes", 2_000.0)]);
+        assert_eq!(peek_ids(&q, &by_bytes).await.len(), 2);
         assert_eq!(
-            q.peek(10.0, 100, 1000.0, 1e9).await.unwrap().len(),
+            peek_ids(&q, &acc(&[("maxBatchEvents", 3.0)])).await.len(),
+            3
+        );
+        assert_eq!(
+            peek_ids(&q, &acc(&[("batchBytes", 1_010.0)])).await.len(),
             1,
             "an oversized event still goes alone"
         );
@@ -101,108 +255,350 @@ async fn peek_respects_bytes_and_count_but_returns_at_least_one() {
 #[wasm_bindgen_test]
 async fn settling_counts_once_and_keeps_the_identity() {
     for q in queues("t-settle").await {
-        let batch: Vec<Entry> = (0..4).map(|i| entry(i, 1000.0, 10.0)).collect();
-        q.enqueue(&batch, 1e9).await.unwrap();
-        let outcomes = vec![
-            (batch[0].id.clone(), Settle::Acked),
-            (batch[1].id.clone(), Settle::Dropped("rejected")),
-        ];
-        q.settle(&outcomes, 4, 0).await.unwrap();
+        let batch: Vec<JsValue> = (0..4).map(|i| record(i, now(), 10.0)).collect();
+        enqueue(&q, &batch).await;
+        let ids: Array = ids_of(&batch[..2]).into_iter().map(JsValue::from).collect();
+        let outcomes = Array::of2(&JsValue::TRUE, &"rejected".into());
+        wait(q.settle(&acc(&[]), &ids, &outcomes, 4.0, 0.0)).await;
         // The same answer again (a second sender, a replayed response): nothing moves.
-        q.settle(&outcomes, 0, 0).await.unwrap();
-        let c = q.counters().await;
-        assert_eq!((c.enqueued, c.acked, c.pending, c.sent), (4, 1, 2, 4));
-        assert_eq!(c.dropped("rejected"), Some(1));
-        identity(&q).await;
-        q.clear("consent").await.unwrap();
-        let c = q.counters().await;
-        assert_eq!((c.pending, c.dropped("consent")), (0, Some(2)));
-        identity(&q).await;
-        q.drop_uncounted("too_large", 3).await.unwrap();
-        identity(&q).await;
+        wait(q.settle(&acc(&[]), &ids, &outcomes, 0.0, 0.0)).await;
+        let c = counters(&q).await;
+        assert_eq!(
+            (c.enqueued, c.acked, c.pending, c.sent),
+            (4.0, 1.0, 2.0, 4.0)
+        );
+        assert_eq!(c.dropped("rejected"), 1.0);
+        // No outcome for an event: it stays queued (a retry).
+        let keep = Array::of2(&JsValue::UNDEFINED, &JsValue::UNDEFINED);
+        wait(q.settle(&acc(&[]), &ids, &keep, 2.0, 2.0)).await;
+        let c = counters(&q).await;
+        assert_eq!((c.pending, c.sent, c.retried), (2.0, 6.0, 2.0));
+        wait(q.clear(&acc(&[]), "consent")).await;
+        let c = counters(&q).await;
+        assert_eq!((c.pending, c.dropped("consent")), (0.0, 2.0));
+        // Events that never entered the queue: a delta with a reason.
+        let drop = Array::of1(&delta(3.0, 0.0, &"too_large".into()));
+        wait(q.write(&Array::new(), &drop)).await;
+        let c = counters(&q).await;
+        assert_eq!((c.enqueued, c.dropped("too_large")), (7.0, 3.0));
     }
 }
 
 #[wasm_bindgen_test]
 async fn counters_include_deltas_not_yet_folded() {
-    let q = Queue::Idb(open_idb("t-deltas").await.unwrap());
-    q.enqueue(&[entry(1, 1000.0, 10.0), entry(2, 1000.0, 10.0)], 1e9)
-        .await
-        .unwrap();
-    q.drop_uncounted("too_large", 1).await.unwrap();
+    let q = queue(&wait(open_idb("t-deltas")).await);
+    enqueue(&q, &[record(1, now(), 10.0), record(2, now(), 10.0)]).await;
+    let drop = Array::of1(&delta(1.0, 0.0, &"too_large".into()));
+    wait(q.write(&Array::new(), &drop)).await;
     // Nothing folded yet: the reader adds the deltas.
-    let c = q.counters().await;
+    let c = counters(&q).await;
     assert_eq!(
         (c.enqueued, c.pending, c.dropped("too_large")),
-        (3, 2, Some(1))
+        (3.0, 2.0, 1.0)
     );
-    identity(&q).await;
     // Folding changes nothing visible, and is idempotent.
-    q.maintain(1e9).await.unwrap();
-    q.maintain(1e9).await.unwrap();
-    assert_eq!(q.counters().await, c);
+    wait(q.maintain(&acc(&[]), 1e9)).await;
+    wait(q.maintain(&acc(&[]), 1e9)).await;
+    let again = counters(&q).await;
+    assert_eq!(
+        (again.enqueued, again.pending, again.dropped("too_large")),
+        (3.0, 2.0, 1.0)
+    );
 }
 
 #[wasm_bindgen_test]
 async fn the_idb_queue_is_shared_across_connections() {
     // Two connections stand for two tabs of the same site.
-    let a = Queue::Idb(open_idb("t-shared").await.unwrap());
-    let b = Queue::Idb(open_idb("t-shared").await.unwrap());
-    a.enqueue(&[entry(1, 1000.0, 10.0)], 1e9).await.unwrap();
-    b.enqueue(&[entry(2, 1000.0, 10.0)], 1e9).await.unwrap();
-    assert_eq!(a.peek(1e9, 100, 1000.0, 1e9).await.unwrap().len(), 2);
-    let c = b.counters().await;
-    assert_eq!((c.enqueued, c.pending), (2, 2));
+    let a = queue(&wait(open_idb("t-shared")).await);
+    let b = queue(&wait(open_idb("t-shared")).await);
+    enqueue(&a, &[record(1, now(), 10.0)]).await;
+    enqueue(&b, &[record(2, now(), 10.0)]).await;
+    assert_eq!(peek_ids(&a, &acc(&[])).await.len(), 2);
+    let c = counters(&b).await;
+    assert_eq!((c.enqueued, c.pending), (2.0, 2.0));
 }
 
-fn field(v: &wasm_bindgen::JsValue, path: &[&str]) -> Option<String> {
-    let mut cur = v.clone();
-    for k in path {
-        cur = js_sys::Reflect::get(&cur, &(*k).into()).ok()?;
+#[wasm_bindgen_test]
+async fn rescued_events_are_adopted_once() {
+    let q = queue(&wait(open_idb("t-adopt")).await);
+    let queued = record(1, now(), 10.0);
+    enqueue(&q, std::slice::from_ref(&queued)).await;
+    // A tab rescued both: one it had committed after all, one it had not.
+    let rescued = records(&[queued, record(2, now(), 20.0)]);
+    wait(q.adopt(&acc(&[]), &rescued)).await;
+    wait(q.adopt(&acc(&[]), &rescued)).await;
+    let c = counters(&q).await;
+    assert_eq!((c.enqueued, c.pending), (2.0, 2.0));
+    assert_eq!(peek_ids(&q, &acc(&[])).await.len(), 2);
+}
+
+fn ctx(id: &str) -> JsValue {
+    let c: JsValue = Object::new().into();
+    for (k, v) in [
+        ("id", JsValue::from(id)),
+        ("ts", now().into()),
+        ("url", "https://shop.example/p/1".into()),
+        ("referrer", "".into()),
+        ("title", "Shop".into()),
+    ] {
+        Reflect::set(&c, &k.into(), &v).unwrap();
     }
-    cur.as_string()
+    c
+}
+
+fn props(k: &str, v: &str) -> JsValue {
+    let p: JsValue = Object::new().into();
+    Reflect::set(&p, &k.into(), &v.into()).unwrap();
+    p
+}
+
+fn json(record: &JsValue) -> JsValue {
+    js_sys::JSON::parse(&text(record, &["s"]).unwrap()).unwrap()
+}
+
+#[wasm_bindgen_test]
+fn events_are_stamped_then_written_once_per_task() {
+    let mut core = core_with(&[("maxEventBytes", 2_000.0)]);
+    core.call(0, "a".into(), props("k", "v"), &ctx("id-a"));
+    core.call(1, JsValue::UNDEFINED, JsValue::UNDEFINED, &ctx("id-b"));
+    core.call(2, "u-1".into(), props("plan", "pro"), &ctx("id-c"));
+    core.call(0, 5.into(), JsValue::UNDEFINED, &ctx("id-x")); // not a name: ignored
+    assert!(
+        core.take().is_undefined(),
+        "nothing is written before the queue is open"
+    );
+    core.opened(false);
+    let w: Array = core.take().unchecked_into();
+    let records: Array = w.get(1).unchecked_into();
+    let events: Vec<JsValue> = records.iter().map(|r| json(&r)).collect();
+    let names: Vec<String> = events.iter().map(|e| text(e, &["name"]).unwrap()).collect();
+    assert_eq!(names, ["a", "page_view", "identify"]);
+    let seqs: Vec<f64> = events
+        .iter()
+        .map(|e| field(e, &["seq"]).as_f64().unwrap())
+        .collect();
+    assert_eq!(seqs[1] - seqs[0], 1.0);
+    assert_eq!(seqs[2] - seqs[1], 1.0);
+    assert_eq!(text(&events[0], &["schema"]).as_deref(), Some("event/1"));
+    assert_eq!(text(&events[0], &["props", "k"]).as_deref(), Some("v"));
+    assert_eq!(text(&events[0], &["source"]).as_deref(), Some("client"));
+    assert_eq!(
+        text(&events[0], &["context", "title"]).as_deref(),
+        Some("Shop")
+    );
+    assert!(field(&events[0], &["context", "referrer"]).is_undefined());
+    assert!(field(&events[0], &["user_id"]).is_undefined());
+    assert_eq!(text(&events[2], &["user_id"]).as_deref(), Some("u-1"));
+    assert_eq!(
+        text(&events[2], &["props", "traits", "plan"]).as_deref(),
+        Some("pro")
+    );
+    let device = text(&events[0], &["device_id"]).unwrap();
+    assert_eq!(device.matches('.').count(), 1, "<device>.<tab>: {device}");
+    let deltas: Array = w.get(2).unchecked_into();
+    assert_eq!(deltas.length(), 1);
+    assert_eq!(field(&deltas.get(0), &["n"]).as_f64(), Some(3.0));
+    assert!(core.take().is_undefined(), "each event is written once");
+    // Too large: counted with the next write, never queued.
+    core.call(
+        0,
+        "big".into(),
+        props("pad", &"x".repeat(3_000)),
+        &ctx("id-d"),
+    );
+    let w: Array = core.take().unchecked_into();
+    assert_eq!(Array::from(&w.get(1)).length(), 0);
+    let d = Array::from(&w.get(2)).get(0);
+    assert_eq!(text(&d, &["r"]).as_deref(), Some("too_large"));
+    // A failed write is counted as storage_unavailable with the next one.
+    core.call(0, "e".into(), JsValue::UNDEFINED, &ctx("id-e"));
+    let w: Array = core.take().unchecked_into();
+    core.written(w.get(0).as_f64().unwrap() as u32, false);
+    let w: Array = core.take().unchecked_into();
+    let d = Array::from(&w.get(2)).get(0);
+    assert_eq!(text(&d, &["r"]).as_deref(), Some("storage_unavailable"));
+    assert_eq!(field(&d, &["n"]).as_f64(), Some(1.0));
+}
+
+#[wasm_bindgen_test]
+fn consent_pending_holds_then_grant_writes_and_refusal_counts() {
+    let o = options(&[]);
+    Reflect::set(&o, &"consent".into(), &"pending".into()).unwrap();
+    clear_storage();
+    let mut core = Core::new(
+        &o,
+        host(&o),
+        &"https://shop.example/".into(),
+        &"".into(),
+        false,
+    );
+    core.opened(false);
+    core.call(0, "held".into(), JsValue::UNDEFINED, &ctx("id-h"));
+    assert!(core.take().is_undefined(), "nothing written while pending");
+    let stats = core.stats(&JsValue::UNDEFINED);
+    assert_eq!(field(&stats, &["enqueued"]).as_f64(), Some(0.0));
+    assert!(
+        core.call(4, JsValue::TRUE, JsValue::UNDEFINED, &ctx("c"))
+            .is_undefined()
+    );
+    let w: Array = core.take().unchecked_into();
+    assert_eq!(
+        Array::from(&w.get(1)).length(),
+        1,
+        "the held event is written"
+    );
+    core.call(0, "later".into(), JsValue::UNDEFINED, &ctx("id-l"));
+    // Opt-out: the queue is to be emptied with reason consent; later events are counted only.
+    let reason = core.call(4, JsValue::FALSE, JsValue::UNDEFINED, &ctx("c"));
+    assert_eq!(reason.as_string().as_deref(), Some("consent"));
+    core.call(0, "after".into(), JsValue::UNDEFINED, &ctx("id-z"));
+    assert!(core.take().is_undefined(), "nothing more is written");
+    let stats = core.stats(&JsValue::UNDEFINED);
+    assert_eq!(field(&stats, &["dropped", "consent"]).as_f64(), Some(1.0));
+}
+
+#[wasm_bindgen_test]
+fn answers_follow_the_retry_policy() {
+    let mut core = core_with(&[("retryBaseMs", 60_000.0)]);
+    let ids: Array = ["a", "b", "c"].iter().map(|s| JsValue::from(*s)).collect();
+    let answer = |statuses: &[&str]| -> JsValue {
+        let results: Array = statuses.iter().map(|s| props("status", s)).collect();
+        let a: JsValue = Object::new().into();
+        Reflect::set(&a, &"results".into(), &results).unwrap();
+        a
+    };
+    let outcomes = |r: &Array| -> Vec<String> {
+        Array::from(&r.get(0))
+            .iter()
+            .map(|o| {
+                o.as_string()
+                    .unwrap_or_else(|| o.as_bool().unwrap().to_string())
+            })
+            .collect()
+    };
+    // 200: per event.
+    let r = core.answered(
+        &ids,
+        Some(200),
+        f64::NAN,
+        &answer(&["accepted", "duplicate", "rejected"]),
+    );
+    assert_eq!(outcomes(&r), ["true", "true", "rejected"]);
+    assert_eq!(
+        (r.get(1).as_f64(), r.get(2).as_bool()),
+        (Some(0.0), Some(true))
+    );
+    // An answer that does not match the batch settles nothing, and backs off.
+    let r = core.answered(&ids, Some(200), 30.0, &answer(&["accepted"]));
+    assert!(outcomes(&r).is_empty());
+    assert_eq!(r.get(2).as_bool(), Some(false));
+    core.wake(1);
+    assert!(!core.due(), "backing off");
+    // A network error or a 503: retried (and counted as retried next time).
+    let r = core.answered(&ids, None, f64::NAN, &JsValue::UNDEFINED);
+    assert!(outcomes(&r).is_empty());
+    assert_eq!(r.get(1).as_f64(), Some(3.0), "sent again after a failure");
+    core.answered(&ids, Some(503), 5.0, &JsValue::UNDEFINED);
+    // Back online: no backoff.
+    core.wake(2);
+    core.wake(1);
+    assert!(core.due());
+    // Other 4xx: dropped as rejected.
+    let r = core.answered(&ids, Some(400), f64::NAN, &JsValue::UNDEFINED);
+    assert_eq!(outcomes(&r), ["rejected", "rejected", "rejected"]);
+    // 413: halve the batch; one event alone: too_large.
+    assert_eq!(core.limit(), 200.0);
+    let r = core.answered(&ids, Some(413), f64::NAN, &JsValue::UNDEFINED);
+    assert!(outcomes(&r).is_empty());
+    assert_eq!((r.get(2).as_bool(), core.limit()), (Some(true), 1.0));
+    let one = Array::of1(&"a".into());
+    let r = core.answered(&one, Some(413), f64::NAN, &JsValue::UNDEFINED);
+    assert_eq!(outcomes(&r), ["too_large"]);
+    assert_eq!(core.limit(), 2.0, "doubles back after a success");
+}
+
+#[wasm_bindgen_test]
+fn beacons_go_unsaved_first_under_the_budget_until_refused() {
+    let o = options(&[("batchBytes", 1_000.0 + 600.0)]);
+    clear_storage();
+    let h = host(&o);
+    record_beacons(&h, 2);
+    let beacons = Reflect::get(&h, &"beacons".into()).unwrap();
+    let mut core = Core::new(&o, h, &"https://shop.example/".into(), &"".into(), false);
+    core.opened(false);
+    let pad = "x".repeat(150);
+    for (i, name) in ["p1", "p2", "p3"].iter().enumerate() {
+        core.call(
+            0,
+            (*name).into(),
+            props("pad", &pad),
+            &ctx(&(String::from("p") + &i.to_string())),
+        );
+    }
+    let w: Array = core.take().unchecked_into();
+    core.written(w.get(0).as_f64().unwrap() as u32, true);
+    for (i, name) in ["u1", "u2"].iter().enumerate() {
+        core.call(
+            0,
+            (*name).into(),
+            props("pad", &pad),
+            &ctx(&(String::from("u") + &i.to_string())),
+        );
+    }
+    core.beacon();
+    // Budget 600 bytes: two events of ~400 do not fit together. The browser accepts two.
+    let sent: Vec<Vec<String>> = Array::from(&beacons)
+        .iter()
+        .map(|b| {
+            Array::from(&b)
+                .iter()
+                .map(|n| n.as_string().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(sent, [vec!["u1"], vec!["u2"]]);
 }
 
 #[wasm_bindgen_test]
 fn attribution_first_touch_stays_last_touch_moves() {
     use trueup_agent::attribution::{apply, touch_of};
     let page = "https://shop.example/landing?utm_source=news&utm_campaign=spring&gclid=abc";
-    let t1 = touch_of(page, "https://www.search.example/", 1.0).expect("a campaign touch");
-    assert_eq!(field(&t1, &["utm_source"]).as_deref(), Some("news"));
-    assert_eq!(field(&t1, &["gclid"]).as_deref(), Some("abc"));
+    let t1 = touch_of(&page.into(), &"https://www.search.example/".into(), 1.0)
+        .expect("a campaign touch");
+    assert_eq!(text(&t1, &["utm_source"]).as_deref(), Some("news"));
+    assert_eq!(text(&t1, &["gclid"]).as_deref(), Some("abc"));
     assert_eq!(
-        field(&t1, &["referrer"]).as_deref(),
+        text(&t1, &["referrer"]).as_deref(),
         Some("https://www.search.example/")
     );
-    assert_eq!(field(&t1, &["landing_page"]).as_deref(), Some(page));
+    assert_eq!(text(&t1, &["landing_page"]).as_deref(), Some(page));
     // Internal navigation and direct visits are not touches.
     assert!(
         touch_of(
-            "https://shop.example/cart",
-            "https://shop.example/landing",
+            &"https://shop.example/cart".into(),
+            &"https://shop.example/landing".into(),
             2.0
         )
         .is_none()
     );
-    assert!(touch_of("https://shop.example/", "", 2.0).is_none());
-    let (attr, new) = apply(&wasm_bindgen::JsValue::UNDEFINED, Some(t1));
+    assert!(touch_of(&"https://shop.example/".into(), &"".into(), 2.0).is_none());
+    let (attr, new) = apply(&JsValue::UNDEFINED, Some(t1));
     assert!(new);
-    let t2 = touch_of("https://shop.example/?utm_source=ads&msclkid=m1", "", 3.0).unwrap();
+    let t2 = touch_of(
+        &"https://shop.example/?utm_source=ads&msclkid=m1".into(),
+        &"".into(),
+        3.0,
+    )
+    .unwrap();
     let (attr, new) = apply(&attr, Some(t2));
     assert!(new);
     assert_eq!(
-        field(&attr, &["first", "utm_source"]).as_deref(),
+        text(&attr, &["first", "utm_source"]).as_deref(),
         Some("news")
     );
-    assert_eq!(
-        field(&attr, &["last", "utm_source"]).as_deref(),
-        Some("ads")
-    );
-    assert_eq!(field(&attr, &["last", "msclkid"]).as_deref(), Some("m1"));
+    assert_eq!(text(&attr, &["last", "utm_source"]).as_deref(), Some("ads"));
+    assert_eq!(text(&attr, &["last", "msclkid"]).as_deref(), Some("m1"));
     let (kept, new) = apply(&attr, None);
     assert!(!new);
-    assert_eq!(
-        field(&kept, &["last", "utm_source"]).as_deref(),
-        Some("ads")
-    );
+    assert_eq!(text(&kept, &["last", "utm_source"]).as_deref(), Some("ads"));
 }

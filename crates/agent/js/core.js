@@ -1,0 +1,282 @@
+// The wasm core's JS side: the Agent that the stub constructs and forwards every call to. It does
+// the browser's I/O (host.js, queue.js): listeners, the send lock, timers, IndexedDB, fetch; every
+// decision (identity, consent, batches, counters, retries, the schedule) is the Rust core's
+// (src/lib.rs). build.mjs bundles this file with wasm-bindgen's glue (imported as "trueup-glue")
+// into trueup_agent.<hash>.js, which the stub imports.
+//
+// What it promises, with the crate docs: the Agent's methods throw only when the core trapped (a
+// Rust panic), and the promises they return reject only then; a trap anywhere, also in the
+// background (a send, a write, a listener), stops the core for good and is reported that way at
+// the next call, so the stub counts it (`wasm_panic`) and its fallback takes over. Nothing is
+// thrown into the page from a listener or a timer.
+
+import init, { Core, initSync } from "trueup-glue";
+import { body, host, landing, post } from "./host.js";
+import { openIdb, queue } from "./queue.js";
+
+export { init as default, initSync };
+
+/** The options and their defaults (README: the agent's options). */
+const DEFAULTS = {
+  site: "",
+  endpoint: "/_r/q",
+  consent: "granted",
+  storage: "auto",
+  maxQueueBytes: 5e6,
+  maxAgeMs: 7 * 864e5,
+  maxEventBytes: 32e3,
+  flushIntervalMs: 1e3,
+  batchBytes: 6e4,
+  maxBatchEvents: 200,
+  sessionTimeoutMs: 18e5,
+  requestTimeoutMs: 1e4,
+  retryBaseMs: 1e3,
+  retryCapMs: 3e5,
+};
+const METHODS = ["track", "page", "identify", "reset", "consent"]; // Core.call's numbering
+// Core.wake(how)
+const WRITTEN = 0;
+const NOW = 1;
+const ONLINE = 2;
+const EMPTY = 3;
+
+const noop = () => {};
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+export class Agent {
+  /** Never throws (but for a trap); opens the queue and takes part in sending in the background. */
+  constructor(given) {
+    const o = (this.o = {});
+    this.generation = 0; // of the sender loop (one at a time)
+    for (const k in DEFAULTS) {
+      const d = DEFAULTS[k];
+      const v = given?.[k];
+      o[k] = typeof v == typeof d && (typeof d == "string" || v > 0) ? v : d;
+    }
+    o.batchBytes = Math.min(o.batchBytes, 63e3); // the page's keepalive budget is 64 KiB
+    let memory = o.storage == "memory";
+    try {
+      memory ||= !indexedDB;
+    } catch {
+      memory = true;
+    }
+    const core = (this.core = new Core(o, host(o), ...landing(), memory));
+    const on = (target, type, fn) => target.addEventListener(type, (e) => this.guard(() => fn(e)));
+    const hide = (e) => {
+      if (e.type == "pagehide" || document.visibilityState == "hidden") {
+        core.rescue();
+        core.beacon();
+        if (e.type == "pagehide") this.unlock();
+      }
+    };
+    on(window, "pagehide", hide);
+    on(document, "visibilitychange", hide);
+    on(window, "online", () => core.wake(ONLINE));
+    on(window, "pageshow", () => {
+      // Back from the bfcache: take part in sending again.
+      if (!this.leader) this.lock();
+      core.wake(WRITTEN);
+    });
+    on(window, "storage", (e) => {
+      // Another tab went away and rescued events it had not committed: adopt them now, not at
+      // the next page load.
+      if (String(e.key).startsWith("trueup.rescue.") && this.q?.durable) {
+        this.bg(this.adopt().then(() => ((this.dirty = 1), core.wake(WRITTEN))));
+      }
+    });
+    try {
+      this.channel = new BroadcastChannel("trueup");
+      this.channel.onmessage = (e) => this.guard(() => core.wake(e.data == "f" ? NOW : WRITTEN));
+    } catch {}
+    this.bg(this.start());
+  }
+
+  /** Opens the queue (IndexedDB, else memory), then persists what was tracked meanwhile and takes part in sending. */
+  async start() {
+    const { core } = this;
+    const db = this.o.storage == "memory" ? undefined : await openIdb("trueup").catch(noop);
+    const q = (this.q = queue(db));
+    core.opened(!db);
+    await q.rw(core, (op, t) => core.stamp(t)).catch((e) => this.fail(e));
+    if (db && core.granted) await this.adopt();
+    await this.persist();
+    this.lock();
+  }
+
+  /** Handles `track`, `page`, `identify`, `reset` and `consent` with the call-time context `ctx`. */
+  call(method, args, ctx) {
+    this.alive();
+    const reason = this.core.call(METHODS.indexOf(method), args?.[0], args?.[1], ctx);
+    if (reason) this.bg(this.q.clear(this.core, reason));
+    if (!this.soon) {
+      // Every event of this task in one write, issued before the task ends.
+      this.soon = 1;
+      queueMicrotask(() => this.persist());
+    }
+  }
+
+  /** Sends what is queued now (in a tab that is not the sender: asks the sending tab to). */
+  async flush() {
+    this.alive();
+    await this.persist();
+    if (this.leader) await this.round();
+    else this.channel?.postMessage("f");
+    this.alive();
+  }
+
+  /** The loss counters (a promise; the core reads them from IndexedDB). */
+  async stats() {
+    this.alive();
+    const counters = this.q && (await this.q.counters(this.core).catch((e) => this.fail(e)));
+    this.alive();
+    return this.core.stats(counters);
+  }
+
+  /** First- and last-touch attribution. */
+  attribution() {
+    this.alive();
+    return this.core.attribution();
+  }
+
+  /** Persists and flushes, then stops sending (timers, lock). */
+  async shutdown() {
+    await this.flush();
+    this.stopped = 1;
+    this.unlock();
+  }
+
+  // ---------------------------------------------------------------------------------------------
+
+  alive() {
+    if (this.dead) throw this.dead;
+  }
+
+  /** A trap stops the core for good (another tab takes over sending); other errors are I/O's. */
+  fail(e) {
+    if (e instanceof WebAssembly.RuntimeError && !this.dead) {
+      this.dead = e;
+      this.unlock();
+    }
+  }
+
+  guard(fn) {
+    try {
+      if (!this.dead) fn();
+    } catch (e) {
+      this.fail(e);
+    }
+  }
+
+  bg(promise) {
+    promise.catch((e) => this.fail(e));
+  }
+
+  /** Writes what this task tracked in one transaction, then tells the sender. */
+  async persist() {
+    this.soon = 0;
+    try {
+      const w = this.core.take();
+      if (!w) return;
+      const ok = await this.q.write(w[1], w[2]).then(() => true, () => false);
+      this.core.written(w[0], ok);
+      if (!ok) return this.persist(); // to count what failed (storage_unavailable)
+      this.dirty = 1;
+      this.core.wake(WRITTEN);
+      if (!this.leader) this.channel?.postMessage("w");
+    } catch (e) {
+      this.fail(e);
+    }
+  }
+
+  /** Adopts the events other tabs rescued when they went away (Core.rescue). */
+  async adopt() {
+    let keys = [];
+    try {
+      keys = Object.keys(localStorage).filter((k) => k.startsWith("trueup.rescue."));
+    } catch {} // access itself can throw (sandboxed frames, blocked cookies)
+    for (const key of keys) {
+      try {
+        const records = JSON.parse(localStorage.getItem(key)).filter((r) => typeof r.i == "string" &&
+          typeof r.s == "string" && typeof r.b == "number" && typeof r.t == "number");
+        await this.q.adopt(this.core, records);
+        localStorage.removeItem(key);
+      } catch (e) {
+        this.fail(e); // the list stays: the next page tries again
+      }
+    }
+  }
+
+  /**
+   * Becomes the sending tab when the lock is granted (at once, or when the sending tab goes
+   * away). Without Web Locks, every tab sends (the relay dedupes); with a queue in memory, each
+   * tab sends its own.
+   */
+  lock() {
+    if (this.asked || !this.q || this.stopped || this.dead) return;
+    const locks = this.q.durable && navigator.locks;
+    if (!locks) return this.lead();
+    this.asked = 1;
+    const refused = () => ((this.asked = 0), this.lead()); // (an opaque origin, …): send anyway
+    try {
+      locks.request("trueup-sender", () => (this.lead(), new Promise((r) => (this.release = r)))).catch(refused);
+    } catch {
+      refused();
+    }
+  }
+
+  /** Releases the lock (pagehide: the page stays bfcache-eligible; another tab takes over). */
+  unlock() {
+    if (this.release) {
+      this.release();
+      this.release = this.leader = this.asked = 0;
+    }
+  }
+
+  lead() {
+    if (this.leader || this.stopped || this.dead) return;
+    this.leader = 1;
+    this.core.wake(NOW); // what earlier pages left goes at once
+    this.bg(this.loop(++this.generation));
+  }
+
+  /**
+   * The sending tab's loop, every 200 ms: folds the tabs' counter deltas and enforces the byte
+   * cap after writes (online or not), and sends when a send is due and the browser is online.
+   */
+  async loop(generation) {
+    for (let first = 1; ; first = 0) {
+      if (!first) await sleep(200);
+      if (!this.leader || this.stopped || this.dead || generation != this.generation) return;
+      if (this.dirty) {
+        this.dirty = 0;
+        await this.q.maintain(this.core, this.o.maxQueueBytes).catch((e) => ((this.dirty = 1), this.fail(e)));
+      }
+      if (navigator.onLine !== false && this.core.due()) await this.round();
+    }
+  }
+
+  /** Sends batches until the queue is empty or an attempt fails. */
+  async round() {
+    const { core, q, o } = this;
+    if (!q || this.busy) return;
+    this.busy = 1;
+    try {
+      for (;;) {
+        const batch = await q.peek(core);
+        if (!batch.length) {
+          core.wake(EMPTY);
+          break;
+        }
+        const ids = batch.map((r) => r.i);
+        const counters = await q.counters(core).catch((e) => this.fail(e));
+        const [status, retryAfter, answer] = await post(o.endpoint, body(o.site, batch, counters), o.requestTimeoutMs);
+        const [outcomes, retried, more] = core.answered(ids, status, retryAfter, answer);
+        await q.settle(core, ids, outcomes, ids.length, retried).catch((e) => this.fail(e));
+        if (!more) break;
+      }
+    } catch (e) {
+      this.fail(e);
+    }
+    this.busy = 0;
+  }
+}
