@@ -47,7 +47,7 @@ export class Agent {
   /** Never throws (but for a trap); opens the queue and takes part in sending in the background. */
   constructor(given) {
     const o = (this.o = {});
-    this.generation = 0; // of the sender loop (one at a time)
+    this.generation = this.lost = 0; // of the sender loop (one at a time); connections lost
     for (const k in DEFAULTS) {
       const d = DEFAULTS[k];
       const v = given?.[k];
@@ -65,7 +65,7 @@ export class Agent {
     const hide = (e) => {
       if (e.type == "pagehide" || document.visibilityState == "hidden") {
         core.rescue();
-        core.beacon();
+        core.beacon(navigator.onLine === false);
         if (e.type == "pagehide") this.unlock();
       }
     };
@@ -80,27 +80,45 @@ export class Agent {
     on(window, "storage", (e) => {
       // Another tab went away and rescued events it had not committed: adopt them now, not at
       // the next page load.
-      if (String(e.key).startsWith("trueup.rescue.") && this.q?.durable) {
+      if (String(e.key).startsWith("trueup.rescue.") && this.q?.durable && core.granted) {
         this.bg(this.adopt().then(() => ((this.dirty = 1), core.wake(WRITTEN))));
       }
     });
     try {
       this.channel = new BroadcastChannel("trueup");
-      this.channel.onmessage = (e) => this.guard(() => core.wake(e.data == "f" ? NOW : WRITTEN));
+      // "w": another tab wrote (the byte cap is to be enforced), "f": it asks for a flush.
+      this.channel.onmessage = (e) => this.guard(() => (e.data == "f" ? core.wake(NOW) : ((this.dirty = 1), core.wake(WRITTEN))));
     } catch {}
     this.bg(this.start());
   }
 
   /** Opens the queue (IndexedDB, else memory), then persists what was tracked meanwhile and takes part in sending. */
   async start() {
+    await this.open(this.o.storage != "memory");
+    this.lock();
+  }
+
+  /**
+   * Opens the queue: IndexedDB when `idb` (else, or where it cannot be opened, memory); adopts
+   * what other tabs rescued and persists what was tracked meanwhile. Opened again when the
+   * connection is lost (the site's data cleared, a newer version elsewhere): a few times, then
+   * in memory.
+   */
+  async open(idb) {
     const { core } = this;
-    const db = this.o.storage == "memory" ? undefined : await openIdb("trueup").catch(noop);
+    const db = idb ? await openIdb("trueup", () => this.bg(this.open(++this.lost < 4))).catch(noop) : undefined;
     const q = (this.q = queue(db));
     core.opened(!db);
     await q.rw(core, (op, t) => core.stamp(t)).catch((e) => this.fail(e));
     if (db && core.granted) await this.adopt();
     await this.persist();
-    this.lock();
+    if (!db && (this.asked || this.leader)) {
+      // Opened again in memory: that queue is this tab's alone, which sends it without the lock.
+      this.unlock();
+      this.lead();
+    }
+    this.dirty = 1;
+    core.wake(WRITTEN);
   }
 
   /** Handles `track`, `page`, `identify`, `reset` and `consent` with the call-time context `ctx`. */
@@ -172,14 +190,16 @@ export class Agent {
   }
 
   /** Writes what this task tracked in one transaction, then tells the sender. */
-  async persist() {
+  async persist(again) {
     this.soon = 0;
     try {
       const w = this.core.take();
       if (!w) return;
-      const ok = await this.q.write(w[1], w[2]).then(() => true, () => false);
+      const { q } = this;
+      const ok = await (w[3] ? q.adopt(this.core, w[1], w[2]) : q.write(w[1], w[2])).then(() => true, () => false);
       this.core.written(w[0], ok);
-      if (!ok) return this.persist(); // to count what failed (storage_unavailable)
+      // Once more at once, to count what failed (storage_unavailable); then with the next write.
+      if (!ok) return again || this.persist(1);
       this.dirty = 1;
       this.core.wake(WRITTEN);
       if (!this.leader) this.channel?.postMessage("w");
@@ -216,20 +236,26 @@ export class Agent {
     const locks = this.q.durable && navigator.locks;
     if (!locks) return this.lead();
     this.asked = 1;
-    const refused = () => ((this.asked = 0), this.lead()); // (an opaque origin, …): send anyway
+    const { signal } = (this.asking = new AbortController());
+    // (an opaque origin, …): send anyway; but not when the request was withdrawn (unlock)
+    const refused = () => signal.aborted || ((this.asked = 0), this.lead());
     try {
-      locks.request("trueup-sender", () => (this.lead(), new Promise((r) => (this.release = r)))).catch(refused);
+      locks.request("trueup-sender", { signal }, () =>
+        // Granted to a tab that has stopped meanwhile: handed on at once.
+        this.stopped || this.dead || signal.aborted ? 0 : (this.lead(), new Promise((r) => (this.release = r)))).catch(refused);
     } catch {
       refused();
     }
   }
 
-  /** Releases the lock (pagehide: the page stays bfcache-eligible; another tab takes over). */
+  /**
+   * Releases the lock, or withdraws the request for it (pagehide: the page stays
+   * bfcache-eligible; another tab takes over; shutdown; a trap).
+   */
   unlock() {
-    if (this.release) {
-      this.release();
-      this.release = this.leader = this.asked = 0;
-    }
+    this.asking?.abort();
+    this.release?.();
+    this.release = this.leader = this.asked = 0;
   }
 
   lead() {
@@ -268,6 +294,7 @@ export class Agent {
           break;
         }
         const ids = batch.map((r) => r.i);
+        core.sending(ids);
         const counters = await q.counters(core).catch((e) => this.fail(e));
         const [status, retryAfter, answer] = await post(o.endpoint, body(o.site, batch, counters), o.requestTimeoutMs);
         const [outcomes, retried, more] = core.answered(ids, status, retryAfter, answer);

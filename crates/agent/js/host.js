@@ -5,6 +5,8 @@
 // Self-contained (no imports): core.js bundles it, and the Rust tests in Chromium import it as is.
 
 const str = (v) => (typeof v == "string" && v) || undefined;
+/** The size of a text in UTF-8 bytes (what the keepalive budget and the relay count). */
+const bytes = (s) => new TextEncoder().encode(s).length;
 const storage = (session) => (session ? sessionStorage : localStorage);
 
 /** The v1 batch body: the events' JSON texts (records `{s}`) joined, with the site and counters. */
@@ -14,9 +16,11 @@ export const body = (site, records, counters) =>
 
 /**
  * POSTs a CORS-simple `text/plain` body with keepalive; `[status, Retry-After (parsed, NaN when
- * absent), the JSON answer of a 2xx]`, or `[]` for a network error or when `ms` passed.
+ * absent), the JSON answer of a 2xx]`, or `[]` for a network error or when `ms` passed. A body
+ * over the keepalive limit (64 KiB) is not sent: `[413]`, so the batch is split.
  */
 export async function post(url, text, ms) {
+  if (bytes(text) > 65536) return [413];
   const abort = new AbortController();
   const timer = setTimeout(() => abort.abort(), ms);
   try {
@@ -59,7 +63,7 @@ export const host = (o) => ({
     try {
       const s = JSON.stringify({ id: i, name, schema, ts: t, source: "client", ...ids, seq, props,
         context: { url: str(c.url), referrer: str(c.referrer), title: str(c.title), ...extra } });
-      return { i, s, b: s.length, t };
+      return { i, s, b: bytes(s), t };
     } catch {} // a cycle or a BigInt in props
   },
   beacon(records) {

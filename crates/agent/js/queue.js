@@ -8,17 +8,32 @@
 
 const noop = () => {};
 
-/** Opens (creating or upgrading) the database `name`; rejects where IndexedDB is unavailable. */
-export const openIdb = (name) =>
+/**
+ * Opens (creating or upgrading) the database `name`; rejects where IndexedDB is unavailable, and
+ * when the open is blocked (another connection at an older version that does not close) for 3 s
+ * or hangs for 10 s. The connection closes itself when another one asks for a new version, and
+ * then, or when the browser closes it (its data cleared), calls `lost`.
+ */
+export const openIdb = (name, lost = noop) =>
   new Promise((ok, ko) => {
+    let done;
+    const give = (e) => done || ((done = 1), ko(e));
+    setTimeout(give, 1e4);
     const r = indexedDB.open(name, 2);
     r.onupgradeneeded = () => {
       const db = r.result;
       ["q", "kv", "d"].forEach((s, i) => db.objectStoreNames.contains(s) ||
         db.createObjectStore(s, { autoIncrement: i > 1 }));
     };
-    r.onsuccess = () => ok(r.result);
-    r.onerror = () => ko(r.error);
+    r.onblocked = () => setTimeout(give, 3e3);
+    r.onsuccess = () => {
+      const db = r.result;
+      if (done) return db.close(); // given up already
+      done = 1;
+      db.onclose = db.onversionchange = () => (db.close(), lost());
+      ok(db);
+    };
+    r.onerror = () => give(r.error);
   });
 
 /** The queue in database `db` (an IDBDatabase), or in memory when `db` is undefined. */
@@ -95,7 +110,7 @@ export function queue(db) {
     rw,
 
     /** Writes events (records `{i, s, b, t}`) and delta records, without reading, in this task. */
-    write(records, deltas) {
+    async write(records, deltas) { // (async: a connection that is closed rejects, not throws)
       const op = begin(["q", "d"], "readwrite");
       for (const { i, s, b, t } of records) op.put("q", { s, b, t }, i);
       for (const d of deltas) op.add("d", d);
@@ -115,17 +130,21 @@ export function queue(db) {
     /** The next batch, oldest first (records `{i, s}`); the expired events on the way go. */
     peek: (acc) => rw(acc, async (op, t) => {
       // Two bulk reads (no cursor round trips) keep the sending tab's transaction short, so the
-      // other tabs' writes wait as little as possible.
-      const [keys, values] = await op.all("q", acc.limit);
-      const out = [];
-      for (let j = 0, total = 0; j < keys.length; j++) {
-        const { s, b, t: ts } = values[j];
-        const verdict = acc.pick(t, b, ts, out.length, total);
-        if (!verdict) break;
-        if (verdict > 1) op.del("q", keys[j]);
-        else out.push({ i: keys[j], s }), (total += b);
+      // other tabs' writes wait as little as possible. A window of expired events only is
+      // deleted, and the next one read (the reads see the deletes).
+      for (;;) {
+        const [keys, values] = await op.all("q", acc.limit);
+        const out = [];
+        let j = 0;
+        for (let total = 0; j < keys.length; j++) {
+          const { s, b, t: ts } = values[j];
+          const verdict = acc.pick(t, b, ts, out.length, total);
+          if (!verdict) break;
+          if (verdict > 1) op.del("q", keys[j]);
+          else out.push({ i: keys[j], s }), (total += b);
+        }
+        if (out.length || !j) return out;
       }
-      return out;
     }),
 
     /**
@@ -148,10 +167,14 @@ export function queue(db) {
       }
     }),
 
-    /** Adds the events other tabs rescued (records) that are not queued; counts those added. */
-    adopt: (acc, records) => rw(acc, async (op, t) => {
+    /**
+     * Adds the events rescued (records) that are not queued, counting those added, and the
+     * delta records `deltas` (Core.take with `check`).
+     */
+    adopt: (acc, records, deltas = []) => rw(acc, async (op, t) => {
       const found = await Promise.all(records.map((r) => op.get("q", r.i)));
       records.forEach(({ i, s, b, t: ts }, j) => found[j] || (op.put("q", { s, b, t: ts }, i), t.adopt(b)));
+      for (const d of deltas) op.add("d", d);
     }),
 
     /** Drops everything queued with `reason` (opt-out). */

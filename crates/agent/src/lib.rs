@@ -32,8 +32,9 @@
 //!   `dropped.queue_full`), or on opt-out (`dropped.consent`). So
 //!   `enqueued = acked + dropped + pending` at every commit.
 //! - One tab sends (a Web Lock); every tab writes. On `pagehide`/`visibilitychange→hidden`,
-//!   each tab beacons its own unacknowledged events (deduped by id at the relay); what does
-//!   not fit stays queued for the next page load. No `unload` listener, and the lock is
+//!   each tab beacons its own unacknowledged events (deduped by id at the relay), but not
+//!   the batch being sent, and, while offline or backing off, only those not written to
+//!   IndexedDB yet; what does not fit stays queued for the next page load. No `unload` listener, and the lock is
 //!   released on `pagehide`, so the page stays bfcache-eligible.
 //! - Nothing throws into the page: the exports do not throw, the host's functions catch, and
 //!   the stub catches around the Agent. A trap (a Rust panic) anywhere, in a call or in the
@@ -173,7 +174,11 @@ struct Item {
     bytes: f64,
     /// 0: not written yet; `n`: in write `n` (`take`); `PERSISTED`.
     batch: u32,
+    /// Not to be beaconed: beaconed already, or in the batch being sent (`sending`).
     beaconed: bool,
+    /// Put in the rescue list before it was written: another tab (or this one, when it opens
+    /// the queue) may adopt it first, so its write must check what is queued (`take`).
+    rescued: bool,
 }
 
 /// The agent's state and decisions; `js/core.js` drives it. Methods never throw.
@@ -208,8 +213,10 @@ pub struct Core {
     page: Vec<Item>,
     /// Events held while consent is pending.
     held: Vec<Item>,
-    /// Events that never entered the queue, by reason, to be counted with the next write.
-    drops: Vec<(JsValue, f64)>,
+    /// Events that never entered the queue, by reason, to be counted with the next write:
+    /// `(reason, n, write)`, `write` 0 until a write carries them (`take`); a failed write
+    /// gives them back (`written`).
+    drops: Vec<(JsValue, f64, u32)>,
     /// Drops counted while nothing may be stored (consent denied).
     unstored_drops: f64,
     writes: u32,
@@ -374,8 +381,10 @@ impl Core {
         JsValue::UNDEFINED
     }
 
-    /// What to write now, once per task: `[write, records, deltas]` (the events not written
-    /// yet and the delta records of this write, `counters::delta`), or undefined. Before
+    /// What to write now, once per task: `[write, records, deltas, check]` (the events not
+    /// written yet and the delta records of this write, `counters::delta`; with `check`, some
+    /// of the events were rescued before this write, so the write adds and counts only those
+    /// not queued yet, js/queue.js `adopt`), or undefined. Before
     /// the queue is open, events wait here. Also keeps the tab's `seq` (sessionStorage) and
     /// the session's last activity (localStorage, with consent) once per task rather than
     /// per event (a Storage write costs ~20 µs).
@@ -399,27 +408,39 @@ impl Core {
         let write = self.writes;
         let records = Array::new();
         let mut bytes = 0.0;
+        let mut check = false;
         for it in self.page.iter_mut().filter(|it| it.batch == 0) {
             it.batch = write;
             records.push(&it.record);
             bytes += it.bytes;
+            check |= it.rescued;
         }
         let deltas = Array::new();
-        if records.length() > 0 {
+        // Events that may have been adopted already are counted by the write itself, only
+        // those not queued (`check`; js/queue.js `adopt`), not by a delta.
+        if records.length() > 0 && !check {
             deltas.push(&delta(records.length().into(), bytes, &JsValue::UNDEFINED));
         }
-        for (reason, n) in self.drops.drain(..) {
-            deltas.push(&delta(n, 0.0, &reason));
+        for (reason, n, w) in self.drops.iter_mut().filter(|d| d.2 == 0) {
+            *w = write;
+            deltas.push(&delta(*n, 0.0, reason));
         }
-        if deltas.length() == 0 {
+        if records.length() == 0 && deltas.length() == 0 {
             return JsValue::UNDEFINED;
         }
-        Array::of3(&write.into(), &records, &deltas).into()
+        let out = Array::of3(&write.into(), &records, &deltas);
+        out.push(&check.into());
+        out.into()
     }
 
     /// Write `write` (`take`) committed (`ok`) or failed: its events are then counted as
-    /// dropped (`storage_unavailable`, with the next write), not lost silently.
+    /// dropped (`storage_unavailable`, with the next write), not lost silently, and the drops
+    /// it carried go with the next write too.
     pub fn written(&mut self, write: u32, ok: bool) {
+        for d in self.drops.iter_mut().filter(|d| d.2 == write) {
+            d.2 = if ok { u32::MAX } else { 0 };
+        }
+        self.drops.retain(|d| d.2 != u32::MAX);
         if ok {
             for it in self.page.iter_mut().filter(|it| it.batch == write) {
                 it.batch = PERSISTED;
@@ -435,7 +456,7 @@ impl Core {
         self.page.retain(|it| it.batch != write);
         let lost = (before - self.page.len()) as f64;
         if lost > 0.0 {
-            self.drops.push(("storage_unavailable".into(), lost));
+            self.drops.push(("storage_unavailable".into(), lost, 0));
         }
     }
 
@@ -472,8 +493,9 @@ impl Core {
             return;
         }
         let list = Array::new();
-        for it in self.page.iter().filter(|it| it.batch != PERSISTED) {
+        for it in self.page.iter_mut().filter(|it| it.batch != PERSISTED) {
             list.push(&it.record);
+            it.rescued |= it.batch == 0;
         }
         if list.length() > 0 {
             self.keep_rescue(&list);
@@ -486,11 +508,17 @@ impl Core {
     /// On `pagehide`/hidden: hands this page's unacknowledged events to `sendBeacon`, in
     /// bodies under the batch budget, until the browser refuses (its keepalive quota). Events
     /// not committed to IndexedDB first: nothing else would save them; then the persisted ones
-    /// (the queue keeps them anyway; a beacon only makes them earlier). No counters: a
-    /// beacon's answer is never read, so they would be stale.
-    pub fn beacon(&mut self) {
+    /// (the queue keeps them anyway; a beacon only makes them earlier), but not those of the
+    /// batch being sent (`sending`), and none while `offline` or backing off (the relay asked
+    /// for a pause, or cannot be reached). No counters: a beacon's answer is never read, so
+    /// they would be stale.
+    pub fn beacon(&mut self, offline: bool) {
         let budget = self.batch_bytes - 1_000.0;
+        let quiet = offline || now() < self.backoff_until;
         for persisted in [false, true] {
+            if persisted && quiet {
+                return;
+            }
             loop {
                 let records = Array::new();
                 let mut picked = Vec::new();
@@ -516,6 +544,13 @@ impl Core {
                     self.page[i].beaconed = true;
                 }
             }
+        }
+    }
+
+    /// The batch `ids` is being sent: a beacon does not send them again.
+    pub fn sending(&mut self, ids: &Array) {
+        for it in self.page.iter_mut() {
+            it.beaconed |= ids.includes(&it.id, 0);
         }
     }
 
@@ -712,14 +747,17 @@ impl Core {
         for k in ["dev", "anon", "user", "sess", "attr"] {
             self.keep(false, k, &JsValue::UNDEFINED);
         }
+        // What was tracked and not written yet is counted too (what was written is the
+        // queue's, which the caller clears with the reason returned).
+        let unwritten = self.page.iter().filter(|it| it.batch == 0).count();
         self.page.clear();
-        let n = held.len() as f64;
+        let n = (held.len() + unwritten) as f64;
         if !self.open {
             self.unstored_drops += n;
             return JsValue::UNDEFINED;
         }
         if n > 0.0 {
-            self.drops.push(("consent".into(), n));
+            self.drops.push(("consent".into(), n, 0));
         }
         "consent".into()
     }
@@ -767,7 +805,7 @@ impl Core {
         let bytes = num(&get(&record, "b"));
         // Unserialisable props (a cycle, a BigInt) count as too large: they cannot be sent.
         if !record.is_object() || bytes > self.max_event_bytes {
-            self.drops.push(("too_large".into(), 1.0));
+            self.drops.push(("too_large".into(), 1.0, 0));
             return;
         }
         let item = Item {
@@ -776,6 +814,7 @@ impl Core {
             bytes,
             batch: 0,
             beaconed: false,
+            rescued: false,
         };
         if self.consent == Consent::Pending {
             self.held.push(item);

@@ -44,6 +44,12 @@ extern "C" {
     fn clear(this: &Queue, acc: &JsValue, reason: &str) -> Promise;
     #[wasm_bindgen(method)]
     fn adopt(this: &Queue, acc: &JsValue, records: &Array) -> Promise;
+    #[wasm_bindgen(method, js_name = adopt)]
+    fn adopt_with(this: &Queue, acc: &JsValue, records: &Array, deltas: &Array) -> Promise;
+    #[wasm_bindgen(method, catch, js_name = write)]
+    fn try_write(this: &Queue, records: &Array, deltas: &Array) -> Result<Promise, JsValue>;
+    #[wasm_bindgen(js_name = openIdb)]
+    fn open_idb_lost(name: &str, lost: &js_sys::Function) -> Promise;
 }
 
 #[wasm_bindgen(inline_js = "
@@ -54,6 +60,22 @@ export function recordBeacons(h, accept) {
 export function clearStorage() {
   localStorage.clear();
   sessionStorage.clear();
+}
+export function openAt(name, version) {
+  return new Promise((ok, ko) => {
+    const r = indexedDB.open(name, version);
+    r.onsuccess = () => ok(r.result);
+    r.onerror = () => ko(r.error);
+    r.onblocked = () => setTimeout(() => ko(new Error('blocked')), 2000);
+  });
+}
+export function settleWithin(p, ms) {
+  return Promise.race([p.then(() => 'resolved', () => 'rejected'), new Promise((r) => setTimeout(() => r('pending'), ms))]);
+}
+export function closeDb(db) { db.close(); }
+export function lostCounter() { return () => (globalThis.lostCalls = (globalThis.lostCalls || 0) + 1); }
+export function takeRescue(stream) {
+  return JSON.parse(localStorage.getItem('trueup.rescue.' + sessionStorage.getItem('trueup.tab')) || '[]');
 }")]
 extern "C" {
     /// Makes `host` record (by event name) the beacons it accepts, up to `accept` of them.
@@ -62,6 +84,21 @@ extern "C" {
     /// A device that never chose anything (tests share one page and its storage).
     #[wasm_bindgen(js_name = clearStorage)]
     fn clear_storage();
+    /// Opens database `name` at `version` with no handlers (another tab's connection); rejects
+    /// when blocked for 2 s.
+    #[wasm_bindgen(js_name = openAt)]
+    fn open_at(name: &str, version: u32) -> Promise;
+    /// "resolved", "rejected", or "pending" when `p` has not settled within `ms`.
+    #[wasm_bindgen(js_name = settleWithin)]
+    fn settle_within(p: &Promise, ms: u32) -> Promise;
+    #[wasm_bindgen(js_name = closeDb)]
+    fn close_db(db: &JsValue);
+    /// A function counting its calls in `globalThis.lostCalls`.
+    #[wasm_bindgen(js_name = lostCounter)]
+    fn lost_counter() -> js_sys::Function;
+    /// This tab's rescue list (`Core::rescue`), as records.
+    #[wasm_bindgen(js_name = takeRescue)]
+    fn take_rescue() -> Array;
 }
 
 #[wasm_bindgen(module = "/js/host.js")]
@@ -452,6 +489,12 @@ fn consent_pending_holds_then_grant_writes_and_refusal_counts() {
     let reason = core.call(4, JsValue::FALSE, JsValue::UNDEFINED, &ctx("c"));
     assert_eq!(reason.as_string().as_deref(), Some("consent"));
     core.call(0, "after".into(), JsValue::UNDEFINED, &ctx("id-z"));
+    // "later" was not written: the next write counts it, and writes nothing more.
+    let w: Array = core.take().unchecked_into();
+    assert_eq!(Array::from(&w.get(1)).length(), 0);
+    let d = Array::from(&w.get(2)).get(0);
+    assert_eq!(text(&d, &["r"]).as_deref(), Some("consent"));
+    core.written(w.get(0).as_f64().unwrap() as u32, true);
     assert!(core.take().is_undefined(), "nothing more is written");
     let stats = core.stats(&JsValue::UNDEFINED);
     assert_eq!(field(&stats, &["dropped", "consent"]).as_f64(), Some(1.0));
@@ -545,7 +588,7 @@ fn beacons_go_unsaved_first_under_the_budget_until_refused() {
             &ctx(&(String::from("u") + &i.to_string())),
         );
     }
-    core.beacon();
+    core.beacon(false);
     // Budget 600 bytes: two events of ~400 do not fit together. The browser accepts two.
     let sent: Vec<Vec<String>> = Array::from(&beacons)
         .iter()
@@ -601,4 +644,183 @@ fn attribution_first_touch_stays_last_touch_moves() {
     let (kept, new) = apply(&attr, None);
     assert!(!new);
     assert_eq!(text(&kept, &["last", "utm_source"]).as_deref(), Some("ads"));
+}
+
+#[wasm_bindgen_test]
+async fn a_read_window_of_expired_events_does_not_hide_the_rest() {
+    for q in queues("t-expired-window").await {
+        let t = now();
+        let old: Vec<JsValue> = (0..3).map(|i| record(i, t - 5_000.0, 10.0)).collect();
+        let fresh = record(9, t, 10.0);
+        enqueue(&q, &old).await;
+        enqueue(&q, std::slice::from_ref(&fresh)).await;
+        let acc = acc(&[("maxAgeMs", 3_000.0), ("maxBatchEvents", 2.0)]);
+        assert_eq!(peek_ids(&q, &acc).await, ids_of(&[fresh]));
+        let c = counters(&q).await;
+        assert_eq!((c.dropped("expired"), c.pending), (3.0, 1.0));
+    }
+}
+
+#[wasm_bindgen_test]
+async fn events_rescued_before_their_write_are_counted_once() {
+    let q = queue(&wait(open_idb("t-rescued-early")).await);
+    let mut core = core_with(&[]);
+    for id in ["r1", "r2", "r3"] {
+        core.call(0, id.into(), JsValue::UNDEFINED, &ctx(id));
+    }
+    // Hidden before the queue opened: the events go to the rescue list, which this tab (or
+    // another one) adopts when it opens the queue, before this tab's own write.
+    core.rescue();
+    let rescued = take_rescue();
+    assert_eq!(rescued.length(), 3);
+    let acc: JsValue = core_with(&[]).into();
+    wait(q.adopt(&acc, &rescued)).await;
+    core.opened(false);
+    core.call(0, "r4".into(), JsValue::UNDEFINED, &ctx("r4"));
+    let w: Array = core.take().unchecked_into();
+    assert_eq!(Array::from(&w.get(1)).length(), 4);
+    // As js/core.js persists: with `check`, only what is not queued is added and counted.
+    let deltas: Array = w.get(2).unchecked_into();
+    if w.get(3).is_truthy() {
+        wait(q.adopt_with(&acc, &w.get(1).unchecked_into(), &deltas)).await;
+    } else {
+        wait(q.write(&w.get(1).unchecked_into(), &deltas)).await;
+    }
+    let c = counters(&q).await;
+    assert_eq!((c.enqueued, c.pending), (4.0, 4.0));
+    assert_eq!(peek_ids(&q, &acc).await.len(), 4);
+}
+
+#[wasm_bindgen_test]
+fn opt_out_counts_what_was_not_written() {
+    // Tracked before the queue opened, then refused: counted, never stored.
+    let mut core = core_with(&[]);
+    core.call(0, "early".into(), JsValue::UNDEFINED, &ctx("id-e"));
+    core.call(4, JsValue::FALSE, JsValue::UNDEFINED, &ctx("c"));
+    let stats = core.stats(&JsValue::UNDEFINED);
+    assert_eq!(field(&stats, &["enqueued"]).as_f64(), Some(1.0));
+    assert_eq!(field(&stats, &["dropped", "consent"]).as_f64(), Some(1.0));
+    // Tracked and refused in the same task, the queue open: the write counts it as consent.
+    let mut core = core_with(&[]);
+    core.opened(false);
+    core.call(0, "written".into(), JsValue::UNDEFINED, &ctx("id-w"));
+    let w: Array = core.take().unchecked_into();
+    core.written(w.get(0).as_f64().unwrap() as u32, true);
+    core.call(0, "same_task".into(), JsValue::UNDEFINED, &ctx("id-s"));
+    let reason = core.call(4, JsValue::FALSE, JsValue::UNDEFINED, &ctx("c"));
+    assert_eq!(reason.as_string().as_deref(), Some("consent"));
+    let w: Array = core.take().unchecked_into();
+    assert_eq!(Array::from(&w.get(1)).length(), 0);
+    let d = Array::from(&w.get(2)).get(0);
+    assert_eq!(text(&d, &["r"]).as_deref(), Some("consent"));
+    assert_eq!(field(&d, &["n"]).as_f64(), Some(1.0));
+}
+
+#[wasm_bindgen_test]
+fn a_failed_write_keeps_its_drop_counts() {
+    let mut core = core_with(&[("maxEventBytes", 500.0)]);
+    core.opened(false);
+    core.call(0, "big".into(), props("pad", &"x".repeat(600)), &ctx("b"));
+    core.call(0, "ok".into(), JsValue::UNDEFINED, &ctx("o"));
+    let drops = |w: &Array| -> Vec<(String, f64)> {
+        Array::from(&w.get(2))
+            .iter()
+            .filter_map(|d| Some((text(&d, &["r"])?, field(&d, &["n"]).as_f64()?)))
+            .collect()
+    };
+    let w: Array = core.take().unchecked_into();
+    assert_eq!(drops(&w), [("too_large".to_string(), 1.0)]);
+    core.written(w.get(0).as_f64().unwrap() as u32, false);
+    // Both failed writes' counts go with the next write, until one commits.
+    for _ in 0..2 {
+        let w: Array = core.take().unchecked_into();
+        assert_eq!(
+            drops(&w),
+            [
+                ("too_large".to_string(), 1.0),
+                ("storage_unavailable".to_string(), 1.0)
+            ]
+        );
+        core.written(w.get(0).as_f64().unwrap() as u32, false);
+        let w: Array = core.take().unchecked_into();
+        core.written(w.get(0).as_f64().unwrap() as u32, false);
+    }
+    let w: Array = core.take().unchecked_into();
+    core.written(w.get(0).as_f64().unwrap() as u32, true);
+    assert!(core.take().is_undefined(), "counted once, when written");
+}
+
+#[wasm_bindgen_test]
+fn beacons_skip_the_batch_in_flight_and_wait_out_a_backoff() {
+    let o = options(&[("retryBaseMs", 60_000.0)]);
+    clear_storage();
+    let h = host(&o);
+    record_beacons(&h, 100);
+    let beacons = Reflect::get(&h, &"beacons".into()).unwrap();
+    let sent = || -> Vec<String> {
+        let out: Vec<String> = Array::from(&beacons)
+            .iter()
+            .flat_map(|b| {
+                Array::from(&b)
+                    .iter()
+                    .map(|n| n.as_string().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        beacons.unchecked_ref::<Array>().set_length(0);
+        out
+    };
+    let mut core = Core::new(&o, h, &"https://shop.example/".into(), &"".into(), false);
+    core.opened(false);
+    for name in ["flying", "queued"] {
+        core.call(0, name.into(), JsValue::UNDEFINED, &ctx(name));
+    }
+    let w: Array = core.take().unchecked_into();
+    core.written(w.get(0).as_f64().unwrap() as u32, true);
+    core.sending(&Array::of1(&"flying".into()));
+    core.call(0, "unwritten".into(), JsValue::UNDEFINED, &ctx("unwritten"));
+    // Offline: only what nothing else holds (not written yet).
+    core.beacon(true);
+    assert_eq!(sent(), ["unwritten"]);
+    // Backing off: the same.
+    core.answered(
+        &Array::of1(&"flying".into()),
+        Some(503),
+        f64::NAN,
+        &JsValue::UNDEFINED,
+    );
+    core.beacon(false);
+    assert!(sent().is_empty(), "nothing written goes while backing off");
+    core.wake(2); // back online: no backoff
+    core.beacon(false);
+    assert_eq!(sent(), ["queued"], "not the batch in flight");
+}
+
+#[wasm_bindgen_test]
+async fn a_blocked_open_gives_up_and_a_newer_version_is_not_blocked() {
+    let name = String::from("t-blocked-") + &now().to_string();
+    // Another tab's connection at version 1, which never closes: the upgrade to 2 is blocked.
+    let old = wait(open_at(&name, 1)).await;
+    let open = open_idb(&name);
+    assert_eq!(wait(settle_within(&open, 6_000)).await, "rejected");
+    close_db(&old);
+    // This agent's connection closes when another one asks for a newer version, and says so.
+    let lost = lost_counter();
+    let name = name + "-b";
+    let db = wait(open_idb_lost(&name, &lost)).await;
+    let newer = wait(open_at(&name, 3)).await;
+    close_db(&newer);
+    assert!(
+        Reflect::get(&js_sys::global(), &"lostCalls".into())
+            .unwrap()
+            .as_f64()
+            >= Some(1.0),
+        "lost is called"
+    );
+    // Writes on the closed connection reject (they do not throw).
+    let q = queue(&db);
+    let p = q
+        .try_write(&records(&[record(1, now(), 1.0)]), &Array::new())
+        .expect("no synchronous throw");
+    assert_eq!(wait(settle_within(&p, 1_000)).await, "rejected");
 }

@@ -94,3 +94,14 @@ test("post: status, Retry-After and the answer of a 2xx; [] for a network error 
   assert.deepEqual(await post("/_r/q", "{}", 50), []);
   assert.ok(Date.now() - t0 < 1000);
 });
+
+test("sizes are UTF-8 bytes, and a body over the keepalive limit is not sent but answered 413", async () => {
+  const r = host(o).event("id-u", "x", "event/1", 1, 1, { t: "中".repeat(1000) }, {}, ids, {});
+  assert.equal(r.b, Buffer.byteLength(r.s), "what the relay and the keepalive budget count");
+  assert.ok(r.b > r.s.length + 1900);
+  let sent = 0;
+  globalThis.fetch = async () => (sent++, { status: 200, ok: true, headers: { get: () => null }, json: async () => ({}) });
+  assert.deepEqual(await post("/_r/q", "中".repeat(22000), 1000), [413], "66 KB in UTF-8");
+  assert.equal(sent, 0);
+  assert.equal((await post("/_r/q", "x".repeat(60000), 1000))[0], 200);
+});
