@@ -48,13 +48,13 @@
 // --no-speed, --no-scenarios, --speed-budget=S (60), --out=FILE.
 // Needs dist/ (npm run build) and target/debug/trueup-relay (cargo build -p trueup-relay).
 
-import { mkdirSync, writeFileSync, readFileSync, existsSync, rmSync } from "node:fs";
+import { mkdirSync, writeFileSync, readFileSync, existsSync } from "node:fs";
 import { cpus } from "node:os";
-import { join, normalize, extname } from "node:path";
+import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { execFileSync } from "node:child_process";
 import { createRequire } from "node:module";
-import { Relay, launch, runId, until, sleep, ROOT } from "./harness.mjs";
+import { Relay, launch, runId, until, sleep, ROOT, serveFromDisk } from "./harness.mjs";
 import { Collector, collectionOf } from "./peers/collector.mjs";
 import { buildPeers } from "./peers/build.mjs";
 
@@ -115,8 +115,6 @@ function bounded(what, p, ms) {
 
 // ---------------------------------------------------------------------------------------------
 // Targets: trueup through the relay, or a peer SDK through the collector. Same interface.
-
-const TYPES = { ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".html": "text/html; charset=utf-8", ".json": "application/json" };
 
 class TrueupTarget {
   name = "trueup";
@@ -187,15 +185,7 @@ class TrueupTarget {
 
   /** The page and the agent's files from disk (what a CDN or the app server would serve). */
   async fromDisk(context) {
-    const origin = this.relay.origin;
-    await context.route((u) => u.origin === origin && !u.pathname.startsWith("/_r/q") && !u.pathname.startsWith("/_r/s"), async (route) => {
-      const p = new URL(route.request().url()).pathname;
-      let file = p.startsWith("/_r/a/") ? join(ROOT, "dist", p.slice("/_r/a/".length)) : join(SITE, p);
-      if (file.endsWith("/")) file = join(file, "index.html");
-      file = normalize(file);
-      if (!existsSync(file)) return route.fulfill({ status: 404, body: "not found" });
-      await route.fulfill({ status: 200, headers: { "content-type": TYPES[extname(file)] || "application/octet-stream" }, body: readFileSync(file) });
-    });
+    await serveFromDisk(context, this.relay, SITE);
   }
 
   async count(run, expected) {
