@@ -26,10 +26,12 @@
 //                 route: the CDN's job, which is not what is down), 2 s later it comes back
 //   multi-tab     3 tabs of the site track 100 events each at the same time; the first closes
 //                 right after its last event, the others stay open
-// Each run ends when every event has arrived and no request has come for 3 s (8 s in ack-lost,
+// Each run ends when every event has arrived and no request has come for 2 s (8 s in ack-lost,
 // so late duplicates are seen), or no request has come for 8 s (15 s in offline, flaky, ack-lost
 // and down-reload, where retries back off and queues are reclaimed after 10 s), or at its
-// deadline (20 s after the last action; 30 s in those four).
+// deadline (20 s after the last action; 30 s in those four). If events are still missing then,
+// one more event is tracked in the open page, the collector healthy again, and the count taken
+// again up to 15 s later ("after one more event"): events still waiting in a queue, or gone.
 // "duplicates" are copies received beyond the first of an event (what a warehouse without dedupe
 // would count twice); "same id" of them carry an id already received (a dedupe by id removes
 // them: trueup's relay does, and answers them `duplicate`, which is how they are counted for
@@ -178,6 +180,8 @@ class TrueupTarget {
   async down() {
     await this.relay.stop(); // SIGTERM: graceful
   }
+  /** The relay's fault injection is set when it starts: it stays on. */
+  async healthy() {}
   async up() {
     await this.relay.spawn(); // same config, data dir and port
     this.lastRequests = -1;
@@ -253,6 +257,10 @@ class PeerTarget {
   }
   async down() {
     await collector.stop();
+  }
+  /** Fault injection off from now on. */
+  async healthy() {
+    collector.setFaults({});
   }
   async up() {
     await collector.start();
@@ -343,18 +351,21 @@ async function drain(target, run, expected, { deadline = 20000, settle = 3000, q
 }
 
 /**
- * When events are still missing at the end of a run where the page is still open: one more
- * event (its own run) and up to 15 s more, to tell events that wait for the next track() call
- * (still in a queue) from events that are gone. {after_one_more_event: delivered}.
+ * The end of every scenario: drain; then, if events are still missing, one more event (its own
+ * run) in the page that is still open, with the collector's fault injection off, and up to 15 s
+ * more, to tell events that wait for the next
+ * track() call (still in a queue) from events that are gone ({after_one_more_event}).
  */
-async function nudge(t, page, run, r) {
-  if (r.delivered === r.expected) return {};
+async function finish(t, page, run, expected, d, extra = {}) {
+  const r = await drain(t, run, expected, d);
+  if (r.delivered === r.expected) return { ...r, ...extra };
   try {
+    await t.healthy();
     await trackN(page, `${run}-nudge`, 1, 0, 0, "bench_nudge");
-    const again = await drain(t, run, r.expected, { deadline: 15000, settle: 2000, quiet: 8000 });
-    return { after_one_more_event: again.delivered, dup_after_one_more_event: again.dup };
+    const again = await drain(t, run, expected, { deadline: 15000, settle: 2000, quiet: 8000 });
+    return { ...r, ...extra, after_one_more_event: again.delivered, dup_after_one_more_event: again.dup };
   } catch (e) {
-    return { after_one_more_event: null, nudge_error: String(e.message || e).split("\n")[0] };
+    return { ...r, ...extra, after_one_more_event: null, nudge_error: String(e.message || e).split("\n")[0] };
   }
 }
 
@@ -365,7 +376,7 @@ const scenarioFns = {
   async steady(t, context, run, d) {
     const page = await open(context, t);
     const n = await trackN(page, run, 200, 0, 10);
-    return drain(t, run, n, d);
+    return finish(t, page, run, n, d);
   },
 
   async "close-burst"(t, context, run, d) {
@@ -374,8 +385,8 @@ const scenarioFns = {
     await closeTab(page);
     await sleep(1000);
     const before = await t.count(run, n);
-    await open(context, t);
-    return { ...(await drain(t, run, n, d)), before_reopen: before.delivered };
+    const again = await open(context, t);
+    return finish(t, again, run, n, d, { before_reopen: before.delivered });
   },
 
   async "navigate-away"(t, context, run, d) {
@@ -386,7 +397,7 @@ const scenarioFns = {
     const before = await t.count(run, n);
     await page.goto(t.url(), { timeout: 15000 });
     await t.ready(page);
-    return { ...(await drain(t, run, n, d)), before_reopen: before.delivered };
+    return finish(t, page, run, n, d, { before_reopen: before.delivered });
   },
 
   async offline(t, context, run, d) {
@@ -396,20 +407,19 @@ const scenarioFns = {
     await sleep(3000);
     const during = await t.count(run, n);
     await context.setOffline(false);
-    const r = await drain(t, run, n, d);
-    return { ...r, while_offline: during.delivered, ...(await nudge(t, page, run, r)) };
+    return finish(t, page, run, n, d, { while_offline: during.delivered });
   },
 
   async flaky(t, context, run, d) {
     const page = await open(context, t);
     const n = await trackN(page, run, 300, 0, 10);
-    return drain(t, run, n, d);
+    return finish(t, page, run, n, d);
   },
 
   async "ack-lost"(t, context, run, d) {
     const page = await open(context, t);
     const n = await trackN(page, run, 100, 0, 30);
-    return drain(t, run, n, d);
+    return finish(t, page, run, n, d);
   },
 
   async "down-reload"(t, context, run, d) {
@@ -428,8 +438,7 @@ const scenarioFns = {
     await sleep(2000);
     const during = await t.count(run, n).catch(() => ({ delivered: 0 }));
     await t.up();
-    const r = await drain(t, run, n, d);
-    return { ...r, reloaded, during_outage: during.delivered, ...(await nudge(t, page, run, r)) };
+    return finish(t, page, run, n, d, { reloaded, during_outage: during.delivered });
   },
 
   async "multi-tab"(t, context, run, d) {
@@ -446,14 +455,14 @@ const scenarioFns = {
     counts.forEach((n, k) => {
       for (let j = 0; j < n; j++) expected.push(k * PER + j);
     });
-    return drain(t, run, expected, d);
+    return finish(t, pages[TABS - 1], run, expected, d);
   },
 };
 
 async function runScenario(target, name, k) {
   const sc = SCENARIOS[name];
   const faults = sc.faults ? { seed: 1000 + k, ...sc.faults } : {};
-  const d = sc.slow ? { deadline: 30000, settle: 3000, quiet: 15000 } : { deadline: 20000, settle: 3000, quiet: 8000 };
+  const d = sc.slow ? { deadline: 30000, settle: 2000, quiet: 15000 } : { deadline: 20000, settle: 2000, quiet: 8000 };
   if (name === "ack-lost") d.settle = 8000; // retries of unanswered requests come seconds later
   await target.begin(faults);
   const context = await browser.newContext();
@@ -710,9 +719,9 @@ function table(result) {
         return `${us(x.median_us)} · ${total}`;
       }).join(" | ")} |`);
     }
-    rows.push(`| main thread, first call → 11,000 delivered | ${sdks.map((s) => {
+    rows.push(`| main thread from the first of those calls until delivered (delivered, when) | ${sdks.map((s) => {
       const x = result.speed[s];
-      return x ? `${ms(x.main_thread_ms_first_call_to_delivered)} (${x.delivered_after.delivered}/${x.delivered_after.of} in ${x.delivered_after.seconds_after_first_call} s)` : "—";
+      return x ? `${ms(x.main_thread_ms_first_call_to_delivered)} (${x.delivered_after.delivered.toLocaleString("en")}/${x.delivered_after.of.toLocaleString("en")} after ${x.delivered_after.seconds_after_first_call} s)` : "—";
     }).join(" | ")} |`);
   }
   if (Object.keys(result.ttfr).length) {
