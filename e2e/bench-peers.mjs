@@ -2,7 +2,8 @@
 // `npm run bench:peers`.
 //
 // trueup goes through the real relay as in e2e/harness.mjs (a fresh relay and data dir per run,
-// counting in its warehouse). posthog-js, Segment analytics-next, RudderStack v3 and Snowplow's
+// counting in its warehouse; in flaky and ack-lost behind e2e/peers/fault-proxy.mjs, which
+// injects the same faults as the collector, from the same seeds). posthog-js, Segment analytics-next, RudderStack v3 and Snowplow's
 // browser tracker are bundled from node_modules (e2e/peers/build.mjs, e2e/peers/sdk/*.mjs) and
 // run against e2e/peers/collector.mjs, a loopback collector that speaks each one's wire format,
 // counts by the SDK's own event id and by the test's own property `i`, serves the config their
@@ -56,9 +57,10 @@ import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { execFileSync } from "node:child_process";
 import { createRequire } from "node:module";
-import { Relay, launch, runId, until, sleep, ROOT, serveFromDisk } from "./harness.mjs";
-import { Collector, collectionOf } from "./peers/collector.mjs";
+import { Relay, launch, runId, until, sleep, ROOT, serveFromDisk, freePort } from "./harness.mjs";
+import { Collector, FaultBag, collectionOf } from "./peers/collector.mjs";
 import { buildPeers } from "./peers/build.mjs";
+import { FaultProxy } from "./peers/fault-proxy.mjs";
 
 const argv = process.argv.slice(2);
 const arg = (name, d) => {
@@ -123,29 +125,36 @@ class TrueupTarget {
   collectPath = "^/_r/q$";
 
   async begin(faults = {}) {
-    const f = [];
+    this.proxy = null;
     if (faults.failRatio || faults.ackLostRatio) {
-      f.push("[faults]", `seed = ${faults.seed ?? 1}`, `fail_ratio = ${faults.failRatio ?? 0}`, `ack_lost_ratio = ${faults.ackLostRatio ?? 0}`);
+      // The same faults as the peers meet at the collector: a proxy in front of the relay.
+      const port = await freePort();
+      this.relay = await Relay.start({ site: SITE, toml: `[[sites]]\nkey = "demo"\norigins = ["http://127.0.0.1:${port}"]` });
+      this.proxy = new FaultProxy({ port, target: this.relay.port, faults });
+      await this.proxy.start();
+    } else {
+      this.relay = await Relay.start({ site: SITE });
     }
-    this.relay = await Relay.start({ site: SITE, toml: f.join("\n") });
     cleanup.push(() => this.relay?.proc?.kill("SIGKILL"));
     this.lastRequests = -1;
     this.lastActivity = Date.now();
   }
 
   async end() {
+    await this.proxy?.stop();
+    this.proxy = null;
     await this.relay?.dispose();
     this.relay = null;
   }
 
   get origin() {
-    return this.relay.origin;
+    return this.proxy ? this.proxy.origin : this.relay.origin;
   }
   url(query = "") {
-    return `${this.relay.origin}/trueup/${query}`;
+    return `${this.origin}/trueup/${query}`;
   }
   noagent() {
-    return `${this.relay.origin}/noagent/`;
+    return `${this.origin}/noagent/`;
   }
 
   async ready(page) {
@@ -168,6 +177,7 @@ class TrueupTarget {
 
   /** The time of the last request to the collection endpoint seen (metrics polled). */
   async activity() {
+    if (this.proxy) return this.proxy.lastCollectAt;
     try {
       if (this.relay.proc.exitCode === null) {
         const m = await this.metrics();
@@ -180,8 +190,10 @@ class TrueupTarget {
   async down() {
     await this.relay.stop(); // SIGTERM: graceful
   }
-  /** The relay's fault injection is set when it starts: it stays on. */
-  async healthy() {}
+  /** Fault injection off from now on. */
+  async healthy() {
+    if (this.proxy) this.proxy.faults = new FaultBag({});
+  }
   async up() {
     await this.relay.spawn(); // same config, data dir and port
     this.lastRequests = -1;
@@ -222,8 +234,18 @@ class TrueupTarget {
       stored_twice: stored - seen.size,
       extra: [...seen.keys()].filter((i) => !wanted.has(i)),
       relay: m,
+      ...(this.proxy ? { requests: proxyRequests(this.proxy) } : {}),
     };
   }
+}
+
+function proxyRequests(proxy) {
+  const by_status = {};
+  for (const r of proxy.requests) {
+    const k = r.fault === "ack_lost" ? "ack_lost" : String(r.status);
+    by_status[k] = (by_status[k] || 0) + 1;
+  }
+  return { count: proxy.requests.length, by_status };
 }
 
 class PeerTarget {

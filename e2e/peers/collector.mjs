@@ -38,6 +38,37 @@ export function seeded(seed) {
   };
 }
 
+/**
+ * Which requests get a fault: {seed, failRatio, ackLostRatio}, exact per block of 10
+ * consecutive requests (e.g. 3 of every 10), at positions drawn from the seeded generator, so
+ * an SDK that makes few requests (batching) still meets its share. `next()`: "503",
+ * "ack_lost" or null. Used by the collector and by the proxy in front of trueup's relay
+ * (fault-proxy.mjs), so every SDK meets the same faults.
+ */
+export class FaultBag {
+  constructor({ seed = 1, failRatio = 0, ackLostRatio = 0 } = {}) {
+    Object.assign(this, { seed, failRatio, ackLostRatio });
+    this.rand = seeded(seed);
+    this.bag = [];
+  }
+
+  next() {
+    if (!this.failRatio && !this.ackLostRatio) return null;
+    if (!this.bag.length) {
+      const slots = new Array(10).fill(null);
+      let k = 0;
+      for (let j = 0; j < Math.round(10 * this.failRatio); j++) slots[k++] = "503";
+      for (let j = 0; j < Math.round(10 * this.ackLostRatio); j++) slots[k++] = "ack_lost";
+      for (let j = slots.length - 1; j > 0; j--) {
+        const r = Math.floor(this.rand() * (j + 1));
+        [slots[j], slots[r]] = [slots[r], slots[j]];
+      }
+      this.bag = slots;
+    }
+    return this.bag.shift();
+  }
+}
+
 /** The page for one SDK: its bundle as a module, init, and an optional track() at start. */
 export function sdkPage(sdk, entry) {
   return `<!doctype html>
@@ -132,30 +163,9 @@ export class Collector {
     this.requestSeq = 0;
   }
 
-  /**
-   * {seed, failRatio, ackLostRatio}: faults on the collection paths from now on. The ratios are
-   * exact per block of 10 consecutive requests (e.g. 3 of every 10), at positions drawn from the
-   * seeded generator, so an SDK that makes few requests (batching) still meets its share.
-   */
-  setFaults({ seed = 1, failRatio = 0, ackLostRatio = 0 }) {
-    this.faults = { seed, failRatio, ackLostRatio };
-    this.rand = seeded(seed);
-    this.bag = [];
-  }
-
-  nextFault() {
-    if (!this.bag.length) {
-      const slots = new Array(10).fill(null);
-      let k = 0;
-      for (let j = 0; j < Math.round(10 * this.faults.failRatio); j++) slots[k++] = "503";
-      for (let j = 0; j < Math.round(10 * this.faults.ackLostRatio); j++) slots[k++] = "ack_lost";
-      for (let j = slots.length - 1; j > 0; j--) {
-        const r = Math.floor(this.rand() * (j + 1));
-        [slots[j], slots[r]] = [slots[r], slots[j]];
-      }
-      this.bag = slots;
-    }
-    return this.bag.shift();
+  /** {seed, failRatio, ackLostRatio}: faults on the collection paths from now on (FaultBag). */
+  setFaults(faults) {
+    this.faults = new FaultBag(faults);
   }
 
   get origin() {
@@ -277,7 +287,7 @@ export class Collector {
       const body = Buffer.concat(chunks);
       const entry = { n, t, method: req.method, path: url.pathname, sdk, status: 0, fault: null, events: 0, bytes: body.length };
       this.requests.push(entry);
-      const fault = this.nextFault();
+      const fault = this.faults.next();
       if (fault === "503") {
         entry.status = 503;
         entry.fault = "503";
