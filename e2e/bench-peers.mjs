@@ -47,7 +47,8 @@
 // track() at page start; a fresh context, --runs times, median).
 //
 // Writes e2e/results/peers.json and prints a markdown table (the README's "Compared with other
-// SDKs"). Options: --runs=N (3), --sdk=trueup,posthog,… (all), --scenario=steady,… (all),
+// SDKs"). Options: --runs=N (3), --sdk=trueup,posthog,… (the five; rudderstack-beacon, RudderStack
+// in its beacon mode, only when named), --scenario=steady,… (all),
 // --no-speed, --no-scenarios, --speed-budget=S (60), --out=FILE.
 // Needs dist/ (npm run build) and target/debug/trueup-relay (cargo build -p trueup-relay).
 
@@ -68,8 +69,9 @@ const arg = (name, d) => {
   return a ? a.slice(name.length + 3) : d;
 };
 const RUNS = Math.max(1, Number(arg("runs", 3)));
-const ALL_SDKS = ["trueup", "posthog", "segment", "rudderstack", "snowplow"];
-const SDKS = arg("sdk", ALL_SDKS.join(",")).split(",").filter((s) => ALL_SDKS.includes(s));
+const DEFAULT_SDKS = ["trueup", "posthog", "segment", "rudderstack", "snowplow"];
+const ALL_SDKS = [...DEFAULT_SDKS, "rudderstack-beacon"]; // the variant runs only when asked for
+const SDKS = arg("sdk", DEFAULT_SDKS.join(",")).split(",").filter((s) => ALL_SDKS.includes(s));
 const SPEED = !argv.includes("--no-speed");
 const DO_SCENARIOS = !argv.includes("--no-scenarios");
 const SPEED_BUDGET_MS = Number(arg("speed-budget", 60)) * 1000;
@@ -251,7 +253,7 @@ function proxyRequests(proxy) {
 class PeerTarget {
   constructor(sdk) {
     this.name = sdk;
-    this.collectPath = { posthog: "^/ph/", segment: "^/seg/v1/", rudderstack: "^/rs/v1/", snowplow: "^/sp/" }[sdk];
+    this.collectPath = { posthog: "^/ph/", segment: "^/seg/v1/", rudderstack: "^/rs/v1/", snowplow: "^/sp/", "rudderstack-beacon": "^/rsb/" }[sdk];
   }
   async begin(faults = {}) {
     if (!collector.up) await collector.start();
@@ -677,13 +679,15 @@ function versions() {
       return null;
     }
   };
-  return {
+  const out = {
     trueup: JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")).version,
     posthog: v("posthog-js"),
     segment: v("@segment/analytics-next"),
     rudderstack: JSON.parse(readFileSync(join(ROOT, "node_modules/@rudderstack/analytics-js/package.json"), "utf8")).version,
     snowplow: v("@snowplow/browser-tracker"),
   };
+  out["rudderstack-beacon"] = out.rudderstack;
+  return out;
 }
 
 const CONFIG = {
@@ -692,6 +696,7 @@ const CONFIG = {
   segment: "@segment/analytics-next from npm, AnalyticsBrowser.load with cdnURL → the collector; standard delivery (its localStorage retry queue) with keepalive: true",
   rudderstack: "@rudderstack/analytics-js/lite from npm (XhrQueue built in, its localStorage queue), configUrl → the collector, batching on (flushInterval 1000, maxItems 100)",
   snowplow: "@snowplow/browser-tracker from npm; POST, bufferSize 1, localStorage event store, keepalive: true, encodeBase64 false, stateStorageStrategy localStorage",
+  "rudderstack-beacon": "as rudderstack, in its beacon mode: useBeacon true (BeaconQueue: sendBeacon, a batch leaves its localStorage queue once the browser accepts the beacon), beaconQueueOptions maxItems 10, flushQueueInterval 1000",
 };
 const STUBS = {
   trueup: "nothing: the relay serves the page's agent and takes the events",
@@ -699,6 +704,7 @@ const STUBS = {
   segment: "cdn.segment.com's settings for the write key (/v1/projects/<key>/settings): only the Segment.io destination, apiHost → the collector, no remote plugins, metrics sampleRate 0",
   rudderstack: "RudderStack's control plane (/sourceConfig): an enabled JS source with no destinations; the lite export instead of plugins from its CDN",
   snowplow: "nothing: the tracker takes a collector URL",
+  "rudderstack-beacon": "as rudderstack",
 };
 
 function cell(s, sdk, scenario) {

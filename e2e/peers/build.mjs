@@ -14,7 +14,7 @@ import { gzipSync } from "node:zlib";
 
 export const PEERS_DIR = import.meta.dirname;
 export const DIST = join(PEERS_DIR, "dist");
-export const SDKS = ["posthog", "segment", "rudderstack", "snowplow"];
+export const SDKS = ["posthog", "segment", "rudderstack", "snowplow", "rudderstack-beacon"];
 
 /** Builds every SDK; {sdk: {entry, files: [{name, raw, gzip}]}} (entry: the file to import). */
 export async function buildPeers() {

@@ -7,6 +7,7 @@
 //   /ph/e/ /ph/batch/ …    posthog-js capture (JSON, or gzip / base64 / form-encoded bodies)
 //   /seg/v1/{t,p,i,b,batch}  Segment tracking API; /seg-cdn/v1/projects/<key>/settings: its CDN settings
 //   /rs/v1/{batch,track,…}   RudderStack data plane; /rs-cdn/sourceConfig/: its control plane's config
+//   /rsb/beacon/v1/batch     RudderStack's beacon mode (the rudderstack-beacon variant)
 //   /sp/com.snowplowanalytics.snowplow/tp2   Snowplow collector (payload_data POST, or GET /sp/i)
 //
 // Every event is decoded and recorded with the SDK's own event id (posthog `uuid`, Segment and
@@ -93,6 +94,7 @@ export function collectionOf(method, pathname) {
   if (method === "POST" && pathname.startsWith("/ph/")) return "posthog";
   if (method === "POST" && pathname.startsWith("/seg/v1/")) return "segment";
   if (method === "POST" && pathname.startsWith("/rs/v1/")) return "rudderstack";
+  if (method === "POST" && pathname.startsWith("/rsb/")) return "rudderstack-beacon";
   if (pathname.startsWith("/sp/")) return "snowplow";
   return null;
 }
@@ -124,7 +126,7 @@ export function eventsOf(sdk, body, url) {
   if (sdk === "posthog") {
     const list = Array.isArray(body) ? body : Array.isArray(body?.batch) ? body.batch : [body];
     for (const e of list) push(e.uuid, e.event, e.properties);
-  } else if (sdk === "segment" || sdk === "rudderstack") {
+  } else if (sdk === "segment" || sdk === "rudderstack" || sdk === "rudderstack-beacon") {
     const list = Array.isArray(body?.batch) ? body.batch : [body];
     for (const e of list) push(e.messageId, e.event, e.properties);
   } else if (sdk === "snowplow") {
@@ -206,7 +208,7 @@ export class Collector {
     const p = url.pathname;
     const json = (o) => ({ status: 200, headers: { "content-type": "application/json" }, body: JSON.stringify(o) });
     if (p === "/noagent/") return { status: 200, headers: { "content-type": TYPES[".html"] }, body: NOAGENT };
-    const page = /^\/(posthog|segment|rudderstack|snowplow)\/$/.exec(p);
+    const page = /^\/(posthog|segment|rudderstack|snowplow|rudderstack-beacon)\/$/.exec(p);
     if (page && this.builds[page[1]]) {
       return { status: 200, headers: { "content-type": TYPES[".html"], "cache-control": "no-store" }, body: sdkPage(page[1], this.builds[page[1]].entry) };
     }
@@ -313,7 +315,7 @@ export class Collector {
         return;
       }
       entry.status = 200;
-      const answer = sdk === "posthog" ? '{"status":1}' : sdk === "rudderstack" ? "OK" : "";
+      const answer = sdk === "posthog" ? '{"status":1}' : sdk.startsWith("rudderstack") ? "OK" : "";
       res.writeHead(200, { ...cors, "content-type": sdk === "posthog" ? "application/json" : "text/plain" }).end(answer);
     });
   }
