@@ -12,8 +12,9 @@
 //
 // Scenarios: steady (200 events over 2 s); close-burst (50 events, the tab closes at once, the
 // site is opened again); navigate-away (20 events, the tab goes at once to a page without the
-// agent: the beacon must carry them); relay-down (100 events while the relay is stopped, the tab
-// closes at once and is gone before the relay comes back, the site is opened again); relay-killed
+// agent: the beacon must carry them); relay-down (100 events while the relay is stopped, the page
+// reloads during the outage, its page and the agent's files served from disk, then the relay
+// comes back); relay-killed
 // (kill -9 ~100 ms after the stream's first request, restart 500 ms later); multi-tab (5 tabs ×
 // 2,000 events; the sending tab and one other closed after a random number of batches; POSTs
 // per tab reported); counters-vs-relay (the relay's agent_counters row for the device agrees
@@ -22,7 +23,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Relay, launch, runId, until, sleep, ROOT, ready, stats, droppedSum, trackN } from "./harness.mjs";
+import { Relay, launch, runId, until, sleep, ROOT, ready, stats, droppedSum, trackN, serveFromDisk } from "./harness.mjs";
 
 const SITES = join(ROOT, "e2e/sites");
 let browser;
@@ -227,22 +228,29 @@ test("navigate-away: 20 events, the tab goes at once to a page without the agent
     assert.equal(beaconed.delivered, n, "navigate-away: all events by beacon, before the site is opened again");
   }));
 
-test("relay-down: 100 events while the relay is stopped, the tab closes, the relay and the site come back", () =>
+test("relay-down: 100 events while the relay is stopped, the page reloads during the outage, then the relay comes back", () =>
   withRelay(async (relay, context) => {
     const page = await openSite(context, relay);
+    // From now on the page and the agent's files come from disk (as from a CDN or the app's
+    // server), so the reload below succeeds while the collection path is down.
+    await serveFromDisk(context, relay, SITES);
     await relay.stop(); // SIGTERM: graceful
     const run = runId();
     const n = await trackBurst(page, run, 100, 0, "relay_down");
-    // The tab goes away while the relay is down (its beacon cannot land), and is gone before
-    // the relay comes back: the events can only come from the IndexedDB queue.
-    await closeTab(page);
+    // The page reloads while the relay is down: its beacon cannot land, and the reloaded page
+    // finds the events in the IndexedDB queue (and the localStorage rescue), and retries.
+    assert.notEqual(relay.proc.exitCode, null, "the relay is down for the reload");
+    const reloaded = await page.reload({ timeout: 15000 });
+    assert.equal(reloaded?.status(), 200, "the page reloaded during the outage");
+    await ready(page);
+    await sleep(1000);
+    const during = countOf(relay, run, n);
     await relay.spawn(); // same config, same data dir, same port
-    const before = countOf(relay, run, n);
-    const again = await openSite(context, relay);
-    const r = await arrive(relay, run, n);
-    const c = await counters(again, n);
-    report("relay-down", r, c, `delivered before reopening ${before.delivered}; ${statsText(c.stats)}`);
+    const r = await arrive(relay, run, n, 30000, 15000);
+    const c = await counters(page, n);
+    report("relay-down", r, c, `page reloaded during the outage; delivered during the outage ${during.delivered}; ${statsText(c.stats)}`);
     verdict("relay-down", r, c);
+    assert.equal(during.delivered, 0, "nothing can arrive while the relay is down");
   }));
 
 test("relay-killed: kill -9 mid-stream, restarted 500 ms later", () =>

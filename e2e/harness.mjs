@@ -4,10 +4,10 @@
 // Every wait is bounded. The warehouse is read with the sqlite3 CLI (JSON output).
 
 import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, writeFileSync, rmSync, existsSync } from "node:fs";
+import { mkdtempSync, writeFileSync, rmSync, existsSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join, resolve, normalize, extname } from "node:path";
 import { chromium } from "playwright-core";
 
 export const ROOT = resolve(import.meta.dirname, "..");
@@ -168,3 +168,26 @@ export const trackN = (page, run, n, from = 0, name = "e2e") =>
     for (let i = from; i < from + n; i++, c++) window.trueup.track(name, { run, i });
     return c;
   }, [run, n, from, name]);
+
+const TYPES = { ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".html": "text/html; charset=utf-8", ".json": "application/json" };
+
+/**
+ * Serves `relay`'s pages (from the folder `site`) and the agent's files (dist/, at /_r/a/) from
+ * disk through a Playwright route on `context`, as a CDN or the app's own server would, so
+ * pages load and reload while the relay is down; the collection and server paths (/_r/q,
+ * /_r/s) still go to the relay. Returns a function that removes the route.
+ */
+export async function serveFromDisk(context, relay, site) {
+  const origin = relay.origin;
+  const match = (u) => u.origin === origin && !u.pathname.startsWith("/_r/q") && !u.pathname.startsWith("/_r/s");
+  const handler = async (route) => {
+    const p = decodeURIComponent(new URL(route.request().url()).pathname);
+    const base = p.startsWith("/_r/a/") ? join(ROOT, "dist") : site;
+    let file = normalize(join(base, p.startsWith("/_r/a/") ? p.slice("/_r/a/".length) : p));
+    if (p.endsWith("/")) file = join(file, "index.html");
+    if (!file.startsWith(base) || !existsSync(file)) return route.fulfill({ status: 404, body: "not found" });
+    await route.fulfill({ status: 200, headers: { "content-type": TYPES[extname(file)] || "application/octet-stream" }, body: readFileSync(file) });
+  };
+  await context.route(match, handler);
+  return () => context.unroute(match, handler);
+}
