@@ -6,7 +6,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Relay, launch, delivery, runId, until, sleep, ROOT, ready, stats, droppedSum, trackN } from "./harness.mjs";
+import { Relay, launch, delivery, runId, until, sleep, ROOT, ready, stats, trackN, allArrive, identity } from "./harness.mjs";
 
 let relay;
 let browser;
@@ -21,22 +21,7 @@ after(async () => {
   await relay?.dispose();
 });
 
-async function allArrive(run, n, what) {
-  await until(`${what}: all ${n} events`, async () => {
-    await relay.drained();
-    return delivery(relay, run, n).delivered === n;
-  }, 20000);
-  const r = delivery(relay, run, n);
-  console.log(`${what}: delivered ${r.delivered}/${n} duplicates ${r.dup}`);
-  assert.deepEqual(r.missing, []);
-  assert.equal(r.dup, 0);
-}
 
-async function identity(page) {
-  const s = await stats(page);
-  assert.equal(s.enqueued, s.acked + droppedSum(s) + s.pending, JSON.stringify(s));
-  return s;
-}
 
 test("offline: events wait while offline and go when back online", async () => {
   const context = await browser.newContext();
@@ -51,7 +36,7 @@ test("offline: events wait while offline and go when back online", async () => {
   await context.setOffline(false);
   const online = Date.now();
   try {
-    await allArrive(run, 30, "offline");
+    await allArrive(relay, run, 30, "offline");
   } catch (e) {
     const s = await stats(page);
     console.log("offline diagnostics", JSON.stringify(s), "delivered", delivery(relay, run, 30).delivered, "ms since online", Date.now() - online);
@@ -77,7 +62,7 @@ test("503: a relay refusing batches gets them again later, with the same ids", a
   await ready(page);
   const run = runId();
   await trackN(page, run, 40);
-  await allArrive(run, 40, "503");
+  await allArrive(relay, run, 40, "503");
   assert.equal(refused, 3);
   const s = await until("the counters to settle", async () => {
     const s = await identity(page);
@@ -112,7 +97,7 @@ test("multi-tab: one tab sends; when it closes, another takes over", async () =>
   // The only tab becomes the sender: wait until it has sent something.
   const warm = runId();
   await trackN(a, warm, 1);
-  await allArrive(warm, 1, "multi-tab (warm-up)");
+  await allArrive(relay, warm, 1, "multi-tab (warm-up)");
   assert.ok((await posts(a)) > 0);
   const b = await context.newPage();
   await b.goto(`${relay.origin}/plain/`);
@@ -120,12 +105,12 @@ test("multi-tab: one tab sends; when it closes, another takes over", async () =>
   const before = await posts(a);
   const run = runId();
   await trackN(b, run, 10, 0);
-  await allArrive(run, 10, "multi-tab (sent by the first tab)");
+  await allArrive(relay, run, 10, "multi-tab (sent by the first tab)");
   assert.ok((await posts(a)) > before, "the first tab holds the send lock and sends the second tab's events");
   assert.equal(await posts(b), 0, "the second tab only writes to the shared queue");
   await a.close();
   await trackN(b, run, 10, 10);
-  await allArrive(run, 20, "multi-tab (after the sending tab closed)");
+  await allArrive(relay, run, 20, "multi-tab (after the sending tab closed)");
   assert.ok((await posts(b)) > 0, "the second tab took over");
   await context.close();
 });
@@ -146,7 +131,7 @@ test("consent pending: nothing is stored or sent until consent(true)", async () 
   assert.equal(before.stats.enqueued, 0, "nothing queued before consent");
   assert.deepEqual(before.stored, [], "nothing stored before consent");
   await page.evaluate(() => window.trueup.consent(true));
-  await allArrive(run, 5, "consent");
+  await allArrive(relay, run, 5, "consent");
   await until("the counters to settle", async () => (await identity(page)).pending === 0);
   // Opt-out: the queue is cleared (and counted) and nothing more is sent.
   await context.setOffline(true);
@@ -170,7 +155,7 @@ test("no IndexedDB: a memory queue, flagged degraded, still delivers", async () 
   await ready(page);
   const run = runId();
   await trackN(page, run, 10);
-  await allArrive(run, 10, "no-indexeddb");
+  await allArrive(relay, run, 10, "no-indexeddb");
   const rows = relay.query(`SELECT DISTINCT context->>'degraded' AS d FROM events WHERE props->>'run' = '${run}'`);
   assert.deepEqual(rows, [{ d: "memory_queue" }]);
   const s = await until("the counters", async () => {
@@ -189,7 +174,7 @@ test("CSP without 'wasm-unsafe-eval': the stub delivers the events itself", asyn
   await page.evaluate((run) => {
     for (let i = 0; i < 10; i++) window.trueup.track("fault_test", { run, i });
   }, run);
-  await allArrive(run, 10, "csp-no-wasm");
+  await allArrive(relay, run, 10, "csp-no-wasm");
   const rows = relay.query(`SELECT DISTINCT context->>'degraded' AS d FROM events WHERE props->>'run' = '${run}'`);
   assert.deepEqual(rows, [{ d: "no_wasm" }]);
   await context.close();
@@ -253,7 +238,7 @@ test("413 splits the batch until it fits; another 4xx drops the events with a co
   await ready(page);
   const run = runId();
   await trackN(page, run, 30);
-  await allArrive(run, 30, "413-split");
+  await allArrive(relay, run, 30, "413-split");
   assert.ok(refusedTooLarge > 0, "the relay refused batches as too large");
   await until("the counters to settle", async () => (await identity(page)).pending === 0);
   badRequest = true;

@@ -7,7 +7,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Relay, launch, delivery, runId, until, sleep, ROOT, ready, stats, droppedSum, trackN } from "./harness.mjs";
+import { Relay, launch, runId, until, sleep, ROOT, ready, trackN, allArrive, identity } from "./harness.mjs";
 
 let relay;
 let browser;
@@ -22,21 +22,7 @@ after(async () => {
   await relay?.dispose();
 });
 
-async function arrive(run, n, what) {
-  await until(`${what}: all ${n} events`, async () => {
-    await relay.drained();
-    return delivery(relay, run, n).delivered === n;
-  }, 20000);
-  const r = delivery(relay, run, n);
-  assert.deepEqual(r.missing, []);
-  assert.equal(r.dup, 0);
-}
 
-async function identity(page) {
-  const s = await stats(page);
-  assert.equal(s.enqueued, s.acked + droppedSum(s) + s.pending, JSON.stringify(s));
-  return s;
-}
 
 const settled = (page) => until("the counters to settle", async () => {
   const s = await identity(page);
@@ -77,7 +63,7 @@ test("a tab that stopped while waiting for the send lock hands it on", async () 
   await ready(c);
   const run = runId();
   await trackN(c, run, 3);
-  await arrive(run, 3, "after a stopped tab");
+  await allArrive(relay, run, 3, "after a stopped tab");
   const held = await c.evaluate(async () => (await navigator.locks.query()).held.length);
   assert.equal(held, 1, "the third tab holds the lock");
   await settled(c);
@@ -104,7 +90,7 @@ test("events rescued before IndexedDB opened are queued and counted once", async
   await other.evaluate(() => window.db.close());
   await context.setOffline(false);
   await page.evaluate(() => window.trueup.flush());
-  await arrive(run, 3, "rescued early");
+  await allArrive(relay, run, 3, "rescued early");
   const s = await settled(page);
   assert.equal(s.enqueued, 3, JSON.stringify(s));
   assert.equal(s.acked, 3, JSON.stringify(s));
@@ -127,7 +113,7 @@ test("an open blocked for good: the memory queue takes over, with the events res
   await trackN(page, run, 3);
   await tabSwitch(page);
   await context.setOffline(false);
-  await arrive(run, 3, "blocked open");
+  await allArrive(relay, run, 3, "blocked open");
   const s = await settled(page);
   assert.equal(s.degraded, "memory_queue");
   assert.equal(s.enqueued, 3, JSON.stringify(s));
@@ -163,7 +149,7 @@ test("events are sized in UTF-8 bytes: a large non-ASCII event is too large, not
     window.trueup.track("e2e", { run, i: 99, text: "中".repeat(25000) }); // 75 KB in UTF-8
     window.trueup.track("e2e", { run, i: 0 });
   }, run);
-  await arrive(run, 1, "after a large non-ASCII event");
+  await allArrive(relay, run, 1, "after a large non-ASCII event");
   const s = await settled(page);
   assert.equal(s.dropped.too_large, 1);
   await context.close();
@@ -178,12 +164,12 @@ test("IndexedDB cleared under a running page: the agent opens it again and goes 
   await ready(page);
   const run = runId();
   await trackN(page, run, 1);
-  await arrive(run, 1, "before clearing");
+  await allArrive(relay, run, 1, "before clearing");
   const cdp = await context.newCDPSession(page);
   await cdp.send("Storage.clearDataForOrigin", { origin: relay.origin, storageTypes: "indexeddb" });
   await sleep(300);
   await trackN(page, run, 2, 1);
-  await arrive(run, 3, "after clearing");
+  await allArrive(relay, run, 3, "after clearing");
   const s = await settled(page);
   assert.ok(s.acked >= 2, JSON.stringify(s));
   assert.deepEqual(errors, []);
@@ -214,7 +200,7 @@ test("a beacon does not repeat the batch in flight, nor anything written while o
   await trackN(page, run, 1);
   await until("the batch in flight", () => held > sent, 5000);
   await tabSwitch(page);
-  await arrive(run, 1, "in flight");
+  await allArrive(relay, run, 1, "in flight");
   // Written, then offline: nothing to beacon.
   await context.setOffline(true);
   await trackN(page, run, 1, 1);
@@ -222,7 +208,7 @@ test("a beacon does not repeat the batch in flight, nor anything written while o
   await tabSwitch(page);
   assert.deepEqual(await page.evaluate(() => window.__beaconed), []);
   await context.setOffline(false);
-  await arrive(run, 2, "after offline");
+  await allArrive(relay, run, 2, "after offline");
   await settled(page);
   await context.close();
 });

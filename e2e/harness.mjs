@@ -3,6 +3,7 @@
 //
 // Every wait is bounded. The warehouse is read with the sqlite3 CLI (JSON output).
 
+import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, writeFileSync, rmSync, existsSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -143,6 +144,21 @@ export function delivery(relay, run, expected) {
   return { delivered: seen.size, missing, dup };
 }
 
+/**
+ * Waits (at most `ms`) until all `n` events of `run` are in the warehouse, prints the suite's
+ * report line `<what>: delivered X/N duplicates D`, and asserts none is missing or doubled.
+ */
+export async function allArrive(relay, run, n, what, ms = 20000) {
+  await until(`${what}: all ${n} events`, async () => {
+    await relay.drained();
+    return delivery(relay, run, n).delivered === n;
+  }, ms, 200);
+  const r = delivery(relay, run, n);
+  console.log(`${what}: delivered ${r.delivered}/${n} duplicates ${r.dup}`);
+  assert.deepEqual(r.missing, []);
+  assert.equal(r.dup, 0);
+}
+
 export function runId() {
   return Math.random().toString(36).slice(2, 10);
 }
@@ -160,6 +176,13 @@ export const stats = (page) => page.evaluate(() => window.trueup.stats());
 
 /** Sum of the counters' drops. */
 export const droppedSum = (s) => Object.values(s?.dropped || {}).reduce((a, b) => a + b, 0);
+
+/** The agent's counters, asserting enqueued = acked + dropped + pending. */
+export async function identity(page) {
+  const s = await stats(page);
+  assert.equal(s.enqueued, s.acked + droppedSum(s) + s.pending, JSON.stringify(s));
+  return s;
+}
 
 /** Tracks `n` events `{run, i: from + k}` named `name` in one task; returns how many calls returned. */
 export const trackN = (page, run, n, from = 0, name = "e2e") =>

@@ -13,7 +13,7 @@ import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Relay, launch, delivery, runId, until, ROOT, ready, stats, trackN } from "./harness.mjs";
+import { Relay, launch, runId, ROOT, ready, stats, trackN, allArrive } from "./harness.mjs";
 
 let relay;
 let browser;
@@ -49,16 +49,6 @@ async function openPage() {
   return { context, page, thrown: async () => [...pageErrors, ...(await page.evaluate(() => window.__thrown))] };
 }
 
-async function allArrive(run, n, what) {
-  await until(`${what}: all ${n} events`, async () => {
-    await relay.drained();
-    return delivery(relay, run, n).delivered === n;
-  }, 30000, 200);
-  const r = delivery(relay, run, n);
-  console.log(`${what}: delivered ${r.delivered}/${n} duplicates ${r.dup}`);
-  assert.deepEqual(r.missing, []);
-  assert.equal(r.dup, 0);
-}
 
 const via = (run) => relay.query(
   `SELECT props->>'i' AS i, context->>'degraded' AS degraded FROM events WHERE props->>'run' = '${run}' ORDER BY 1`);
@@ -68,7 +58,7 @@ test("a panic inside a call: caught, counted, the call and the later ones go by 
   const run = runId();
   await trackN(page, run, 3, 0);
   await page.evaluate(() => window.trueup.flush());
-  await allArrive(run, 3, "trap (before)");
+  await allArrive(relay, run, 3, "trap (before)", 30000);
   const returned = await page.evaluate((run) => {
     window.trueup.track("trueup:trap", { run, i: 3 });
     return true;
@@ -80,7 +70,7 @@ test("a panic inside a call: caught, counted, the call and the later ones go by 
   assert.equal(s.wasm_panic, 1, JSON.stringify(s));
   assert.equal(s.degraded, "no_wasm");
   assert.match(s.error, /RuntimeError: unreachable/);
-  await allArrive(run, 7, "trap (call)");
+  await allArrive(relay, run, 7, "trap (call)", 30000);
   const rows = via(run);
   assert.deepEqual(rows.filter((r) => r.degraded === "no_wasm").map((r) => Number(r.i)).sort(), [3, 4, 5, 6],
     "the trapped call and the later ones went by the fallback");
@@ -93,7 +83,7 @@ test("a panic in the background (a write): caught, counted at the next call, the
   const run = runId();
   await trackN(page, run, 2, 0);
   await page.evaluate(() => window.trueup.flush());
-  await allArrive(run, 2, "trap-later (before)");
+  await allArrive(relay, run, 2, "trap-later (before)", 30000);
   // The call itself succeeds; the write of this task traps in a microtask. (That task's events
   // die with the core: they were in its memory only. Earlier ones are in IndexedDB.)
   await page.evaluate((run) => window.trueup.track("trueup:trap-later", { run, i: 99 }), run);
@@ -103,7 +93,7 @@ test("a panic in the background (a write): caught, counted at the next call, the
   assert.equal(s.wasm_panic, 1, JSON.stringify(s));
   assert.equal(s.degraded, "no_wasm");
   assert.match(s.error, /RuntimeError: unreachable/, "the trap itself, not a later symptom of it");
-  await allArrive(run, 5, "trap (background)");
+  await allArrive(relay, run, 5, "trap (background)", 30000);
   assert.deepEqual(via(run).filter((r) => r.degraded === "no_wasm").map((r) => Number(r.i)).sort(), [2, 3, 4]);
   assert.deepEqual(await thrown(), [], "nothing was thrown into the page");
   await context.close();

@@ -148,6 +148,23 @@ pub fn insert_user(conn: &mut Connection, user: &NewUser) -> Result<(), DbError>
     Ok(())
 }
 
+/// The columns [`order_of_row`] reads, in its order.
+const ORDER_COLUMNS: &str =
+    "SELECT o.id, o.user_id, o.amount_cents, o.currency, o.created_at, u.anon_id
+     FROM orders o JOIN users u ON u.id = o.user_id";
+
+/// An [`Order`] from a row of [`ORDER_COLUMNS`].
+fn order_of_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Order> {
+    Ok(Order {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        amount_cents: r.get(2)?,
+        currency: r.get(3)?,
+        created_at: r.get(4)?,
+        anon_id: r.get(5)?,
+    })
+}
+
 /// A stored user, as the `signup_completed` event describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signup {
@@ -182,22 +199,11 @@ pub fn recent_facts(
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let mut orders = conn.prepare(
-        "SELECT o.id, o.user_id, o.amount_cents, o.currency, o.created_at, u.anon_id
-         FROM orders o JOIN users u ON u.id = o.user_id WHERE o.created_at >= ?1
-         ORDER BY o.created_at LIMIT ?2",
-    )?;
+    let mut orders = conn.prepare(&format!(
+        "{ORDER_COLUMNS} WHERE o.created_at >= ?1 ORDER BY o.created_at LIMIT ?2"
+    ))?;
     let orders = orders
-        .query_map(params![since, limit as i64], |r| {
-            Ok(Order {
-                id: r.get(0)?,
-                user_id: r.get(1)?,
-                amount_cents: r.get(2)?,
-                currency: r.get(3)?,
-                created_at: r.get(4)?,
-                anon_id: r.get(5)?,
-            })
-        })?
+        .query_map(params![since, limit as i64], order_of_row)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok((signups, orders))
 }
@@ -244,19 +250,9 @@ pub fn find_or_create_order(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let existing = tx
         .query_row(
-            "SELECT o.id, o.user_id, o.amount_cents, o.currency, o.created_at, u.anon_id
-             FROM orders o JOIN users u ON u.id = o.user_id WHERE o.idempotency_key = ?1",
+            &format!("{ORDER_COLUMNS} WHERE o.idempotency_key = ?1"),
             [&new.idempotency_key],
-            |r| {
-                Ok(Order {
-                    id: r.get(0)?,
-                    user_id: r.get(1)?,
-                    amount_cents: r.get(2)?,
-                    currency: r.get(3)?,
-                    created_at: r.get(4)?,
-                    anon_id: r.get(5)?,
-                })
-            },
+            order_of_row,
         )
         .optional()?;
     if let Some(order) = existing {
