@@ -58,7 +58,7 @@ import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { execFileSync } from "node:child_process";
 import { createRequire } from "node:module";
-import { Relay, launch, runId, until, sleep, ROOT, serveFromDisk, freePort } from "./harness.mjs";
+import { Relay, launch, runId, until, sleep, ROOT, serveFromDisk } from "./harness.mjs";
 import { Collector, FaultBag, collectionOf } from "./peers/collector.mjs";
 import { buildPeers } from "./peers/build.mjs";
 import { FaultProxy } from "./peers/fault-proxy.mjs";
@@ -130,9 +130,10 @@ class TrueupTarget {
     this.proxy = null;
     if (faults.failRatio || faults.ackLostRatio) {
       // The same faults as the peers meet at the collector: a proxy in front of the relay.
-      const port = await freePort();
-      this.relay = await Relay.start({ site: SITE, toml: `[[sites]]\nkey = "demo"\norigins = ["http://127.0.0.1:${port}"]` });
-      this.proxy = new FaultProxy({ port, target: this.relay.port, faults });
+      // The proxy forwards the Host header, so the relay's default site takes the proxy's
+      // origin as its own (allow_same_origin); it listens on a port the system picks.
+      this.relay = await Relay.start({ site: SITE });
+      this.proxy = new FaultProxy({ port: 0, target: this.relay.port, faults });
       await this.proxy.start();
     } else {
       this.relay = await Relay.start({ site: SITE });

@@ -6,7 +6,6 @@
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, writeFileSync, rmSync, existsSync, readFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve, normalize, extname } from "node:path";
 import { chromium } from "playwright-core";
@@ -16,16 +15,23 @@ const RELAY = process.env.TRUEUP_RELAY_BIN || join(ROOT, "target/debug/trueup-re
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-export function freePort() {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => res(port));
-    });
-    s.on("error", rej);
-  });
+/**
+ * Waits for the ready file a trueup binary writes once it listens (`--ready-file`: JSON with
+ * the addresses it bound to port 0) and returns it parsed; throws if `proc` exits first.
+ */
+export async function readyFile(path, proc, log = () => "", ms = 20000) {
+  return until(`${path}`, () => {
+    if (proc.exitCode !== null) throw new Error(`exited during start (${proc.exitCode}):\n${log()}`);
+    try {
+      return JSON.parse(readFileSync(path, "utf8"));
+    } catch {
+      return null;
+    }
+  }, ms, 20);
 }
+
+/** The port of an address `host:port`. */
+export const portOf = (addr) => Number(addr.slice(addr.lastIndexOf(":") + 1));
 
 /** Polls `check` (sync or async) until it returns a truthy value or `ms` pass. */
 export async function until(what, check, ms = 15000, every = 50) {
@@ -39,39 +45,50 @@ export async function until(what, check, ms = 15000, every = 50) {
 }
 
 export class Relay {
-  /** Starts the relay binary with a fresh data dir; `site` is served at `/`, `assets` (the agent) at /_r/a/. */
+  /**
+   * Starts the relay binary with a fresh data dir; `site` is served at `/`, `assets` (the
+   * agent) at /_r/a/. It binds port 0 and reports its ports in its ready file; the default
+   * site accepts pages of the relay's own origin (or of a proxy in front of it that keeps
+   * the Host header) through `allow_same_origin`.
+   */
   static async start({ site = join(ROOT, "www"), toml = "", assets = join(ROOT, "dist") } = {}) {
     if (!existsSync(RELAY)) throw new Error(`${RELAY} is missing: run cargo build -p trueup-relay`);
     if (!existsSync(join(assets, "loader.js"))) throw new Error(`${assets} is missing: run npm run build`);
     const r = new Relay();
     r.dir = mkdtempSync(join(tmpdir(), "trueup-e2e-"));
-    r.port = await freePort();
-    r.adminPort = await freePort();
-    r.origin = `http://127.0.0.1:${r.port}`;
     r.config = join(r.dir, "relay.toml");
     writeFileSync(
       r.config,
       [
-        `listen = "127.0.0.1:${r.port}"`,
-        `admin_listen = "127.0.0.1:${r.adminPort}"`,
+        `listen = "127.0.0.1:0"`,
+        `admin_listen = "127.0.0.1:0"`,
         `data_dir = "${join(r.dir, "data")}"`,
         `asset_dir = "${assets}"`,
         `www_dir = "${site}"`,
         toml,
         toml.includes("[rate_limit]") ? "" : "[rate_limit]\nper_ip_per_sec = 0\nper_site_per_sec = 0",
-        toml.includes("[[sites]]") ? "" : `[[sites]]\nkey = "demo"\norigins = ["${r.origin}"]`,
+        toml.includes("[[sites]]") ? "" : `[[sites]]\nkey = "demo"\nallow_same_origin = true`,
       ].join("\n"),
     );
     await r.spawn();
     return r;
   }
 
+  /** Starts the process: the first time on port 0, a restart on the ports the first got. */
   async spawn() {
-    this.proc = spawn(RELAY, ["--config", this.config], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, TRUEUP_LOG: "warn" } });
+    const readyPath = join(this.dir, "relay.ready.json");
+    rmSync(readyPath, { force: true });
+    const args = ["--config", this.config, "--ready-file", readyPath];
+    if (this.port) args.push("--listen", `127.0.0.1:${this.port}`, "--admin-listen", `127.0.0.1:${this.adminPort}`);
+    this.proc = spawn(RELAY, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, TRUEUP_LOG: "warn" } });
     this.log = "";
     this.proc.stdout.on("data", (d) => (this.log += d));
     this.proc.stderr.on("data", (d) => (this.log += d));
     this.exited = new Promise((r) => this.proc.once("exit", r));
+    const ready = await readyFile(readyPath, this.proc, () => this.log);
+    this.port = portOf(ready.listen);
+    this.adminPort = portOf(ready.admin_listen);
+    this.origin = `http://127.0.0.1:${this.port}`;
     await until("the relay to be ready", async () => {
       if (this.proc.exitCode !== null) throw new Error(`relay exited:\n${this.log}`);
       try {

@@ -13,7 +13,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
-import { Relay, ROOT, launch, delivery, runId, until, freePort, droppedSum } from "./harness.mjs";
+import { Relay, ROOT, launch, delivery, runId, until, droppedSum } from "./harness.mjs";
 
 const APP = join(ROOT, "e2e/npm-app");
 const VITE = join(ROOT, "node_modules/vite/bin/vite.js");
@@ -158,19 +158,23 @@ test("installed from the packed tarball, Vite dev server proxying /_r to the rel
   execFileSync("tar", ["-xzf", join(tmp, filename), "-C", installed, "--strip-components=1"]);
   for (const f of ["index.html", "main.js", "vite.config.mjs"]) copyFileSync(join(APP, f), join(app, f));
 
-  const port = await freePort();
-  const origin = `http://127.0.0.1:${port}`;
-  const relay = await Relay.start({ site: app, toml: `[[sites]]\nkey = "demo"\norigins = ["${origin}"]` });
+  // Vite's proxy (`changeOrigin`) sends the relay's own Host; with `xfwd` it also sends the
+  // page's as X-Forwarded-Host, which the relay reads from a trusted proxy, so its default
+  // site takes the page's origin as its own (allow_same_origin) whatever port Vite got.
+  const relay = await Relay.start({ site: app, toml: [
+    "[rate_limit]", "per_ip_per_sec = 0", "per_site_per_sec = 0", `trusted_proxies = ["127.0.0.1/32"]`,
+  ].join("\n") });
   cleanup.push(() => relay.dispose());
   const { createServer } = await import("vite");
   const server = await createServer({
     root: app,
     configFile: join(app, "vite.config.mjs"),
     logLevel: "warn",
-    server: { host: "127.0.0.1", port, strictPort: true, proxy: { "/_r": relay.origin } },
+    server: { host: "127.0.0.1", port: 0, strictPort: true, proxy: { "/_r": { target: relay.origin, changeOrigin: true, xfwd: true } } },
   });
   cleanup.push(() => server.close());
   await server.listen();
+  const origin = `http://127.0.0.1:${server.httpServer.address().port}`;
   const browser = await launch();
   cleanup.push(() => browser.close());
   const responses = await clickThrough(browser, relay, origin, "vite dev (installed)");

@@ -17,7 +17,7 @@ import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { Relay, launch, until, freePort, ready, ROOT } from "./harness.mjs";
+import { Relay, launch, until, ready, readyFile, ROOT } from "./harness.mjs";
 
 const DEMO = process.env.TRUEUP_DEMO_BIN || join(ROOT, "target/debug/trueup-demo");
 const RELAY_BIN = process.env.TRUEUP_RELAY_BIN || join(ROOT, "target/debug/trueup-relay");
@@ -26,25 +26,28 @@ const blocked = (i) => i % 5 === 0; // ad-blocked: 0, 5, 10, 15
 const killed = (i) => i % 10 === 3; // tab killed before track(): 3, 13
 const noCampaign = (i) => i % 4 === 1; // arrives with no UTM: 1, 5, 9, 13, 17
 
-async function startDemo(relay, port, db) {
+/** The demo shop on a port the system picks (from its ready file); returns its origin too. */
+async function startDemo(relay, db) {
   if (!existsSync(DEMO)) throw new Error(`${DEMO} is missing: run cargo build -p trueup-demo`);
+  const readyPath = join(relay.dir, "demo.ready.json");
   const proc = spawn(
     DEMO,
-    ["--listen", `127.0.0.1:${port}`, "--relay", relay.origin, "--db", db, "--www", join(ROOT, "www"), "--flaky-checkout", "0.3", "--seed", "5"],
+    ["--listen", "127.0.0.1:0", "--ready-file", readyPath, "--relay", relay.origin, "--db", db, "--www", join(ROOT, "www"), "--flaky-checkout", "0.3", "--seed", "5"],
     { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn", TRUEUP_LOG: "warn" } },
   );
   let log = "";
   proc.stdout.on("data", (d) => (log += d));
   proc.stderr.on("data", (d) => (log += d));
+  const origin = `http://${(await readyFile(readyPath, proc, () => log, 40000)).listen}`;
   await until("the demo shop to answer", async () => {
     if (proc.exitCode !== null) throw new Error(`trueup-demo exited:\n${log}`);
     try {
-      return (await fetch(`http://127.0.0.1:${port}/signup.html`)).ok;
+      return (await fetch(`${origin}/signup.html`)).ok;
     } catch {
       return false;
     }
   });
-  return { proc, log: () => log };
+  return { proc, origin, log: () => log };
 }
 
 /** One visitor: lands on the signup page, signs up, and (unless the tab dies) pays. */
@@ -86,13 +89,11 @@ async function visitor(browser, origin, i) {
 }
 
 test("reconciliation reports exactly the gap and unknown-attribution share the generator created", { timeout: 240000 }, async () => {
-  const demoPort = await freePort();
-  const demoOrigin = `http://127.0.0.1:${demoPort}`;
   const relay = await Relay.start({
     toml: [
       `schemas_file = "${join(ROOT, "relay/schemas.example.toml")}"`,
       `[rate_limit]\nper_ip_per_sec = 0\nper_site_per_sec = 0\ntrusted_proxies = ["127.0.0.1/32"]`,
-      `[[sites]]\nkey = "demo"\norigins = ["${demoOrigin}"]\nserver_secrets = ["demo-server-secret-change-me"]`,
+      `[[sites]]\nkey = "demo"\nallow_same_origin = true\nserver_secrets = ["demo-server-secret-change-me"]`,
     ].join("\n"),
   });
   const db = join(relay.dir, "demo.sqlite");
@@ -115,7 +116,10 @@ event = "order_paid"
 truth_sql = "SELECT substr(o.created_at, 1, 10) AS day, count(*) AS actual, sum(u.attribution_known = 0) AS unknown_attribution FROM orders o JOIN users u ON u.id = o.user_id GROUP BY 1"
 `,
   });
-  const demo = await startDemo(relay, demoPort, db);
+  // The shop's proxy passes its Host as X-Forwarded-Host, which the relay trusts from
+  // loopback: its pages count as the relay's own origin (allow_same_origin).
+  const demo = await startDemo(relay, db);
+  const demoOrigin = demo.origin;
   const browser = await launch();
   try {
     let attempts = 0;

@@ -28,6 +28,10 @@ async fn sigterm_finishes_requests_in_flight_and_flushes_the_spool() {
     );
     let log = relay.log_text();
     assert!(log.contains("shutdown complete"), "{log}");
+    assert!(
+        !relay.dir.join("relay.ready.json").exists(),
+        "a clean exit removes the ready file"
+    );
     // The spool was flushed to the warehouse before exiting: nothing left waiting.
     let spool = relay.spool_db();
     assert_eq!(
@@ -42,6 +46,25 @@ async fn sigterm_finishes_requests_in_flight_and_flushes_the_spool() {
     relay.wait_drained();
     let (events, _) = check_exactly_once(&relay, &logs);
     assert!(events > 0);
+}
+
+#[test]
+fn port_0_binds_free_ports_and_the_ready_file_says_which() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = RelayProc::start(tmp.path(), "");
+    let other = tmp.path().join("b");
+    std::fs::create_dir_all(&other).unwrap();
+    let b = RelayProc::start(&other, "");
+    for relay in [&a, &b] {
+        assert_ne!(relay.public.port(), 0);
+        assert_ne!(relay.admin.port(), 0);
+        assert_eq!(http_get(relay.admin, "/readyz").unwrap().0, 200);
+        let text = std::fs::read_to_string(relay.dir.join("relay.ready.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["pid"].as_u64(), Some(u64::from(relay.pid())), "{text}");
+    }
+    assert_ne!(a.public, b.public);
+    assert_ne!(a.admin, b.admin);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -227,4 +250,29 @@ fn bad_configuration_is_refused_with_a_reason() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent.toml"));
+}
+
+#[test]
+fn a_relay_that_cannot_listen_says_so_and_leaves_no_ready_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Held for the whole test, so the relay's bind must fail.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ready = tmp.path().join("relay.ready.json");
+    // A file from an earlier run, which a supervisor must not mistake for this run's.
+    std::fs::write(
+        &ready,
+        r#"{"listen":"127.0.0.1:1","admin_listen":"127.0.0.1:2","pid":1}"#,
+    )
+    .unwrap();
+    let out = relay_cmd()
+        .env("TRUEUP_DATA_DIR", tmp.path().join("data"))
+        .args(["--listen", &taken.local_addr().unwrap().to_string()])
+        .args(["--admin-listen", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen on"), "{err}");
+    assert!(!ready.exists(), "the stale ready file is still there");
 }

@@ -21,6 +21,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin address: `/healthz`, `/readyz`, `/metrics`. Never expose it publicly.
     pub admin_listen: SocketAddr,
+    /// Optional file the relay writes once it is ready (listeners bound, spool and sink
+    /// open): `{"listen": "<addr>", "admin_listen": "<addr>", "pid": <n>}`, replaced
+    /// atomically, removed at a clean exit. With port 0 in `listen` or `admin_listen` the
+    /// system picks free ports, and this file is how a supervisor (or a test) learns them.
+    pub ready_file: Option<PathBuf>,
     /// Where the spool (`spool.sqlite`) and the embedded warehouse (`warehouse.sqlite`) live.
     pub data_dir: PathBuf,
     /// The path prefix everything public lives under, on the app's own domain. Keep it
@@ -184,6 +189,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:8080".parse().expect("valid"),
             admin_listen: "127.0.0.1:9090".parse().expect("valid"),
+            ready_file: None,
             data_dir: PathBuf::from("data"),
             prefix: "/_r".into(),
             collect_path: "q".into(),

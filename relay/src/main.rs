@@ -21,6 +21,10 @@ struct Args {
     /// Admin address (/healthz, /readyz, /metrics).
     #[arg(long, env = "TRUEUP_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// Write the bound addresses here as JSON once ready (see `ready_file` in the config);
+    /// with port 0 in --listen/--admin-listen, how a parent process learns the ports.
+    #[arg(long, env = "TRUEUP_READY_FILE")]
+    ready_file: Option<PathBuf>,
     /// Directory of the spool and the embedded warehouse.
     #[arg(long, env = "TRUEUP_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -100,6 +104,9 @@ fn effective_config(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.admin_listen {
         cfg.admin_listen = v;
+    }
+    if let Some(v) = &args.ready_file {
+        cfg.ready_file = Some(v.clone());
     }
     if let Some(v) = &args.data_dir {
         cfg.data_dir = v.clone();

@@ -184,6 +184,18 @@ impl Relay {
     /// Validates the config, creates the data directory and binds both listeners.
     pub async fn bind(mut cfg: Config) -> anyhow::Result<Relay> {
         cfg.validate()?;
+        if let Some(path) = &cfg.ready_file {
+            // A file left by an earlier run must not be mistaken for this one's.
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot remove the old ready file {}", path.display())
+                    });
+                }
+            }
+        }
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
         let public = TcpListener::bind(cfg.listen)
@@ -297,6 +309,9 @@ impl Relay {
             data_dir = %cfg.data_dir.display(),
             "trueup relay listening"
         );
+        if let Some(path) = &cfg.ready_file {
+            write_ready_file(path, public_addr, admin_addr)?;
+        }
 
         let public_stop = shutdown.clone();
         let flag = shutting_down.clone();
@@ -330,12 +345,35 @@ impl Relay {
         spool.close().await;
         admin_stop.cancel();
         let _ = admin.await;
+        if let Some(path) = &cfg.ready_file {
+            let _ = std::fs::remove_file(path);
+        }
         tracing::info!(
             left_in_spool = spool.stats().rows.load(Ordering::Relaxed),
             "shutdown complete"
         );
         Ok(())
     }
+}
+
+/// Writes the ready file (see `Config::ready_file`) through a temporary file and a rename, so
+/// a reader sees either no file or all of it.
+fn write_ready_file(
+    path: &std::path::Path,
+    public: SocketAddr,
+    admin: SocketAddr,
+) -> anyhow::Result<()> {
+    let body = serde_json::json!({
+        "listen": public.to_string(),
+        "admin_listen": admin.to_string(),
+        "pid": std::process::id(),
+    });
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{body}\n"))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write the ready file {}", path.display()))
 }
 
 /// Heartbeats for the spool writer, limiter clean-up, dedupe pruning, metrics upkeep.

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,23 +22,15 @@ pub struct RelayProc {
     log: PathBuf,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl RelayProc {
     /// Starts the relay in `dir` with the test defaults plus `extra` TOML (appended; tables
-    /// given there replace the defaults' tables, so pass whole tables).
+    /// given there replace the defaults' tables, so pass whole tables). It binds port 0 for
+    /// both listeners and reports the ports it got in its ready file.
     pub fn start(dir: &Path, extra: &str) -> RelayProc {
-        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let config = dir.join("relay.toml");
         let mut text = format!(
-            "listen = \"{public}\"\nadmin_listen = \"{admin}\"\ndata_dir = \"{}\"\nasset_dir = \"{}\"\n",
+            "listen = \"{unbound}\"\nadmin_listen = \"{unbound}\"\ndata_dir = \"{}\"\nasset_dir = \"{}\"\n",
             dir.join("data").display(),
             dir.join("assets").display()
         );
@@ -54,8 +46,8 @@ impl RelayProc {
         std::fs::write(&config, text).unwrap();
         let mut relay = RelayProc {
             child: None,
-            public,
-            admin,
+            public: unbound,
+            admin: unbound,
             dir: dir.to_path_buf(),
             config,
             log: dir.join("relay.log"),
@@ -70,16 +62,57 @@ impl RelayProc {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_trueup-relay"))
-            .arg("--config")
+        let ready_file = self.dir.join("relay.ready.json");
+        // A file left by the previous run of this relay must never be read as this run's.
+        let _ = std::fs::remove_file(&ready_file);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trueup-relay"));
+        cmd.arg("--config")
             .arg(&self.config)
+            .arg("--ready-file")
+            .arg(&ready_file);
+        if self.public.port() != 0 {
+            // A restart comes back on the addresses the first start got.
+            cmd.arg("--listen")
+                .arg(self.public.to_string())
+                .arg("--admin-listen")
+                .arg(self.admin.to_string());
+        }
+        let child = cmd
             .env("TRUEUP_LOG", "info,tower_http=warn")
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn trueup-relay");
         self.child = Some(child);
+        self.wait_ready_file(&ready_file);
         self.wait_ready();
+    }
+
+    /// Waits (at most 20 s) for the relay's ready file and takes the addresses from it.
+    fn wait_ready_file(&mut self, path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("relay exited during start ({status}):\n{}", self.log_text());
+            }
+            if let Ok(text) = std::fs::read_to_string(path) {
+                let v: Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("ready file {text:?}: {e}"));
+                // Only this child's file counts (a stale one names another pid).
+                if v["pid"].as_u64() == Some(u64::from(self.pid())) {
+                    let (public, admin) = read_ready_file(&text);
+                    self.public = public;
+                    self.admin = admin;
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay wrote no ready file in 20 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits (at most 20 s) until /readyz answers 200.
@@ -184,6 +217,20 @@ impl RelayProc {
     pub fn count(&self, conn: &rusqlite::Connection, sql: &str) -> i64 {
         conn.query_row(sql, [], |r| r.get(0)).unwrap()
     }
+}
+
+/// The public and admin addresses from a relay's ready file
+/// (`{"listen": …, "admin_listen": …, "pid": …}`).
+pub fn read_ready_file(text: &str) -> (SocketAddr, SocketAddr) {
+    let v: Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("ready file {text:?}: {e}"));
+    let addr = |key: &str| -> SocketAddr {
+        v[key]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("ready file {text:?}: no {key}"))
+    };
+    (addr("listen"), addr("admin_listen"))
 }
 
 impl Drop for RelayProc {

@@ -4,6 +4,8 @@
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -14,11 +16,43 @@ use tokio::time::Instant;
 
 use crate::load;
 
-/// A loopback address with a port that was free a moment ago (bound to port 0, then
-/// released for the child to bind).
-pub fn free_addr() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
-    Ok(listener.local_addr()?)
+/// Waits for the relay's ready file (`{"listen": …, "admin_listen": …}`: it binds port 0 and
+/// says which ports it got) and returns (public, admin).
+async fn wait_ready_file(
+    child: &mut ChildGuard,
+    path: &Path,
+    timeout: Duration,
+    log: &Path,
+) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.exited() {
+            bail!(
+                "{} exited during start ({status}):\n{}",
+                child.name,
+                tail(log, 20)
+            );
+        }
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("ready file {text:?}"))?;
+            let addr = |key: &str| -> anyhow::Result<SocketAddr> {
+                v[key]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .with_context(|| format!("ready file {text:?}: no {key}"))
+            };
+            return Ok((addr("listen")?, addr("admin_listen")?));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} wrote no ready file in {timeout:?}:\n{}",
+                child.name,
+                tail(log, 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
@@ -178,14 +212,16 @@ impl RelayProc {
         std::fs::write(&config, RELAY_CONFIG).context("cannot write the relay config")?;
         let log = dir.path().join("relay.log");
         let out = File::create(&log).context("cannot create the relay log")?;
-        let (addr, admin) = (free_addr()?, free_addr()?);
+        let ready_file = dir.path().join("relay.ready.json");
         let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(&config)
             .arg("--listen")
-            .arg(addr.to_string())
+            .arg("127.0.0.1:0")
             .arg("--admin-listen")
-            .arg(admin.to_string())
+            .arg("127.0.0.1:0")
+            .arg("--ready-file")
+            .arg(&ready_file)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .current_dir(dir.path())
@@ -203,11 +239,13 @@ impl RelayProc {
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut child = ChildGuard {
+            child,
+            name: "trueup-relay",
+        };
+        let (addr, admin) = wait_ready_file(&mut child, &ready_file, ready_timeout, &log).await?;
         let mut relay = RelayProc {
-            child: ChildGuard {
-                child,
-                name: "trueup-relay",
-            },
+            child,
             dir,
             addr,
             admin,
@@ -358,7 +396,12 @@ impl NginxProc {
             .tempdir()
             .context("cannot create a temporary directory")?;
         let d = dir.path().display().to_string();
-        let addr = free_addr()?;
+        // nginx cannot say which port it bound, so the bench binds port 0 and hands the open
+        // socket over as fd 3: nginx takes the sockets named in its `NGINX` environment
+        // variable ("3;", the binary-upgrade mechanism) for the `listen` that matches. No port
+        // is released and re-bound, so nothing else can take it in between.
+        let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
+        let addr = listener.local_addr()?;
         let worker_connections = (connections * 2 + 64).max(1024);
         // `return 204` reads and discards the request body, so keep-alive works and every
         // byte of each batch still crosses the socket. The master process stays in the
@@ -392,7 +435,20 @@ http {{
         std::fs::write(&conf_path, conf).context("cannot write the nginx config")?;
         let log = dir.path().join("error.log");
         let out = File::create(dir.path().join("nginx.out"))?;
-        let child = Command::new(bin)
+        let fd = listener.as_raw_fd();
+        let mut cmd = Command::new(bin);
+        // SAFETY: only dup2, which is async-signal-safe, runs between fork and exec; the new
+        // fd 3 does not inherit the listener's close-on-exec flag.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 3) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .env("NGINX", "3;")
             .arg("-p")
             .arg(dir.path())
             .arg("-c")
@@ -405,6 +461,7 @@ http {{
             .stderr(out)
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
+        drop(listener);
         let mut nginx = NginxProc {
             child: ChildGuard {
                 child,

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+/// The relay the shop talks to when neither --relay nor --relay-config says otherwise.
+pub const DEFAULT_RELAY: &str = "http://127.0.0.1:8081";
+
 /// The secret of `relay/demo.toml`'s demo site; use a real one anywhere else.
 pub const DEMO_SERVER_SECRET: &str = "demo-server-secret-change-me";
 
@@ -18,13 +21,15 @@ pub struct Args {
     #[arg(long, env = "TRUEUP_DEMO_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// The relay's public base URL: /_r/* is proxied to it, and server events go to its
-    /// server path (<relay>/_r/s).
-    #[arg(
-        long,
-        env = "TRUEUP_DEMO_RELAY",
-        default_value = "http://127.0.0.1:8081"
-    )]
-    pub relay: String,
+    /// server path (<relay>/_r/s). Default: the relay --relay-config started, else
+    /// http://127.0.0.1:8081.
+    #[arg(long, env = "TRUEUP_DEMO_RELAY")]
+    pub relay: Option<String>,
+    /// Write `{"listen": "<addr>", "relay": "<url>", "relay_admin": "<addr>" | null}` here
+    /// once the shop listens (with port 0 in --listen, how a parent process learns the port;
+    /// `relay_admin` is the admin address of the relay --relay-config started).
+    #[arg(long, env = "TRUEUP_DEMO_READY_FILE", value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
     /// The shop's SQLite database (users, orders); created when missing.
     #[arg(long, env = "TRUEUP_DEMO_DB", default_value = "data/demo.sqlite")]
     pub db: PathBuf,
@@ -72,7 +77,7 @@ mod tests {
     fn defaults_run_the_demo_and_ratios_are_checked() {
         let a = Args::try_parse_from(["trueup-demo"]).unwrap();
         assert_eq!(a.listen, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(a.relay, "http://127.0.0.1:8081");
+        assert_eq!(a.relay, None);
         assert_eq!(a.db, PathBuf::from("data/demo.sqlite"));
         assert_eq!(a.flaky_checkout, 0.0);
         let a = Args::try_parse_from(["trueup-demo", "--flaky-checkout", "0.5", "--seed", "7"])

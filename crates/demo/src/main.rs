@@ -10,7 +10,8 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use trueup_demo::config::Args;
-use trueup_demo::relay_child::{RelayChild, RelayFile};
+use trueup_demo::config::DEFAULT_RELAY;
+use trueup_demo::relay_child::RelayChild;
 use trueup_demo::{AppState, Flaky, app, db, proxy};
 use trueup_emitter::{Config as EmitterConfig, Emitter};
 
@@ -43,28 +44,32 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut relay = match &args.relay_config {
-        Some(path) => {
-            if let Some(listen) = RelayFile::read(path)?.listen
-                && !args.relay.contains(&listen.to_string())
-            {
-                tracing::warn!(relay = %args.relay, %listen, "--relay does not point at the relay config's listen address");
-            }
-            Some(RelayChild::start(path).await?)
-        }
+        Some(path) => Some(RelayChild::start(path).await?),
         None => None,
+    };
+    let relay_url = match (&args.relay, &relay) {
+        (Some(url), Some(child)) => {
+            if !url.contains(&child.public.to_string()) {
+                tracing::warn!(relay = %url, listen = %child.public, "--relay does not point at the started relay's address");
+            }
+            url.clone()
+        }
+        (Some(url), None) => url.clone(),
+        (None, Some(child)) => format!("http://{}", child.public),
+        (None, None) => DEFAULT_RELAY.to_string(),
     };
     let relay_died = relay.as_mut().map(RelayChild::died);
 
     let db = db::Db::open(&args.db).with_context(|| format!("database {}", args.db.display()))?;
     let emitter = Emitter::new(EmitterConfig::new(
-        &args.relay,
+        &relay_url,
         &args.site,
         &args.server_secret,
     ))?;
     let state = AppState {
         db,
         emitter: emitter.clone(),
-        proxy: proxy::Proxy::new(&args.relay)?,
+        proxy: proxy::Proxy::new(&relay_url)?,
         flaky: Flaky::new(args.flaky_checkout, args.seed),
     };
     if args.flaky_checkout > 0.0 {
@@ -90,9 +95,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    if let Some(path) = &args.ready_file {
+        let relay_admin = relay.as_ref().map(|r| r.admin.to_string());
+        let body = serde_json::json!({"listen": addr.to_string(), "relay": relay_url, "relay_admin": relay_admin});
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{body}\n"))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("cannot write the ready file {}", path.display()))?;
+    }
     tracing::info!(
-        url = %format!("http://{}/", listener.local_addr()?),
-        relay = %args.relay,
+        url = %format!("http://{addr}/"),
+        relay = %relay_url,
         db = %args.db.display(),
         "demo shop listening"
     );

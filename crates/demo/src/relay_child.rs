@@ -25,43 +25,12 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 /// forwarder drains for `forwarder.shutdown_drain_secs`, 10 s by default).
 const STOP_GRACE: Duration = Duration::from_secs(20);
 
-/// What the shop needs to know from the relay's configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayFile {
-    /// `admin_listen` (or `TRUEUP_ADMIN_LISTEN`, which the child inherits): where `/readyz` is.
-    pub admin: SocketAddr,
-    /// `listen`, if set: where the public endpoints are.
-    pub listen: Option<SocketAddr>,
-}
-
-impl RelayFile {
-    /// Reads the addresses from the relay's TOML configuration (defaults as the relay's).
-    pub fn read(path: &Path) -> anyhow::Result<RelayFile> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the relay config {}", path.display()))?;
-        let table: toml::Table = toml::from_str(&text)
-            .with_context(|| format!("invalid relay config {}", path.display()))?;
-        let addr = |key: &str, env: &str| -> anyhow::Result<Option<SocketAddr>> {
-            let text = match std::env::var(env) {
-                Ok(v) => Some(v),
-                Err(_) => table.get(key).and_then(|v| v.as_str()).map(str::to_string),
-            };
-            text.map(|t| {
-                t.parse()
-                    .with_context(|| format!("{key} {t:?} is not an address"))
-            })
-            .transpose()
-        };
-        Ok(RelayFile {
-            admin: addr("admin_listen", "TRUEUP_ADMIN_LISTEN")?
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
-            listen: addr("listen", "TRUEUP_LISTEN")?,
-        })
-    }
-}
-
 /// The running relay.
 pub struct RelayChild {
+    /// Where its public endpoints are (from its ready file).
+    pub public: SocketAddr,
+    /// Where its `/readyz` is (from its ready file).
+    pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     died: Option<oneshot::Receiver<String>>,
     task: JoinHandle<()>,
@@ -84,13 +53,18 @@ pub fn relay_binary() -> anyhow::Result<PathBuf> {
 }
 
 impl RelayChild {
-    /// Starts the relay with `config` and waits until its `/readyz` answers 200.
+    /// Starts the relay with `config`, learns its addresses from its ready file (so the
+    /// config may say port 0) and waits until its `/readyz` answers 200.
     pub async fn start(config: &Path) -> anyhow::Result<RelayChild> {
-        let file = RelayFile::read(config)?;
         let bin = relay_binary()?;
+        let ready_file =
+            std::env::temp_dir().join(format!("trueup-demo-{}-relay.json", std::process::id()));
+        let _ = std::fs::remove_file(&ready_file);
         let mut cmd = Command::new(&bin);
         cmd.arg("--config")
             .arg(config)
+            .arg("--ready-file")
+            .arg(&ready_file)
             .stdin(Stdio::null())
             .kill_on_drop(true);
         #[cfg(unix)]
@@ -110,12 +84,17 @@ impl RelayChild {
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
         tracing::info!(pid = child.id(), config = %config.display(), "relay started");
-        wait_ready(&mut child, file.admin).await?;
-        tracing::info!(admin = %file.admin, "relay ready");
+        let addrs = wait_ready_file(&mut child, &ready_file).await;
+        let _ = std::fs::remove_file(&ready_file);
+        let (public, admin) = addrs?;
+        wait_ready(&mut child, admin).await?;
+        tracing::info!(%public, %admin, "relay ready");
         let (stop, stop_rx) = oneshot::channel();
         let (died_tx, died) = oneshot::channel();
         let task = tokio::spawn(supervise(child, stop_rx, died_tx));
         Ok(RelayChild {
+            public,
+            admin,
             stop: Some(stop),
             died: Some(died),
             task,
@@ -142,6 +121,36 @@ impl RelayChild {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
+    }
+}
+
+/// The relay's ready file: `{"listen": …, "admin_listen": …}`.
+#[derive(serde::Deserialize)]
+struct ReadyFile {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+}
+
+/// Waits for the relay's ready file and returns its (public, admin) addresses.
+async fn wait_ready_file(
+    child: &mut Child,
+    path: &Path,
+) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("the relay exited during start ({status}); see its log above");
+        }
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let f: ReadyFile = serde_json::from_str(&text).with_context(|| {
+                format!("the relay's ready file {} is not valid", path.display())
+            })?;
+            return Ok((f.listen, f.admin_listen));
+        }
+        if started.elapsed() > READY_WITHIN {
+            bail!("the relay wrote no ready file within {READY_WITHIN:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -191,30 +200,5 @@ async fn supervise(mut child: Child, stop: oneshot::Receiver<()>, died: oneshot:
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn addresses_come_from_the_file_with_the_relays_defaults() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.toml");
-        std::fs::write(
-            &path,
-            "listen = \"127.0.0.1:8081\"\nadmin_listen = \"127.0.0.1:9191\"\n",
-        )
-        .unwrap();
-        let f = RelayFile::read(&path).unwrap();
-        assert_eq!(f.admin, "127.0.0.1:9191".parse().unwrap());
-        assert_eq!(f.listen, Some("127.0.0.1:8081".parse().unwrap()));
-        std::fs::write(&path, "data_dir = \"data\"\n").unwrap();
-        let f = RelayFile::read(&path).unwrap();
-        assert_eq!(f.admin, "127.0.0.1:9090".parse().unwrap());
-        assert_eq!(f.listen, None);
-        std::fs::write(&path, "admin_listen = \"nowhere\"\n").unwrap();
-        assert!(format!("{:#}", RelayFile::read(&path).unwrap_err()).contains("admin_listen"));
     }
 }

@@ -13,22 +13,21 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Demo, client, free_port, wait_count};
+use common::{Demo, client, wait_count};
 use reqwest::StatusCode;
 use serde_json::json;
 use support::SERVER_SECRET;
 
-/// A relay config of the shape the demo needs: the relay on its own loopback port, trusting
-/// the shop as its proxy, with the shop's origin and server secret.
-fn relay_config(dir: &Path) -> (std::path::PathBuf, SocketAddr, SocketAddr) {
-    let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+/// A relay config of the shape the demo needs: the relay on its own loopback ports (port 0:
+/// the shop learns them from the relay's ready file), trusting the shop as its proxy, with
+/// the shop's server secret.
+fn relay_config(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("relay.toml");
     std::fs::write(
         &path,
         format!(
-            r#"listen = "{public}"
-admin_listen = "{admin}"
+            r#"listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 data_dir = "{data}"
 asset_dir = "{assets}"
 schemas_file = "{schemas}"
@@ -47,7 +46,17 @@ server_secrets = ["{SERVER_SECRET}"]
         ),
     )
     .unwrap();
-    (path, public, admin)
+    path
+}
+
+/// The started relay's public and admin addresses, as the shop reports them.
+fn relay_addrs(demo: &Demo) -> (SocketAddr, SocketAddr) {
+    let public = demo
+        .relay_url
+        .strip_prefix("http://")
+        .and_then(|a| a.parse().ok())
+        .expect("the shop uses the relay it started");
+    (public, demo.relay_admin.expect("a relay was started"))
 }
 
 fn listening(addr: SocketAddr) -> bool {
@@ -68,20 +77,18 @@ fn wait_closed(addr: SocketAddr, within: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_command_runs_both_and_ctrl_c_stops_both_in_order() {
     let tmp = tempfile::tempdir().unwrap();
-    let (config, public, admin) = relay_config(tmp.path());
-    let relay_url = format!("http://{public}");
+    let config = relay_config(tmp.path());
     let config_arg = config.display().to_string();
     let mut demo = Demo::spawn(
         tmp.path(),
         &[
             "--relay-config",
             &config_arg,
-            "--relay",
-            &relay_url,
             "--server-secret",
             SERVER_SECRET,
         ],
     );
+    let (public, admin) = relay_addrs(&demo);
     assert!(
         listening(public) && listening(admin),
         "the relay was started and is ready"
@@ -125,13 +132,10 @@ async fn one_command_runs_both_and_ctrl_c_stops_both_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shop_killed_outright_does_not_leave_its_relay_running() {
     let tmp = tempfile::tempdir().unwrap();
-    let (config, public, _) = relay_config(tmp.path());
-    let relay_url = format!("http://{public}");
+    let config = relay_config(tmp.path());
     let config_arg = config.display().to_string();
-    let mut demo = Demo::spawn(
-        tmp.path(),
-        &["--relay-config", &config_arg, "--relay", &relay_url],
-    );
+    let mut demo = Demo::spawn(tmp.path(), &["--relay-config", &config_arg]);
+    let (public, _) = relay_addrs(&demo);
     assert!(listening(public));
     tokio::task::block_in_place(|| demo.signal_and_wait(libc::SIGKILL, Duration::from_secs(10)));
     assert!(
@@ -150,8 +154,7 @@ async fn a_relay_that_cannot_start_stops_the_shop_with_the_reason() {
     std::fs::write(
         &config,
         format!(
-            "listen = \"{addr}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
-            free_port(),
+            "listen = \"{addr}\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
             tmp.path().join("data").display()
         ),
     )
@@ -160,7 +163,7 @@ async fn a_relay_that_cannot_start_stops_the_shop_with_the_reason() {
         .arg("--relay-config")
         .arg(&config)
         .arg("--listen")
-        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("127.0.0.1:0")
         .arg("--db")
         .arg(tmp.path().join("demo.sqlite"))
         .output()

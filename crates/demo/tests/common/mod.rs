@@ -2,21 +2,12 @@
 //! relay configured to trust it, and waiting for the warehouse.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{RelayProc, SERVER_SECRET, http_get};
-
-/// A loopback port nobody listens on (now).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The repository's `www/`.
 pub fn www() -> PathBuf {
@@ -43,21 +34,28 @@ pub fn start_relay(dir: &Path, rate_limit: Option<&str>) -> RelayProc {
 pub struct Demo {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The relay's URL the shop uses, and the admin address of the relay it started (if it
+    /// did), from its ready file.
+    pub relay_url: String,
+    pub relay_admin: Option<SocketAddr>,
     pub db: PathBuf,
     log: PathBuf,
 }
 
 impl Demo {
-    /// Starts the shop in `dir` with `args` (its own `--listen`, `--db` and `--www` are set
-    /// here) and waits until it answers.
+    /// Starts the shop in `dir` with `args` (its own `--listen` (port 0), `--ready-file`,
+    /// `--db` and `--www` are set here) and waits until it answers.
     pub fn spawn(dir: &Path, args: &[&str]) -> Demo {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let db = dir.join("demo.sqlite");
         let log = dir.join("demo.log");
+        let ready_file = dir.join("demo.ready.json");
+        let _ = std::fs::remove_file(&ready_file);
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_trueup-demo"))
             .arg("--listen")
-            .arg(addr.to_string())
+            .arg("127.0.0.1:0")
+            .arg("--ready-file")
+            .arg(&ready_file)
             .arg("--db")
             .arg(&db)
             .arg("--www")
@@ -72,12 +70,41 @@ impl Demo {
             .expect("spawn trueup-demo");
         let mut demo = Demo {
             child: Some(child),
-            addr,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            relay_url: String::new(),
+            relay_admin: None,
             db,
             log,
         };
+        demo.wait_ready_file(&ready_file, Duration::from_secs(40));
         demo.wait_ready(Duration::from_secs(40));
         demo
+    }
+
+    /// Waits for the shop's ready file and takes its addresses from it.
+    fn wait_ready_file(&mut self, path: &Path, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "trueup-demo exited during start ({status}):\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok(text) = std::fs::read_to_string(path) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                self.addr = v["listen"].as_str().unwrap().parse().unwrap();
+                self.relay_url = v["relay"].as_str().unwrap().to_string();
+                self.relay_admin = v["relay_admin"].as_str().map(|a| a.parse().unwrap());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "trueup-demo wrote no ready file in {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The shop in front of `relay`, with the relay's test secret.
