@@ -550,7 +550,7 @@ async fn a_full_spool_answers_503_fast_and_loses_nothing() {
     }
     assert!(got_503, "the spool never reported full");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while relay.metric("trueup_sink_errors_total") < 1.0 {
+    while relay.metric("trueup_sink_retries_total") < 1.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the forwarder should be retrying"

@@ -131,10 +131,11 @@ async fn admin_endpoints_live_only_on_the_admin_address() {
     for name in [
         "trueup_events_received_total",
         "trueup_events_accepted_total",
-        "trueup_forwarded_total",
+        "trueup_sink_delivered_total",
         "trueup_spool_depth",
         "trueup_spool_bytes",
-        "trueup_forward_lag_seconds",
+        "trueup_sink_lag_seconds",
+        "trueup_sink_backlog_rows",
         "trueup_request_duration_seconds_bucket",
         "trueup_spool_commit_seconds_bucket",
     ] {

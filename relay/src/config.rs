@@ -51,10 +51,14 @@ pub struct Config {
     pub spool: SpoolConfig,
     /// Rate limits.
     pub rate_limit: RateLimitConfig,
-    /// The forwarder that drains the spool to the sink.
+    /// What every sink's forwarder shares (backoff, shutdown drain, default batch size).
     pub forwarder: ForwarderConfig,
-    /// Where events go.
-    pub sink: SinkConfig,
+    /// Where events go: any number of sinks, each with its own forwarder and durable cursor.
+    /// Empty: the embedded warehouse alone (see [`Config::effective_sinks`]).
+    pub sinks: Vec<SinkConfig>,
+    /// The single `[sink]` table of earlier versions; refused with a pointer to `[[sinks]]`.
+    #[serde(skip_serializing)]
+    pub sink: Option<toml::Value>,
     /// Sites whose events this relay accepts.
     pub sites: Vec<SiteConfig>,
     /// Fault injection on the collection endpoint, for delivery tests. Off by default.
@@ -134,11 +138,11 @@ pub struct FaultsConfig {
     pub ack_lost_ratio: f64,
 }
 
-/// The forwarder.
+/// What all forwarders share.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForwarderConfig {
-    /// Most records per sink call.
+    /// Most records per sink call, for sinks that do not set their own `batch_size`.
     pub batch_size: usize,
     /// First retry delay after a sink failure, milliseconds (doubled per failure, full jitter).
     pub initial_backoff_ms: u64,
@@ -149,17 +153,254 @@ pub struct ForwarderConfig {
     pub shutdown_drain_secs: u64,
 }
 
-/// The sink events are forwarded to.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
-pub enum SinkConfig {
+/// What a sink is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
     /// The embedded warehouse: one SQLite file, no setup.
-    Warehouse {
-        /// The file; default `<data_dir>/warehouse.sqlite`.
-        #[serde(default)]
-        path: Option<PathBuf>,
-    },
+    Warehouse,
+    /// A signed JSON batch POSTed to any URL.
+    Webhook,
+    /// PostHog's capture endpoint, `<url>/batch/`.
+    Posthog,
+    /// Segment's tracking API, `<url>/v1/batch`.
+    Segment,
+    /// RudderStack's data plane, `<url>/v1/batch` (Segment's format, larger limits).
+    Rudderstack,
 }
+
+impl SinkKind {
+    /// The lowercase name used in the config and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::Warehouse => "warehouse",
+            SinkKind::Webhook => "webhook",
+            SinkKind::Posthog => "posthog",
+            SinkKind::Segment => "segment",
+            SinkKind::Rudderstack => "rudderstack",
+        }
+    }
+
+    /// Defaults: (events per request, bytes per request, bytes per event). The upstreams'
+    /// documented limits: PostHog 20 MB per request; Segment 500 KB per batch, 32 KB per
+    /// event, 2,500 events per batch; RudderStack 4 MB per batch, 32 KB per event.
+    fn limits(self) -> (usize, usize, usize) {
+        match self {
+            SinkKind::Warehouse => (2_000, usize::MAX, usize::MAX),
+            SinkKind::Webhook => (500, 1024 * 1024, 1024 * 1024),
+            SinkKind::Posthog => (1_000, 20 * 1000 * 1000, 1024 * 1024),
+            SinkKind::Segment => (2_500, 500 * 1000, 32 * 1000),
+            SinkKind::Rudderstack => (2_500, 4 * 1000 * 1000, 32 * 1000),
+        }
+    }
+}
+
+/// One sink (`[[sinks]]`). Which fields apply depends on `kind`; a field that does not apply
+/// is an error, so a typo never passes silently. Secrets are never written in this file:
+/// `secret_env` names an environment variable, `secret_file` a file, holding the PostHog
+/// project API key, the Segment/RudderStack write key, or the webhook's signing secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// A unique name: the key of its cursor in the spool and its label in metrics
+    /// (letters, digits, `_` and `-`). Renaming a sink makes it a new one, which starts from
+    /// the oldest record still spooled.
+    pub name: String,
+    /// What it is.
+    pub kind: SinkKind,
+    /// `warehouse`: the SQLite file (default `<data_dir>/warehouse.sqlite` for the first
+    /// warehouse sink, `<data_dir>/<name>.sqlite` for others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// `webhook`: the URL to POST to. `posthog`: the instance (`https://us.i.posthog.com`).
+    /// `segment`: the API host (default `https://api.segment.io`). `rudderstack`: the data
+    /// plane URL. `http://` is allowed for loopback and private networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Environment variable holding the sink's secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// File holding the sink's secret (surrounding whitespace is ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// Most records per request (default per kind, at most the upstream's limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Most bytes per request body (default: the upstream's documented limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_bytes: Option<usize>,
+    /// Largest single event as sent; a larger one is dead-lettered `too_large`, never sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_event_bytes: Option<usize>,
+    /// Seconds one request may take (connect, send, answer) before it counts as failed.
+    #[serde(default = "default_sink_timeout")]
+    pub timeout_secs: u64,
+    /// Requests in flight at once (each a batch; the cursor moves when all have answered).
+    #[serde(default = "default_sink_concurrency")]
+    pub concurrency: usize,
+    /// `posthog`: send with `historical_migration: true` (for backfills; PostHog routes such
+    /// batches to its slower historical pipeline).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub historical_migration: bool,
+}
+
+fn default_sink_timeout() -> u64 {
+    10
+}
+
+fn default_sink_concurrency() -> usize {
+    1
+}
+
+impl SinkConfig {
+    /// The embedded warehouse sink that runs when no `[[sinks]]` is configured.
+    pub fn default_warehouse() -> SinkConfig {
+        SinkConfig {
+            name: "warehouse".into(),
+            kind: SinkKind::Warehouse,
+            path: None,
+            url: None,
+            secret_env: None,
+            secret_file: None,
+            batch_size: None,
+            max_batch_bytes: None,
+            max_event_bytes: None,
+            timeout_secs: default_sink_timeout(),
+            concurrency: default_sink_concurrency(),
+            historical_migration: false,
+        }
+    }
+
+    /// Most records per request.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(self.kind.limits().0)
+    }
+
+    /// Most bytes per request body.
+    pub fn max_batch_bytes(&self) -> usize {
+        self.max_batch_bytes.unwrap_or(self.kind.limits().1)
+    }
+
+    /// Largest event as sent.
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes.unwrap_or(self.kind.limits().2)
+    }
+
+    /// The per-request timeout.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout_secs)
+    }
+
+    /// Reads the secret from `secret_env` or `secret_file`. `None` when neither is set.
+    pub fn secret(&self) -> Result<Option<String>, ConfigError> {
+        let bad = |m: String| ConfigError::Invalid(format!("sink {:?}: {m}", self.name));
+        if let Some(var) = &self.secret_env {
+            return match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+                _ => Err(bad(format!(
+                    "secret_env names {var}, which is not set (or empty)"
+                ))),
+            };
+        }
+        if let Some(path) = &self.secret_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| bad(format!("cannot read secret_file {}: {e}", path.display())))?;
+            if text.trim().is_empty() {
+                return Err(bad(format!("secret_file {} is empty", path.display())));
+            }
+            return Ok(Some(text.trim().to_string()));
+        }
+        Ok(None)
+    }
+
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let name = self.name.clone();
+        let bad = |m: String| Err(ConfigError::Invalid(format!("sink {name:?}: {m}")));
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return bad("name must be 1-64 letters, digits, '_' or '-'".into());
+        }
+        let kind = self.kind;
+        let (max_batch, max_bytes, max_event) = kind.limits();
+        let http = kind != SinkKind::Warehouse;
+        let applies = [
+            ("path", self.path.is_some(), !http),
+            ("url", self.url.is_some(), http),
+            ("secret_env", self.secret_env.is_some(), http),
+            ("secret_file", self.secret_file.is_some(), http),
+            (
+                "historical_migration",
+                self.historical_migration,
+                kind == SinkKind::Posthog,
+            ),
+            ("max_batch_bytes", self.max_batch_bytes.is_some(), http),
+            ("max_event_bytes", self.max_event_bytes.is_some(), http),
+        ];
+        for (field, set, ok) in applies {
+            if set && !ok {
+                return bad(format!("{field} does not apply to kind {}", kind.as_str()));
+            }
+        }
+        if self.secret_env.is_some() && self.secret_file.is_some() {
+            return bad("set secret_env or secret_file, not both".into());
+        }
+        match kind {
+            SinkKind::Warehouse => {}
+            SinkKind::Segment => {
+                if self.url.is_none() {
+                    self.url = Some("https://api.segment.io".into());
+                }
+            }
+            SinkKind::Webhook | SinkKind::Posthog | SinkKind::Rudderstack => {
+                if self.url.is_none() {
+                    return bad(format!("kind {} needs url", kind.as_str()));
+                }
+            }
+        }
+        if http && self.secret_env.is_none() && self.secret_file.is_none() {
+            return bad(format!(
+                "kind {} needs its key in secret_env or secret_file",
+                kind.as_str()
+            ));
+        }
+        if let Some(url) = &self.url {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => return bad(format!("url {url:?} must be an http(s) URL with a host")),
+            }
+        }
+        let most = if http { max_batch } else { MAX_FORWARD_BATCH };
+        if self.batch_size() == 0 || self.batch_size() > most {
+            return bad(format!("batch_size must be 1..={most}"));
+        }
+        if self.max_batch_bytes() == 0 || self.max_batch_bytes() > max_bytes {
+            return bad(format!("max_batch_bytes must be 1..={max_bytes}"));
+        }
+        if self.max_event_bytes() == 0
+            || self.max_event_bytes() > max_event
+            || self.max_event_bytes() > self.max_batch_bytes()
+        {
+            return bad(format!(
+                "max_event_bytes must be 1..={max_event} and at most max_batch_bytes"
+            ));
+        }
+        if self.timeout_secs == 0 || self.timeout_secs > 600 {
+            return bad("timeout_secs must be 1..=600".into());
+        }
+        if self.concurrency == 0 || self.concurrency > 64 {
+            return bad("concurrency must be 1..=64".into());
+        }
+        Ok(())
+    }
+}
+
+/// Most records one sink request may carry (bounds what a forwarder reads at once).
+pub const MAX_FORWARD_BATCH: usize = 10_000;
 
 /// One site: a public site key and where its pages may send from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -202,7 +443,8 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             rate_limit: RateLimitConfig::default(),
             forwarder: ForwarderConfig::default(),
-            sink: SinkConfig::Warehouse { path: None },
+            sinks: vec![],
+            sink: None,
             sites: vec![SiteConfig {
                 key: "demo".into(),
                 origins: vec![],
@@ -355,6 +597,25 @@ impl Config {
         if self.spool.max_group_requests == 0 || self.forwarder.batch_size == 0 {
             return bad("spool.max_group_requests and forwarder.batch_size must be > 0".into());
         }
+        if self.sink.is_some() {
+            return bad("the [sink] table is replaced by [[sinks]] (name, kind, ...); see the README's \"Forward to your pipeline\"".into());
+        }
+        let default_batch = self.forwarder.batch_size;
+        let mut names = std::collections::HashSet::new();
+        for s in &mut self.sinks {
+            if s.kind == SinkKind::Warehouse && s.batch_size.is_none() {
+                s.batch_size = Some(default_batch);
+            }
+            s.validate()?;
+            if !names.insert(s.name.clone()) {
+                return bad(format!("sink names must be unique ({:?} twice)", s.name));
+            }
+        }
+        if self.forwarder.batch_size > MAX_FORWARD_BATCH {
+            return bad(format!(
+                "forwarder.batch_size must be 1..={MAX_FORWARD_BATCH}"
+            ));
+        }
         if self.sites.is_empty() {
             return bad("at least one [[sites]] entry is needed".into());
         }
@@ -440,12 +701,45 @@ impl Config {
         format!("{}/{}/", self.prefix, self.assets_path)
     }
 
-    /// The warehouse file.
-    pub fn warehouse_path(&self) -> PathBuf {
-        match &self.sink {
-            SinkConfig::Warehouse { path: Some(p) } => p.clone(),
-            SinkConfig::Warehouse { path: None } => self.data_dir.join("warehouse.sqlite"),
+    /// The sinks that run: the configured ones, or the embedded warehouse alone.
+    pub fn effective_sinks(&self) -> Vec<SinkConfig> {
+        if self.sinks.is_empty() {
+            let mut wh = SinkConfig::default_warehouse();
+            wh.batch_size = Some(self.forwarder.batch_size);
+            vec![wh]
+        } else {
+            self.sinks.clone()
         }
+    }
+
+    /// The file of a warehouse sink: its `path`, or `<data_dir>/warehouse.sqlite` for the
+    /// first warehouse sink and `<data_dir>/<name>.sqlite` for the others.
+    pub fn warehouse_path_of(&self, sink: &SinkConfig) -> PathBuf {
+        if let Some(p) = &sink.path {
+            return p.clone();
+        }
+        let first = self
+            .effective_sinks()
+            .into_iter()
+            .find(|s| s.kind == SinkKind::Warehouse)
+            .map(|s| s.name);
+        if first.as_deref() == Some(sink.name.as_str()) {
+            self.data_dir.join("warehouse.sqlite")
+        } else {
+            self.data_dir.join(format!("{}.sqlite", sink.name))
+        }
+    }
+
+    /// The warehouse reconciliation reads: the first warehouse sink's file
+    /// (`<data_dir>/warehouse.sqlite` when none is configured).
+    pub fn warehouse_path(&self) -> PathBuf {
+        self.effective_sinks()
+            .iter()
+            .find(|s| s.kind == SinkKind::Warehouse)
+            .map_or_else(
+                || self.data_dir.join("warehouse.sqlite"),
+                |s| self.warehouse_path_of(s),
+            )
     }
 
     /// The spool file.

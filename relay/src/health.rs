@@ -1,35 +1,50 @@
-//! Liveness, readiness and metrics, served on the admin address only.
+//! Liveness, readiness, sinks and metrics, served on the admin address only.
 //!
-//! Liveness comes from heartbeats: the spool writer and the forwarder each stamp a time as
-//! they loop; a component that has not stamped within [`STALE_MS`] is reported dead.
-//! Readiness is separate: the relay is ready when it is not shutting down, its last spool
-//! transaction committed, the spool is under its size limit, and the sink has not been
-//! failing for longer than [`SINK_FAILING_MS`].
+//! Liveness comes from heartbeats: the spool writer and every forwarder stamp a time as they
+//! loop; a component that has not stamped within [`STALE_MS`] is reported dead. Readiness is
+//! separate: the relay is ready when it can take and store events — it is not shutting down,
+//! its last spool transaction committed and the spool is under its size limit. A sink that is
+//! down does not make the relay unready (events keep being spooled for it, and the spool's
+//! size limit answers 503 to clients before the disk fills); `/sinks` says which sink is
+//! failing, since when, and how far behind it is.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 
 use crate::forwarder::ForwarderHealth;
-use crate::spool::Spool;
+use crate::spool::{SinkProgress, Spool};
 use crate::time::now_ms;
 
 /// A heartbeat older than this means the component is stuck.
 pub const STALE_MS: i64 = 10_000;
-/// A sink failing for longer than this makes the relay not ready.
-pub const SINK_FAILING_MS: i64 = 30_000;
+
+/// One sink as the admin endpoints see it.
+#[derive(Clone)]
+pub struct SinkStatus {
+    /// Its configured name.
+    pub name: String,
+    /// Its kind.
+    pub kind: &'static str,
+    /// Its forwarder's heartbeats and counts.
+    pub health: Arc<ForwarderHealth>,
+    /// Its cursor and backlog.
+    pub progress: Arc<SinkProgress>,
+}
 
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct AdminState {
     /// The spool.
     pub spool: Arc<Spool>,
-    /// The forwarder's heartbeats.
-    pub forwarder: Arc<ForwarderHealth>,
+    /// The sinks, in configuration order.
+    pub sinks: Vec<SinkStatus>,
     /// The spool size limit.
     pub spool_max_bytes: u64,
     /// Set during shutdown.
@@ -38,17 +53,19 @@ pub struct AdminState {
     pub metrics: PrometheusHandle,
 }
 
-/// `GET /healthz`: 200 when the spool writer and the forwarder are alive.
+/// `GET /healthz`: 200 when the spool writer and every forwarder are alive.
 pub async fn healthz(State(st): State<AdminState>) -> impl IntoResponse {
     let now = now_ms();
     let writer_age = now - st.spool.stats().last_beat_ms.load(Ordering::Relaxed);
-    let forwarder_age = now - st.forwarder.last_beat_ms.load(Ordering::Relaxed);
     let mut problems = Vec::new();
     if writer_age > STALE_MS {
         problems.push(format!("spool writer silent for {writer_age} ms"));
     }
-    if forwarder_age > STALE_MS {
-        problems.push(format!("forwarder silent for {forwarder_age} ms"));
+    for s in &st.sinks {
+        let age = now - s.health.last_beat_ms.load(Ordering::Relaxed);
+        if age > STALE_MS {
+            problems.push(format!("forwarder of sink {} silent for {age} ms", s.name));
+        }
     }
     answer(problems)
 }
@@ -66,13 +83,6 @@ pub async fn readyz(State(st): State<AdminState>) -> impl IntoResponse {
     if stats.bytes.load(Ordering::Relaxed) > st.spool_max_bytes {
         problems.push("spool over its size limit".into());
     }
-    let failing_since = st.forwarder.failing_since_ms.load(Ordering::Relaxed);
-    if failing_since > 0 && now_ms() - failing_since > SINK_FAILING_MS {
-        problems.push(format!(
-            "sink failing for {} s",
-            (now_ms() - failing_since) / 1000
-        ));
-    }
     answer(problems)
 }
 
@@ -84,11 +94,66 @@ fn answer(problems: Vec<String>) -> (StatusCode, String) {
     }
 }
 
+/// One sink in `GET /sinks`.
+#[derive(Serialize)]
+struct SinkView {
+    name: String,
+    kind: &'static str,
+    /// The last spool position the sink has taken.
+    cursor: i64,
+    backlog_rows: u64,
+    backlog_bytes: u64,
+    /// Age of the oldest record the sink has not taken, seconds.
+    lag_seconds: f64,
+    /// Since when its deliveries fail (ms since the epoch), or null.
+    failing_since_ms: Option<i64>,
+    last_error: Option<String>,
+    delivered: u64,
+    retries: u64,
+    dead_lettered: u64,
+}
+
+/// `GET /sinks`: per sink, its cursor, backlog, lag, failure state and counts since start.
+pub async fn sinks(State(st): State<AdminState>) -> impl IntoResponse {
+    let views: Vec<SinkView> = st
+        .sinks
+        .iter()
+        .map(|s| {
+            let failing = s.health.failing_since_ms.load(Ordering::Relaxed);
+            SinkView {
+                name: s.name.clone(),
+                kind: s.kind,
+                cursor: s.progress.cursor.load(Ordering::Relaxed),
+                backlog_rows: s.progress.backlog_rows.load(Ordering::Relaxed),
+                backlog_bytes: s.progress.backlog_bytes.load(Ordering::Relaxed),
+                lag_seconds: s.health.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+                failing_since_ms: (failing > 0).then_some(failing),
+                last_error: if failing > 0 {
+                    s.health.last_error.lock().ok().and_then(|e| e.clone())
+                } else {
+                    None
+                },
+                delivered: s.health.delivered.load(Ordering::Relaxed),
+                retries: s.health.retries.load(Ordering::Relaxed),
+                dead_lettered: s.health.dead_lettered.load(Ordering::Relaxed),
+            }
+        })
+        .collect();
+    Json(serde_json::json!({ "sinks": views }))
+}
+
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics_text(State(st): State<AdminState>) -> impl IntoResponse {
     let stats = st.spool.stats();
     metrics::gauge!("trueup_spool_depth").set(stats.rows.load(Ordering::Relaxed) as f64);
     metrics::gauge!("trueup_spool_bytes").set(stats.bytes.load(Ordering::Relaxed) as f64);
+    for s in &st.sinks {
+        let labels = [("sink", s.name.clone()), ("kind", s.kind.to_string())];
+        metrics::gauge!("trueup_sink_backlog_rows", &labels)
+            .set(s.progress.backlog_rows.load(Ordering::Relaxed) as f64);
+        metrics::gauge!("trueup_sink_backlog_bytes", &labels)
+            .set(s.progress.backlog_bytes.load(Ordering::Relaxed) as f64);
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

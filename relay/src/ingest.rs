@@ -254,6 +254,7 @@ async fn ingest(
                     .increment(1);
                 dead.push(DeadLetter {
                     stage: "ingest",
+                    sink: None,
                     site: Some(site.clone()),
                     reason: rej.reason.as_str().to_string(),
                     detail: rej.detail.clone(),

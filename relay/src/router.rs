@@ -17,7 +17,7 @@ use tower_http::services::ServeDir;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::health::{AdminState, healthz, metrics_text, readyz};
+use crate::health::{AdminState, healthz, metrics_text, readyz, sinks};
 use crate::ingest::{AppState, collect, server_events};
 
 /// The public router.
@@ -62,11 +62,12 @@ pub fn public_router(st: AppState) -> Router {
         .layer(CatchPanicLayer::new())
 }
 
-/// The admin router: `/healthz`, `/readyz`, `/metrics`.
+/// The admin router: `/healthz`, `/readyz`, `/sinks`, `/metrics`.
 pub fn admin_router(st: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/sinks", get(sinks))
         .route("/metrics", get(metrics_text))
         .with_state(st)
 }

@@ -17,13 +17,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::forwarder::{self, ForwarderHealth};
+use crate::forwarder::{self, ForwarderHealth, SinkRunner};
 use crate::health::AdminState;
 use crate::ingest::AppState;
 use crate::limiters::Limiters;
 use crate::router::{admin_router, public_router};
-use crate::sinks::Sink;
-use crate::sinks::warehouse::WarehouseSink;
 use crate::spool::Spool;
 use crate::time::now_ms;
 
@@ -89,10 +87,25 @@ fn describe_metrics() {
         "trueup_rate_limited_total",
         "Requests answered 429, by scope."
     );
-    describe_counter!("trueup_forwarded_total", "Records delivered to the sink.");
     describe_counter!(
-        "trueup_sink_errors_total",
-        "Failed sink deliveries (retried)."
+        "trueup_sink_delivered_total",
+        "Records a sink took, by sink and kind (dead letters not included)."
+    );
+    describe_counter!(
+        "trueup_sink_retries_total",
+        "Failed sink calls (retried later), by sink and kind."
+    );
+    describe_counter!(
+        "trueup_sink_dead_letters_total",
+        "Records a sink rejected permanently (kept in dead_letter), by sink and reason."
+    );
+    describe_gauge!(
+        "trueup_sink_backlog_rows",
+        "Records spooled that a sink has not taken yet, by sink and kind."
+    );
+    describe_gauge!(
+        "trueup_sink_backlog_bytes",
+        "Bytes of the records a sink has not taken yet, by sink and kind."
     );
     describe_gauge!("trueup_spool_depth", "Records waiting in the spool.");
     describe_gauge!(
@@ -100,8 +113,8 @@ fn describe_metrics() {
         "Bytes of records waiting in the spool."
     );
     describe_gauge!(
-        "trueup_forward_lag_seconds",
-        "Age of the oldest record not yet forwarded."
+        "trueup_sink_lag_seconds",
+        "Age (since the relay received it) of the oldest record a sink has not taken, by sink."
     );
     describe_gauge!(
         "trueup_reconcile_gap_percent",
@@ -225,23 +238,29 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let cfg = self.cfg;
         let registry = Arc::new(cfg.schema_registry()?);
+        let sink_cfgs = cfg.effective_sinks();
+        let mut runners = Vec::with_capacity(sink_cfgs.len());
+        for (index, s) in sink_cfgs.iter().enumerate() {
+            let health = Arc::new(ForwarderHealth::default());
+            health.last_beat_ms.store(now_ms(), Ordering::Relaxed);
+            runners.push(SinkRunner {
+                index,
+                name: s.name.clone(),
+                kind: s.kind.as_str(),
+                batch_size: s.batch_size(),
+                concurrency: s.concurrency,
+                sink: crate::sinks::open(&cfg, s)?,
+                health,
+            });
+        }
+        let names: Vec<String> = sink_cfgs.iter().map(|s| s.name.clone()).collect();
         let spool = Arc::new(Spool::open(
             &cfg.spool_path(),
             cfg.spool.max_group_requests,
+            &names,
         )?);
-        let sink: Arc<dyn Sink> =
-            Arc::new(WarehouseSink::open(&cfg.warehouse_path()).with_context(|| {
-                format!(
-                    "cannot open the warehouse {}",
-                    cfg.warehouse_path().display()
-                )
-            })?);
         let limiters = Arc::new(Limiters::new(&cfg.rate_limit));
         let shutting_down = Arc::new(AtomicBool::new(false));
-        let forwarder_health = Arc::new(ForwarderHealth::default());
-        forwarder_health
-            .last_beat_ms
-            .store(now_ms(), Ordering::Relaxed);
 
         let state = AppState {
             cfg: cfg.clone(),
@@ -268,20 +287,32 @@ impl Relay {
         }
         let admin_state = AdminState {
             spool: spool.clone(),
-            forwarder: forwarder_health.clone(),
+            sinks: runners
+                .iter()
+                .map(|r| crate::health::SinkStatus {
+                    name: r.name.clone(),
+                    kind: r.kind,
+                    health: r.health.clone(),
+                    progress: spool.sinks()[r.index].clone(),
+                })
+                .collect(),
             spool_max_bytes: cfg.spool.max_bytes,
             shutting_down: shutting_down.clone(),
             metrics: metrics_handle(),
         };
 
         let forwarder_stop = CancellationToken::new();
-        let forwarder = tokio::spawn(forwarder::run(
-            spool.clone(),
-            sink,
-            cfg.forwarder.clone(),
-            forwarder_health,
-            forwarder_stop.clone(),
-        ));
+        let forwarders: Vec<_> = runners
+            .into_iter()
+            .map(|r| {
+                tokio::spawn(forwarder::run(
+                    spool.clone(),
+                    r,
+                    cfg.forwarder.clone(),
+                    forwarder_stop.clone(),
+                ))
+            })
+            .collect();
         let housekeeping_stop = CancellationToken::new();
         let housekeeping = tokio::spawn(housekeeping(
             spool.clone(),
@@ -333,9 +364,9 @@ impl Relay {
         });
 
         public.await.context("public listener failed")?;
-        tracing::info!("shutdown: requests finished; draining the spool to the sink");
+        tracing::info!("shutdown: requests finished; draining the spool to the sinks");
         forwarder_stop.cancel();
-        let _ = forwarder.await;
+        futures_util::future::join_all(forwarders).await;
         housekeeping_stop.cancel();
         let _ = housekeeping.await;
         reconcile_stop.cancel();

@@ -17,8 +17,14 @@
 //!   received and validated), 1 is an agent's counters (`body` is their JSON).
 //!   AUTOINCREMENT means a `pos` is never reused, so "delete up to pos" is always safe.
 //! - `seen(id BLOB PRIMARY KEY)`: the 16 bytes of every event id stored, for dedupe.
-//! - `dead_letter(...)`: events rejected at ingest (invalid) or by the sink (permanently),
-//!   with the reason and the raw event. Never deleted by the relay.
+//! - `sink_cursor(name, pos)`: per configured sink, the last position it has taken (delivered
+//!   or dead-lettered). A record is deleted from `spool` only once every configured sink's
+//!   cursor has passed it, in the same transaction that moves the cursor, so a restart
+//!   resumes each sink exactly where it was. A sink new to this spool starts at 0: it gets
+//!   the oldest record still spooled. Cursors of sinks no longer configured are dropped at
+//!   open.
+//! - `dead_letter(...)`: events rejected at ingest (invalid) or by a sink (permanently; `sink`
+//!   says which), with the reason and the raw event. Never deleted by the relay.
 //! - `tally(day, site, source, accepted, duplicates, rejected)`: per UTC day of receipt and
 //!   per source (`client`, `server`), the events stored, the retries answered `duplicate` and
 //!   the events rejected at ingest, updated in the same transaction as the writes, so
@@ -77,8 +83,10 @@ pub struct NewEvent {
 /// Something the relay could not deliver, kept with why.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
-    /// `ingest` (rejected by validation) or `sink` (rejected by the sink).
+    /// `ingest` (rejected by validation) or `sink` (rejected by a sink).
     pub stage: &'static str,
+    /// The sink that rejected it (stage `sink`).
+    pub sink: Option<String>,
     /// The site, when known.
     pub site: Option<String>,
     /// A stable reason code.
@@ -141,6 +149,21 @@ impl From<rusqlite::Error> for SpoolError {
     }
 }
 
+/// One sink's place in the spool, kept current by the writer thread.
+#[derive(Debug, Default)]
+pub struct SinkProgress {
+    /// The sink's name (its cursor's key).
+    pub name: String,
+    /// The last position the sink has taken (durable: it is what `sink_cursor` holds).
+    pub cursor: AtomicI64,
+    /// Records after the cursor (waiting for this sink).
+    pub backlog_rows: AtomicU64,
+    /// Bytes of the records after the cursor.
+    pub backlog_bytes: AtomicU64,
+    /// Signalled after a commit that stored new records (a permit is kept if no one waits).
+    pub new_records: Notify,
+}
+
 /// Live figures of the spool, readable without a query.
 #[derive(Debug, Default)]
 pub struct SpoolStats {
@@ -163,6 +186,7 @@ struct WriteJob {
 }
 
 struct AckJob {
+    sink: usize,
     up_to: i64,
     rows: u64,
     bytes: u64,
@@ -182,9 +206,8 @@ enum Job {
 pub struct Spool {
     tx: mpsc::Sender<Job>,
     stats: Arc<SpoolStats>,
+    sinks: Vec<Arc<SinkProgress>>,
     path: PathBuf,
-    /// Signalled after a commit that stored new records.
-    pub new_records: Arc<Notify>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -197,6 +220,7 @@ CREATE TABLE IF NOT EXISTS spool (
     body TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS seen (id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sink_cursor (name TEXT PRIMARY KEY, pos INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letter (
     pos INTEGER PRIMARY KEY AUTOINCREMENT,
     received_at INTEGER NOT NULL,
@@ -205,7 +229,8 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     reason TEXT NOT NULL,
     detail TEXT NOT NULL,
     event_id TEXT,
-    raw TEXT NOT NULL
+    raw TEXT NOT NULL,
+    sink TEXT
 );
 CREATE TABLE IF NOT EXISTS tally (
     day TEXT NOT NULL,
@@ -221,14 +246,21 @@ CREATE TABLE IF NOT EXISTS tally (
 const MAX_DEAD_RAW: usize = 64 * 1024;
 
 impl Spool {
-    /// Opens (or creates) the spool file and starts the writer thread.
-    pub fn open(path: &Path, max_group_requests: usize) -> Result<Spool, SpoolError> {
-        let conn = Connection::open(path)?;
+    /// Opens (or creates) the spool file and starts the writer thread. `sinks` are the
+    /// configured sinks' names, in the order [`Spool::sinks`] and [`Spool::ack`] use.
+    pub fn open(
+        path: &Path,
+        max_group_requests: usize,
+        sinks: &[String],
+    ) -> Result<Spool, SpoolError> {
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
+        let progress = open_cursors(&mut conn, sinks)?;
         let (rows, bytes): (i64, i64) = conn.query_row(
-            "SELECT count(*), coalesce(sum(length(body)), 0) FROM spool",
+            "SELECT count(*), coalesce(sum(length(CAST(body AS BLOB))), 0) FROM spool",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
@@ -238,12 +270,17 @@ impl Spool {
         stats.healthy.store(true, Ordering::Relaxed);
         stats.last_beat_ms.store(now_ms(), Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(max_group_requests * 4);
-        let new_records = Arc::new(Notify::new());
+        let deleted_up_to = progress
+            .iter()
+            .map(|p| p.cursor.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
         let writer = Writer {
             conn,
             stats: stats.clone(),
-            notify: new_records.clone(),
             max_group: max_group_requests,
+            sinks: progress.clone(),
+            deleted_up_to,
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -252,10 +289,15 @@ impl Spool {
         Ok(Spool {
             tx,
             stats,
+            sinks: progress,
             path: path.to_path_buf(),
-            new_records,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// Each configured sink's place, in the order given to [`Spool::open`].
+    pub fn sinks(&self) -> &[Arc<SinkProgress>] {
+        &self.sinks
     }
 
     /// Live figures.
@@ -285,9 +327,12 @@ impl Spool {
         rx.await.map_err(|_| SpoolError::Closed)?
     }
 
-    /// Removes delivered records up to `up_to` (inclusive) and stores the sink's dead letters.
+    /// Records that sink number `sink` has taken every record up to `up_to` (inclusive):
+    /// `rows` records of `bytes` bytes, of which `dead` it rejected permanently (stored as dead
+    /// letters). Moves its durable cursor, and deletes what every sink has now taken.
     pub async fn ack(
         &self,
+        sink: usize,
         up_to: i64,
         rows: u64,
         bytes: u64,
@@ -295,6 +340,7 @@ impl Spool {
     ) -> Result<(), SpoolError> {
         let (reply, rx) = oneshot::channel();
         let job = Job::Ack(AckJob {
+            sink,
             up_to,
             rows,
             bytes,
@@ -377,11 +423,92 @@ impl SpoolReader {
     }
 }
 
+/// Adds columns that earlier versions of the spool did not have.
+fn migrate(conn: &Connection) -> Result<(), SpoolError> {
+    let has_sink: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('dead_letter') WHERE name = 'sink'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_sink {
+        conn.execute_batch("ALTER TABLE dead_letter ADD COLUMN sink TEXT")?;
+    }
+    Ok(())
+}
+
+/// Loads the configured sinks' cursors (a new sink starts at 0), drops those of sinks no
+/// longer configured, deletes what every configured sink has taken, and counts each backlog.
+fn open_cursors(
+    conn: &mut Connection,
+    sinks: &[String],
+) -> Result<Vec<Arc<SinkProgress>>, SpoolError> {
+    let tx = conn.transaction()?;
+    let known: Vec<(String, i64)> = {
+        let mut stmt = tx.prepare("SELECT name, pos FROM sink_cursor")?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    for (name, pos) in &known {
+        if !sinks.contains(name) {
+            tracing::warn!(sink = %name, pos, "forgetting the cursor of a sink no longer configured");
+            tx.execute("DELETE FROM sink_cursor WHERE name = ?1", params![name])?;
+        }
+    }
+    let mut progress = Vec::with_capacity(sinks.len());
+    for name in sinks {
+        let cursor = match known.iter().find(|(n, _)| n == name) {
+            Some((_, pos)) => *pos,
+            None => {
+                tx.execute(
+                    "INSERT INTO sink_cursor (name, pos) VALUES (?1, 0)",
+                    params![name],
+                )?;
+                0
+            }
+        };
+        let (rows, bytes): (i64, i64) = tx.query_row(
+            "SELECT count(*), coalesce(sum(length(CAST(body AS BLOB))), 0) FROM spool WHERE pos > ?1",
+            params![cursor],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        progress.push(Arc::new(SinkProgress {
+            name: name.clone(),
+            cursor: AtomicI64::new(cursor),
+            backlog_rows: AtomicU64::new(rows as u64),
+            backlog_bytes: AtomicU64::new(bytes as u64),
+            new_records: Notify::new(),
+        }));
+    }
+    if let Some(min) = progress
+        .iter()
+        .map(|p| p.cursor.load(Ordering::Relaxed))
+        .min()
+    {
+        tx.execute("DELETE FROM spool WHERE pos <= ?1", params![min])?;
+    }
+    tx.commit()?;
+    Ok(progress)
+}
+
 struct Writer {
     conn: Connection,
     stats: Arc<SpoolStats>,
-    notify: Arc<Notify>,
     max_group: usize,
+    sinks: Vec<Arc<SinkProgress>>,
+    /// Every record at or below this position has been deleted.
+    deleted_up_to: i64,
+}
+
+/// What one transaction did, applied to the live figures once it has committed.
+struct Outcome {
+    admissions: Vec<Vec<Admission>>,
+    added_rows: u64,
+    added_bytes: u64,
+    /// The sinks' cursors after the acks (same order as `Writer::sinks`).
+    cursors: Vec<i64>,
+    deleted_up_to: i64,
+    deleted_rows: u64,
+    deleted_bytes: u64,
 }
 
 impl Writer {
@@ -420,26 +547,39 @@ impl Writer {
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("trueup_spool_commit_requests").record(writes.len() as f64);
             match outcome {
-                Ok((admissions, added_rows, added_bytes)) => {
+                Ok(o) => {
                     self.stats.healthy.store(true, Ordering::Relaxed);
-                    let (acked_rows, acked_bytes) = acks
-                        .iter()
-                        .fold((0, 0), |(r, b), a| (r + a.rows, b + a.bytes));
-                    self.stats.rows.fetch_add(added_rows, Ordering::Relaxed);
-                    self.stats.bytes.fetch_add(added_bytes, Ordering::Relaxed);
-                    // Acks only remove what an earlier commit added, so these never underflow.
-                    self.stats.rows.fetch_sub(
-                        acked_rows.min(self.stats.rows.load(Ordering::Relaxed)),
-                        Ordering::Relaxed,
-                    );
-                    self.stats.bytes.fetch_sub(
-                        acked_bytes.min(self.stats.bytes.load(Ordering::Relaxed)),
-                        Ordering::Relaxed,
-                    );
-                    if added_rows > 0 {
-                        self.notify.notify_one();
+                    self.stats.rows.fetch_add(o.added_rows, Ordering::Relaxed);
+                    self.stats.bytes.fetch_add(o.added_bytes, Ordering::Relaxed);
+                    // Deletions only remove what an earlier commit added: never an underflow.
+                    self.stats.rows.fetch_sub(o.deleted_rows, Ordering::Relaxed);
+                    self.stats
+                        .bytes
+                        .fetch_sub(o.deleted_bytes, Ordering::Relaxed);
+                    self.deleted_up_to = o.deleted_up_to;
+                    for (p, cursor) in self.sinks.iter().zip(&o.cursors) {
+                        p.cursor.store(*cursor, Ordering::Relaxed);
+                        p.backlog_rows.fetch_add(o.added_rows, Ordering::Relaxed);
+                        p.backlog_bytes.fetch_add(o.added_bytes, Ordering::Relaxed);
                     }
-                    for (w, adm) in writes.into_iter().zip(admissions) {
+                    for a in &acks {
+                        if let Some(p) = self.sinks.get(a.sink) {
+                            p.backlog_rows.fetch_sub(
+                                a.rows.min(p.backlog_rows.load(Ordering::Relaxed)),
+                                Ordering::Relaxed,
+                            );
+                            p.backlog_bytes.fetch_sub(
+                                a.bytes.min(p.backlog_bytes.load(Ordering::Relaxed)),
+                                Ordering::Relaxed,
+                            );
+                        }
+                    }
+                    if o.added_rows > 0 {
+                        for p in &self.sinks {
+                            p.new_records.notify_one();
+                        }
+                    }
+                    for (w, adm) in writes.into_iter().zip(o.admissions) {
                         let _ = w.reply.send(Ok(adm));
                     }
                     for a in acks {
@@ -476,29 +616,34 @@ impl Writer {
         }
     }
 
-    /// One transaction for a group of jobs. Returns per write job its admissions, and the
-    /// rows and bytes added.
-    #[allow(clippy::type_complexity)]
+    /// One transaction for a group of jobs: the writes, the cursor moves, the deletions.
     fn transaction(
         &mut self,
         writes: &[WriteJob],
         acks: &[AckJob],
         prune: Option<i64>,
-    ) -> Result<(Vec<Vec<Admission>>, u64, u64), SpoolError> {
+    ) -> Result<Outcome, SpoolError> {
         let now = now_ms();
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut all = Vec::with_capacity(writes.len());
-        let (mut rows, mut bytes) = (0u64, 0u64);
+        let mut outcome = Outcome {
+            admissions: Vec::with_capacity(writes.len()),
+            added_rows: 0,
+            added_bytes: 0,
+            cursors: Vec::new(),
+            deleted_up_to: self.deleted_up_to,
+            deleted_rows: 0,
+            deleted_bytes: 0,
+        };
         {
             let mut seen = tx.prepare_cached("INSERT OR IGNORE INTO seen (id) VALUES (?1)")?;
             let mut spool = tx.prepare_cached(
                 "INSERT INTO spool (kind, site, received_at, body) VALUES (?1, ?2, ?3, ?4)",
             )?;
             let mut dead = tx.prepare_cached(
-                "INSERT INTO dead_letter (received_at, stage, site, reason, detail, event_id, raw)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO dead_letter (received_at, stage, site, reason, detail, event_id, raw, sink)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             let mut insert_dead = |d: &DeadLetter| -> Result<(), rusqlite::Error> {
                 let raw = truncate(&d.raw, MAX_DEAD_RAW);
@@ -509,7 +654,8 @@ impl Writer {
                     d.reason,
                     d.detail,
                     d.event_id.map(|u| u.to_string()),
-                    raw
+                    raw,
+                    d.sink
                 ])?;
                 Ok(())
             };
@@ -550,8 +696,8 @@ impl Writer {
                     let new = seen.execute(params![e.id.as_bytes().as_slice()])? == 1;
                     if new {
                         spool.execute(params![0, e.site, now, e.body])?;
-                        rows += 1;
-                        bytes += e.body.len() as u64;
+                        outcome.added_rows += 1;
+                        outcome.added_bytes += e.body.len() as u64;
                         adm.push(Admission::New);
                     } else {
                         adm.push(Admission::Duplicate);
@@ -560,14 +706,14 @@ impl Writer {
                 }
                 if let Some((site, body)) = &w.counters {
                     spool.execute(params![1, site, now, body])?;
-                    rows += 1;
-                    bytes += body.len() as u64;
+                    outcome.added_rows += 1;
+                    outcome.added_bytes += body.len() as u64;
                 }
                 for d in &w.dead {
                     insert_dead(d)?;
                     count(&mut tally, (d.site.as_deref().unwrap_or(""), w.source), 2);
                 }
-                all.push(adm);
+                outcome.admissions.push(adm);
             }
             let mut add = tx.prepare_cached(
                 "INSERT INTO tally (day, site, source, accepted, duplicates, rejected)
@@ -580,16 +726,45 @@ impl Writer {
             for ((site, source), [accepted, duplicates, rejected]) in tally {
                 add.execute(params![now, site, source, accepted, duplicates, rejected])?;
             }
-            let mut delete = tx.prepare_cached("DELETE FROM spool WHERE pos <= ?1")?;
+            let mut cursors: Vec<i64> = self
+                .sinks
+                .iter()
+                .map(|p| p.cursor.load(Ordering::Relaxed))
+                .collect();
+            let mut advance =
+                tx.prepare_cached("UPDATE sink_cursor SET pos = ?2 WHERE name = ?1")?;
             for a in acks {
-                delete.execute(params![a.up_to])?;
                 for d in &a.dead {
                     insert_dead(d)?;
                 }
+                if let (Some(p), Some(c)) = (self.sinks.get(a.sink), cursors.get_mut(a.sink))
+                    && a.up_to > *c
+                {
+                    *c = a.up_to;
+                    advance.execute(params![p.name, a.up_to])?;
+                }
+            }
+            outcome.cursors = cursors;
+        }
+        let min = outcome
+            .cursors
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(self.deleted_up_to);
+        outcome.deleted_up_to = self.deleted_up_to.max(min);
+        if min > self.deleted_up_to {
+            let mut delete = tx.prepare_cached(
+                "DELETE FROM spool WHERE pos <= ?1 RETURNING length(CAST(body AS BLOB))",
+            )?;
+            let mut rows = delete.query(params![min])?;
+            while let Some(r) = rows.next()? {
+                outcome.deleted_rows += 1;
+                outcome.deleted_bytes += r.get::<_, i64>(0)? as u64;
             }
         }
         tx.commit()?;
-        Ok((all, rows, bytes))
+        Ok(outcome)
     }
 }
 
@@ -620,8 +795,8 @@ mod tests {
     enum Op {
         /// Write events picked (by index) from a small pool, so duplicates are common.
         Write(Vec<usize>),
-        /// Deliver and ack the first n pending records.
-        Ack(usize),
+        /// Sink k takes the next n records after its cursor.
+        Ack(usize, usize),
         /// Close and reopen the spool (a clean restart).
         Reopen,
     }
@@ -629,23 +804,28 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => prop::collection::vec(0..40usize, 0..8).prop_map(Op::Write),
-            2 => (0..10usize).prop_map(Op::Ack),
+            3 => (0..2usize, 0..10usize).prop_map(|(k, n)| Op::Ack(k, n)),
             1 => Just(Op::Reopen),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        /// Two sinks take records at their own pace: each gets every record once, in order,
+        /// across restarts; a record stays spooled until both have it.
         #[test]
-        fn spool_agrees_with_a_model(ops in prop::collection::vec(op(), 1..30)) {
+        fn spool_agrees_with_a_model(ops in prop::collection::vec(op(), 1..40)) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("spool.sqlite");
+                let sinks = ["a".to_string(), "b".to_string()];
                 let pool: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
-                let mut spool = Spool::open(&path, 8).unwrap();
+                let mut spool = Spool::open(&path, 8, &sinks).unwrap();
                 let mut seen: HashSet<Uuid> = HashSet::new();
-                let mut pending: Vec<(Uuid, String)> = Vec::new();
+                // Every record ever stored, in order, and how many of them each sink took.
+                let mut stored: Vec<String> = Vec::new();
+                let mut taken = [0usize; 2];
                 let (mut accepted, mut duplicates) = (0i64, 0i64);
                 for op in ops {
                     match op {
@@ -659,7 +839,7 @@ mod tests {
                                 .iter()
                                 .map(|e| {
                                     if seen.insert(e.id) {
-                                        pending.push((e.id, e.body.clone()));
+                                        stored.push(e.body.clone());
                                         accepted += 1;
                                         Admission::New
                                     } else {
@@ -670,27 +850,38 @@ mod tests {
                                 .collect();
                             assert_eq!(got, want);
                         }
-                        Op::Ack(n) => {
-                            let mut reader = spool.reader().unwrap();
-                            let records = reader.read_after(0, n).unwrap();
+                        Op::Ack(k, n) => {
+                            let cursor = spool.sinks()[k].cursor.load(Ordering::Relaxed);
+                            let records = spool.reader().unwrap().read_after(cursor, n).unwrap();
+                            let bodies: Vec<&str> = records.iter().map(|r| r.body.as_str()).collect();
+                            let end = (taken[k] + n).min(stored.len());
+                            let want: Vec<&str> = stored[taken[k]..end].iter().map(String::as_str).collect();
+                            assert_eq!(bodies, want, "sink {k} reads what it has not taken, in order");
                             if let Some(last) = records.last() {
                                 let bytes = records.iter().map(|r| r.body.len() as u64).sum();
-                                spool.ack(last.pos, records.len() as u64, bytes, vec![]).await.unwrap();
-                                pending.drain(..records.len());
+                                spool.ack(k, last.pos, records.len() as u64, bytes, vec![]).await.unwrap();
+                                taken[k] = end;
                             }
                         }
                         Op::Reopen => {
                             spool.close().await;
-                            spool = Spool::open(&path, 8).unwrap();
+                            spool = Spool::open(&path, 8, &sinks).unwrap();
                         }
                     }
+                    let kept = taken[0].min(taken[1]);
                     let records = spool.reader().unwrap().read_after(0, 1000).unwrap();
                     let bodies: Vec<&str> = records.iter().map(|r| r.body.as_str()).collect();
-                    let want: Vec<&str> = pending.iter().map(|(_, b)| b.as_str()).collect();
-                    assert_eq!(bodies, want, "pending records, in order");
-                    assert_eq!(spool.stats().rows.load(Ordering::Relaxed), pending.len() as u64);
-                    let bytes: u64 = pending.iter().map(|(_, b)| b.len() as u64).sum();
+                    let want: Vec<&str> = stored[kept..].iter().map(String::as_str).collect();
+                    assert_eq!(bodies, want, "spooled: what some sink has not taken");
+                    assert_eq!(spool.stats().rows.load(Ordering::Relaxed), want.len() as u64);
+                    let bytes: u64 = want.iter().map(|b| b.len() as u64).sum();
                     assert_eq!(spool.stats().bytes.load(Ordering::Relaxed), bytes);
+                    for (k, p) in spool.sinks().iter().enumerate() {
+                        let left = &stored[taken[k]..];
+                        assert_eq!(p.backlog_rows.load(Ordering::Relaxed), left.len() as u64, "sink {k} backlog");
+                        let bytes: u64 = left.iter().map(|b| b.len() as u64).sum();
+                        assert_eq!(p.backlog_bytes.load(Ordering::Relaxed), bytes, "sink {k} backlog bytes");
+                    }
                     let tally: (i64, i64) = Connection::open(&path)
                         .unwrap()
                         .query_row(
@@ -707,9 +898,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sink_added_later_starts_from_the_oldest_record_and_a_removed_one_holds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.sqlite");
+        let ev = |i: usize| NewEvent {
+            id: Uuid::now_v7(),
+            site: "s".into(),
+            body: format!("{{\"i\":{i}}}"),
+        };
+        let spool = Spool::open(&path, 8, &["a".to_string()]).unwrap();
+        spool
+            .write("client", (0..4).map(ev).collect(), None, vec![])
+            .await
+            .unwrap();
+        let first = spool.reader().unwrap().read_after(0, 2).unwrap();
+        spool.ack(0, first[1].pos, 2, 14, vec![]).await.unwrap();
+        spool.close().await;
+        // "b" is new: it starts from the oldest record still spooled (the 3rd), "a" resumes.
+        let spool = Spool::open(&path, 8, &["a".to_string(), "b".to_string()]).unwrap();
+        assert_eq!(
+            spool.sinks()[0].cursor.load(Ordering::Relaxed),
+            first[1].pos
+        );
+        assert_eq!(spool.sinks()[1].cursor.load(Ordering::Relaxed), 0);
+        assert_eq!(spool.sinks()[1].backlog_rows.load(Ordering::Relaxed), 2);
+        let rest = spool.reader().unwrap().read_after(0, 10).unwrap();
+        assert_eq!(rest.len(), 2);
+        spool.ack(0, rest[1].pos, 2, 14, vec![]).await.unwrap();
+        assert_eq!(
+            spool.stats().rows.load(Ordering::Relaxed),
+            2,
+            "b has not taken them"
+        );
+        spool.close().await;
+        // Without "b" configured, nothing waits for it: its records go at open.
+        let spool = Spool::open(&path, 8, &["a".to_string()]).unwrap();
+        assert_eq!(spool.stats().rows.load(Ordering::Relaxed), 0);
+        let cursors: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM sink_cursor", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(cursors, 1);
+        spool.close().await;
+    }
+
+    #[tokio::test]
     async fn prune_forgets_only_ids_older_than_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(&dir.path().join("spool.sqlite"), 8).unwrap();
+        let spool = Spool::open(&dir.path().join("spool.sqlite"), 8, &["w".to_string()]).unwrap();
         let old = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, 1_000_000, 0));
         let new = Uuid::now_v7();
         let ev = |id| NewEvent {
@@ -733,9 +969,10 @@ mod tests {
     #[tokio::test]
     async fn dead_letters_are_kept_with_their_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(&dir.path().join("spool.sqlite"), 8).unwrap();
+        let spool = Spool::open(&dir.path().join("spool.sqlite"), 8, &["w".to_string()]).unwrap();
         let dead = DeadLetter {
             stage: "ingest",
+            sink: None,
             site: Some("s".into()),
             reason: "too_large".into(),
             detail: "big".into(),

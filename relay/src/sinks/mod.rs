@@ -11,6 +11,9 @@ pub mod warehouse;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
+
+use crate::config::{Config, SinkConfig, SinkKind};
 use crate::spool::Record;
 
 /// The sink's answer to a delivery that succeeded.
@@ -34,8 +37,21 @@ pub struct SinkError {
 /// A destination for spooled records.
 #[async_trait::async_trait]
 pub trait Sink: Send + Sync + 'static {
-    /// A short name for logs and metrics.
-    fn name(&self) -> &'static str;
     /// Delivers records (in order). See the module docs for the contract.
     async fn deliver(&self, records: Arc<Vec<Record>>) -> Result<Delivery, SinkError>;
+}
+
+/// Opens the sink a `[[sinks]]` entry describes (reading its secret).
+pub fn open(cfg: &Config, sink: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+    let what = || format!("sink {:?} ({})", sink.name, sink.kind.as_str());
+    Ok(match sink.kind {
+        SinkKind::Warehouse => {
+            let path = cfg.warehouse_path_of(sink);
+            Arc::new(
+                warehouse::WarehouseSink::open(&path)
+                    .with_context(|| format!("{}: cannot open {}", what(), path.display()))?,
+            )
+        }
+        _ => anyhow::bail!("{}: not available in this build", what()),
+    })
 }

@@ -191,10 +191,6 @@ impl WarehouseSink {
 
 #[async_trait::async_trait]
 impl Sink for WarehouseSink {
-    fn name(&self) -> &'static str {
-        "warehouse"
-    }
-
     async fn deliver(&self, records: Arc<Vec<Record>>) -> Result<Delivery, SinkError> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
