@@ -186,6 +186,7 @@ fn print_config_shows_effective_values_and_public_paths() {
         "collect = \"/edge/q\"",
         "assets = \"/edge/a/\"",
         "warehouse = \"/var/lib/trueup/warehouse.sqlite\"",
+        "sink.warehouse = \"warehouse batch_size=2000",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
@@ -213,6 +214,47 @@ fn print_config_shows_effective_values_and_public_paths() {
 }
 
 #[test]
+fn sinks_come_from_the_file_or_trueup_sinks_and_print_without_secrets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("c.toml");
+    std::fs::write(&file, "[[sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"https://hooks.example/in\"\nsecret_env = \"HOOK_SECRET\"\nconcurrency = 4\n").unwrap();
+    let run = |env: Option<&str>| {
+        let mut cmd = relay_cmd();
+        cmd.args(["--config", file.to_str().unwrap(), "--print-config"])
+            .env("HOOK_SECRET", "whsec-do-not-print-me");
+        if let Some(v) = env {
+            cmd.env("TRUEUP_SINKS", v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = run(None);
+    assert!(
+        text.contains("sink.hook = \"webhook batch_size=500 concurrency=4 timeout_secs=10\""),
+        "{text}"
+    );
+    assert!(text.contains("secret_env = \"HOOK_SECRET\""), "{text}");
+    assert!(!text.contains("whsec-do-not-print-me"), "{text}");
+    let text = run(Some(
+        r#"[{name = "ph", kind = "posthog", url = "https://eu.i.posthog.com", secret_env = "PH_KEY"}, {name = "warehouse", kind = "warehouse"}]"#,
+    ));
+    assert!(
+        text.contains("sink.ph = \"posthog batch_size=1000"),
+        "{text}"
+    );
+    assert!(text.contains("sink.warehouse = \"warehouse"), "{text}");
+    assert!(
+        !text.contains("sink.hook"),
+        "TRUEUP_SINKS replaces the file's sinks: {text}"
+    );
+}
+
+#[test]
 fn bad_configuration_is_refused_with_a_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let cases = [
@@ -233,6 +275,43 @@ fn bad_configuration_is_refused_with_a_reason() {
             "[spool]\ndedupe_retention_secs = 10\n",
             "dedupe_retention_secs",
         ),
+        ("[sink]\nkind = \"warehouse\"\n", "replaced by [[sinks]]"),
+        (
+            "[[sinks]]\nname = \"k\"\nkind = \"kafka\"\n",
+            "unknown variant",
+        ),
+        (
+            "[[sinks]]\nname = \"a b\"\nkind = \"warehouse\"\n",
+            "name must be",
+        ),
+        (
+            "[[sinks]]\nname = \"h\"\nkind = \"webhook\"\nsecret_env = \"K\"\n",
+            "needs url",
+        ),
+        (
+            "[[sinks]]\nname = \"h\"\nkind = \"webhook\"\nurl = \"https://hooks.example/in\"\n",
+            "secret_env or secret_file",
+        ),
+        (
+            "[[sinks]]\nname = \"h\"\nkind = \"webhook\"\nurl = \"ftp://x\"\nsecret_env = \"K\"\n",
+            "http(s) URL",
+        ),
+        (
+            "[[sinks]]\nname = \"w\"\nkind = \"warehouse\"\nurl = \"https://x.example\"\n",
+            "url does not apply to kind warehouse",
+        ),
+        (
+            "[[sinks]]\nname = \"s\"\nkind = \"segment\"\nsecret_env = \"K\"\nbatch_size = 3000\n",
+            "batch_size must be 1..=2500",
+        ),
+        (
+            "[[sinks]]\nname = \"s\"\nkind = \"segment\"\nsecret_env = \"K\"\nmax_event_bytes = 40000\n",
+            "max_event_bytes must be 1..=32000",
+        ),
+        (
+            "[[sinks]]\nname = \"w\"\nkind = \"warehouse\"\n[[sinks]]\nname = \"w\"\nkind = \"warehouse\"\npath = \"/tmp/x.sqlite\"\n",
+            "unique",
+        ),
     ];
     for (toml, want) in cases {
         let file = tmp.path().join("bad.toml");
@@ -245,6 +324,21 @@ fn bad_configuration_is_refused_with_a_reason() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{toml}: expected {want:?} in {err}");
     }
+    // A sink's secret is read at start: a variable that is not set stops the relay, saying which.
+    let file = tmp.path().join("unset.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[[sinks]]\nname = \"ph\"\nkind = \"posthog\"\nurl = \"https://us.i.posthog.com\"\nsecret_env = \"TRUEUP_TEST_NEVER_SET\"\n").unwrap();
+    let out = relay_cmd()
+        .args(["--config", file.to_str().unwrap()])
+        .env("TRUEUP_DATA_DIR", tmp.path().join("data"))
+        .env_remove("TRUEUP_TEST_NEVER_SET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TRUEUP_TEST_NEVER_SET, which is not set"),
+        "{err}"
+    );
     let out = relay_cmd()
         .args(["--config", "/nonexistent.toml"])
         .output()

@@ -52,6 +52,10 @@ struct Args {
         global = true
     )]
     reconcile_truth: Option<String>,
+    /// The sinks, replacing the file's `[[sinks]]`: a TOML array of tables, e.g.
+    /// `[{name = "ph", kind = "posthog", url = "https://us.i.posthog.com", secret_env = "PH_KEY"}]`.
+    #[arg(long, env = "TRUEUP_SINKS")]
+    sinks: Option<String>,
     /// Print the effective configuration and public URL paths, then exit.
     #[arg(long)]
     print_config: bool,
@@ -131,6 +135,17 @@ fn effective_config(args: &Args) -> anyhow::Result<Config> {
     if let Some(v) = &args.reconcile_truth {
         cfg.reconcile.truth = Some(v.clone());
     }
+    if let Some(text) = &args.sinks {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Sinks {
+            sinks: Vec<trueup_relay::config::SinkConfig>,
+        }
+        let parsed: Sinks = toml::from_str(&format!("sinks = {text}")).map_err(|e| {
+            anyhow::anyhow!("TRUEUP_SINKS / --sinks is not a TOML array of sink tables: {e}")
+        })?;
+        cfg.sinks = parsed.sinks;
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -155,6 +170,19 @@ fn print_config(cfg: &Config) -> anyhow::Result<()> {
         "warehouse = {:?}",
         cfg.warehouse_path().display().to_string()
     );
+    for s in cfg.effective_sinks() {
+        println!(
+            "sink.{} = {:?}",
+            s.name,
+            format!(
+                "{} batch_size={} concurrency={} timeout_secs={}",
+                s.kind.as_str(),
+                s.batch_size(),
+                s.concurrency,
+                s.timeout_secs
+            )
+        );
+    }
     println!("spool = {:?}", cfg.spool_path().display().to_string());
     Ok(())
 }

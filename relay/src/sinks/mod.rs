@@ -6,7 +6,11 @@
 //! sink's commit and before the spool's deletion re-delivers), so sinks must treat the event
 //! id as an idempotency key.
 
+pub mod http;
+pub mod posthog;
+pub mod segment;
 pub mod warehouse;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +48,10 @@ pub trait Sink: Send + Sync + 'static {
 /// Opens the sink a `[[sinks]]` entry describes (reading its secret).
 pub fn open(cfg: &Config, sink: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
     let what = || format!("sink {:?} ({})", sink.name, sink.kind.as_str());
+    let secret = || -> anyhow::Result<String> {
+        sink.secret()?
+            .with_context(|| format!("{}: no secret_env or secret_file", what()))
+    };
     Ok(match sink.kind {
         SinkKind::Warehouse => {
             let path = cfg.warehouse_path_of(sink);
@@ -52,6 +60,10 @@ pub fn open(cfg: &Config, sink: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
                     .with_context(|| format!("{}: cannot open {}", what(), path.display()))?,
             )
         }
-        _ => anyhow::bail!("{}: not available in this build", what()),
+        SinkKind::Webhook => Arc::new(webhook::WebhookSink::new(sink, secret()?)?),
+        SinkKind::Posthog => Arc::new(posthog::PosthogSink::new(sink, secret()?)?),
+        SinkKind::Segment | SinkKind::Rudderstack => {
+            Arc::new(segment::SegmentSink::new(sink, secret()?)?)
+        }
     })
 }
