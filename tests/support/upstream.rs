@@ -8,6 +8,7 @@
 //!
 //! Only the relay's own tests use it (`#[path = "support/upstream.rs"] mod upstream;`), so the
 //! other crates that share `support/` need none of its dependencies.
+#![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
