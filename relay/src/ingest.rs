@@ -131,30 +131,57 @@ pub async fn server_events(
     ingest(st, Source::Server, req).await
 }
 
+/// One batch, read the way a collector reads it: limit → parse → validate → dedupe and store
+/// → answer. Each step refuses with a clear error and nothing stored, except the last.
 async fn ingest(
     st: AppState,
     source: Source,
     req: Request,
 ) -> Result<Json<BatchResponse>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let caller = limit_caller(&st, source, &parts)?;
+    let bytes = read_batch_bytes(&st, &parts.headers, body, caller.gzip).await?;
+    let batch = parse_batch(&st, &bytes)?;
+    let site = admit_site(&st, &caller, &batch, &parts.headers)?;
+    let mut checked = validate_batch(&st, source, &site, &batch);
+    let counters = counters_of(&batch, &site);
+    let admissions = store(&st, source, &mut checked, counters).await?;
+    Ok(Json(answer(source, checked, admissions)))
+}
+
+/// Who is sending, known before the body is read.
+struct Caller {
+    peer: IpAddr,
+    /// For server batches: the site whose secret was presented.
+    server_site: Option<String>,
+    gzip: bool,
+}
+
+/// Limits that need no body: shutdown, the client IP's rate (browser batches) or the secret
+/// (server batches), the query and the content type.
+fn limit_caller(
+    st: &AppState,
+    source: Source,
+    parts: &axum::http::request::Parts,
+) -> Result<Caller, ApiError> {
     if st.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable {
             code: "shutting_down",
             retry_after: 5,
         });
     }
-    let (parts, body) = req.into_parts();
     let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    let client_ip = st.limiters.client_ip(peer, &parts.headers);
     let server_site = match source {
         Source::Client => {
-            st.limiters.check_ip(client_ip)?;
+            st.limiters
+                .check_ip(st.limiters.client_ip(peer, &parts.headers))?;
             None
         }
-        Source::Server => Some(authenticate(&st, &parts.headers)?),
+        Source::Server => Some(authenticate(st, &parts.headers)?),
     };
     let Query(params) = Query::<IngestParams>::try_from_uri(&parts.uri)
         .map_err(|e| ApiError::bad("bad_query", e.body_text()))?;
@@ -169,14 +196,31 @@ async fn ingest(
             ));
         }
     };
-    let raw = read_body(body, &parts.headers, &st.cfg).await?;
-    let bytes = if gzip {
-        gunzip(&raw, st.cfg.limits.max_decompressed_bytes)?
-    } else {
-        raw.to_vec()
-    };
+    Ok(Caller {
+        peer,
+        server_site,
+        gzip,
+    })
+}
 
-    let batch: RawBatch = serde_json::from_slice(&bytes).map_err(|e| {
+/// The body within its caps, decompressed within the decompressed cap.
+async fn read_batch_bytes(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    gzip: bool,
+) -> Result<Vec<u8>, ApiError> {
+    let raw = read_body(body, headers, &st.cfg).await?;
+    if gzip {
+        gunzip(&raw, st.cfg.limits.max_decompressed_bytes)
+    } else {
+        Ok(raw.to_vec())
+    }
+}
+
+/// The batch's header parsed, its events kept raw and counted against the limit.
+fn parse_batch<'a>(st: &AppState, bytes: &'a [u8]) -> Result<RawBatch<'a>, ApiError> {
+    let batch: RawBatch = serde_json::from_slice(bytes).map_err(|e| {
         if e.to_string().contains("recursion limit") {
             ApiError::bad("too_deep", "the batch nests too deeply to parse")
         } else {
@@ -199,7 +243,18 @@ async fn ingest(
             format!("{} events in one batch, limit {max}", batch.events.total),
         ));
     }
-    let site = match (&server_site, &batch.site) {
+    Ok(batch)
+}
+
+/// The batch's site: the authenticated one (server), or a known key sent from an allowed
+/// Origin (browser); then the site's rate and the spool's room.
+fn admit_site(
+    st: &AppState,
+    caller: &Caller,
+    batch: &RawBatch,
+    headers: &HeaderMap,
+) -> Result<String, ApiError> {
+    let site = match (&caller.server_site, &batch.site) {
         (Some(authed), Some(claimed)) if authed != claimed => {
             return Err(ApiError::forbidden(
                 "wrong_site",
@@ -218,50 +273,66 @@ async fn ingest(
                 .sites
                 .get(key)
                 .ok_or_else(|| ApiError::forbidden("unknown_site", "unknown site key"))?;
-            check_origin(site, &parts.headers, st.limiters.is_trusted_peer(peer))?;
+            check_origin(site, headers, st.limiters.is_trusted_peer(caller.peer))?;
             key.clone()
         }
     };
     st.limiters.check_site(&site)?;
-    let spool_bytes = st.spool.stats().bytes.load(Ordering::Relaxed);
-    if spool_bytes > st.cfg.spool.max_bytes {
+    if st.spool.stats().bytes.load(Ordering::Relaxed) > st.cfg.spool.max_bytes {
         return Err(ApiError::Unavailable {
             code: "spool_full",
             retry_after: 10,
         });
     }
+    Ok(site)
+}
 
+/// Each event validated on its own: the valid ones to store, the others answered
+/// `rejected` and kept as dead letters.
+struct Checked {
+    /// Per event in batch order; `None` until the spool has answered for it.
+    results: Vec<Option<EventResult>>,
+    /// The valid events (taken by [`store`]).
+    fresh: Vec<NewEvent>,
+    /// The id and batch position of each valid event.
+    fresh_ids: Vec<(uuid::Uuid, usize)>,
+    dead: Vec<DeadLetter>,
+}
+
+fn validate_batch(st: &AppState, source: Source, site: &str, batch: &RawBatch) -> Checked {
+    let n = batch.events.items.len();
+    metrics::counter!("trueup_events_received_total", "source" => source.as_str())
+        .increment(n as u64);
     let now = now_ms();
-    let label = source.as_str();
-    metrics::counter!("trueup_events_received_total", "source" => label)
-        .increment(batch.events.items.len() as u64);
-    let mut results: Vec<Option<EventResult>> = vec![None; batch.events.items.len()];
-    let mut fresh = Vec::with_capacity(batch.events.items.len());
-    let mut fresh_index = Vec::with_capacity(batch.events.items.len());
-    let mut dead = Vec::new();
+    let mut c = Checked {
+        results: vec![None; n],
+        fresh: Vec::with_capacity(n),
+        fresh_ids: Vec::with_capacity(n),
+        dead: Vec::new(),
+    };
     for (i, raw) in batch.events.items.iter().enumerate() {
         match validate_event(raw.get(), source, now, &st.registry, &st.limits) {
             Ok(event) => {
-                fresh.push(NewEvent {
+                c.fresh.push(NewEvent {
                     id: event.id,
-                    site: site.clone(),
+                    site: site.to_string(),
                     body: raw.get().to_string(),
                 });
-                fresh_index.push(i);
+                c.fresh_ids.push((event.id, i));
             }
             Err(rej) => {
                 metrics::counter!("trueup_events_rejected_total", "reason" => rej.reason.as_str())
                     .increment(1);
-                dead.push(DeadLetter {
+                c.dead.push(DeadLetter {
                     stage: "ingest",
                     sink: None,
-                    site: Some(site.clone()),
+                    site: Some(site.to_string()),
                     reason: rej.reason.as_str().to_string(),
                     detail: rej.detail.clone(),
                     event_id: rej.id,
                     raw: raw.get().to_string(),
                 });
-                results[i] = Some(EventResult {
+                c.results[i] = Some(EventResult {
                     id: rej.id,
                     status: EventStatus::Rejected {
                         reason: rej.reason,
@@ -271,19 +342,36 @@ async fn ingest(
             }
         }
     }
-    let counters = batch.counters.as_ref().and_then(|c| {
-        if c.device_id.is_empty() || c.device_id.len() > 200 {
-            metrics::counter!("trueup_counters_ignored_total").increment(1);
-            return None;
-        }
-        serde_json::to_string(c)
-            .ok()
-            .map(|json| (site.clone(), json))
-    });
-    let ids: Vec<_> = fresh.iter().map(|e| e.id).collect();
-    let admissions = st
-        .spool
-        .write(label, fresh, counters, dead)
+    c
+}
+
+/// The agent's counters to spool with the batch, unless their device id is unusable.
+fn counters_of(batch: &RawBatch, site: &str) -> Option<(String, String)> {
+    let c = batch.counters.as_ref()?;
+    if c.device_id.is_empty() || c.device_id.len() > 200 {
+        metrics::counter!("trueup_counters_ignored_total").increment(1);
+        return None;
+    }
+    serde_json::to_string(c)
+        .ok()
+        .map(|json| (site.to_string(), json))
+}
+
+/// Dedupes and stores the valid events, the counters and the dead letters in one durable
+/// transaction (shared with other requests). Returns, per valid event, whether it was new.
+async fn store(
+    st: &AppState,
+    source: Source,
+    checked: &mut Checked,
+    counters: Option<(String, String)>,
+) -> Result<Vec<Admission>, ApiError> {
+    st.spool
+        .write(
+            source.as_str(),
+            std::mem::take(&mut checked.fresh),
+            counters,
+            std::mem::take(&mut checked.dead),
+        )
         .await
         .map_err(|e| match e {
             SpoolError::Closed => ApiError::Unavailable {
@@ -294,8 +382,17 @@ async fn ingest(
                 code: "storage_unavailable",
                 retry_after: 10,
             },
-        })?;
-    for ((i, id), adm) in fresh_index.into_iter().zip(ids).zip(admissions) {
+        })
+}
+
+/// The per-event answer, in batch order.
+fn answer(source: Source, checked: Checked, admissions: Vec<Admission>) -> BatchResponse {
+    let Checked {
+        mut results,
+        fresh_ids,
+        ..
+    } = checked;
+    for ((id, i), adm) in fresh_ids.into_iter().zip(admissions) {
         let status = match adm {
             Admission::New => EventStatus::Accepted,
             Admission::Duplicate => EventStatus::Duplicate,
@@ -309,11 +406,12 @@ async fn ingest(
     for r in results.into_iter().flatten() {
         response.push(r);
     }
+    let label = source.as_str();
     metrics::counter!("trueup_events_accepted_total", "source" => label)
         .increment(response.accepted.into());
     metrics::counter!("trueup_events_duplicate_total", "source" => label)
         .increment(response.duplicate.into());
-    Ok(Json(response))
+    response
 }
 
 /// The site whose server secret the request presents.
