@@ -30,6 +30,16 @@ const DAYS: [(u64, u64, u64); 6] = [
     (10, 8, 4),
 ];
 
+/// Runs SQL on the test's PostgreSQL (from async tests: the blocking client needs its thread).
+fn pg_exec(sql: &str) {
+    tokio::task::block_in_place(|| {
+        postgres::Client::connect(&pg_url(), postgres::NoTls)
+            .unwrap()
+            .batch_execute(sql)
+            .unwrap()
+    });
+}
+
 fn pg_url() -> String {
     std::env::var("TRUEUP_TEST_POSTGRES").expect("checked before use")
 }
@@ -152,7 +162,30 @@ async fn reports_the_gaps_and_losses_put_there_with_sqlite_and_postgres_truth() 
          sum(attribution_known = 0) AS unknown_attribution FROM users GROUP BY 1";
     // No schedule while the data goes in: a run on half-forwarded data would (rightly) warn.
     let sqlite_section = reconcile_section(&sqlite_truth, sqlite_sql, 0);
-    let mut relay = RelayProc::start(dir.path(), &sqlite_section);
+    // With PostgreSQL here, the relay also forwards to a PostgreSQL warehouse (a schema of
+    // this test's own), so that reconciliation can be run on either warehouse.
+    let pg_warehouse = std::env::var("TRUEUP_TEST_POSTGRES").ok().map(|url| {
+        let schema = format!("wh_reconcile_{}", std::process::id());
+        pg_exec(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ));
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let secret = dir.path().join("pg-warehouse.secret");
+        std::fs::write(
+            &secret,
+            format!("{url}{sep}options=-csearch_path%3D{schema}"),
+        )
+        .unwrap();
+        (schema, secret)
+    });
+    let sinks = match &pg_warehouse {
+        Some((_, secret)) => format!(
+            "\n[[sinks]]\nname = \"warehouse\"\nkind = \"warehouse\"\n\n[[sinks]]\nname = \"pg\"\nkind = \"postgres\"\nsecret_file = \"{}\"\n",
+            secret.display()
+        ),
+        None => String::new(),
+    };
+    let mut relay = RelayProc::start(dir.path(), &format!("{sqlite_section}{sinks}"));
 
     // Client analytics: the tracked signups, one tab stream per day.
     for (i, &(_, tracked, _)) in DAYS.iter().enumerate() {
@@ -231,6 +264,50 @@ async fn reports_the_gaps_and_losses_put_there_with_sqlite_and_postgres_truth() 
     let config = dir.path().join("relay.toml");
     let report = run_reconcile(&relay, &config);
     check_report(&report, now);
+    // The same report from the PostgreSQL warehouse (the postgres sink got the same events).
+    match &pg_warehouse {
+        Some((schema, secret)) => {
+            let out = Command::new(env!("CARGO_BIN_EXE_trueup-relay"))
+                .arg("--config")
+                .arg(&config)
+                .args(["reconcile", "--json"])
+                .env(
+                    "TRUEUP_SINKS",
+                    format!(
+                        "[{{name = \"pg\", kind = \"postgres\", secret_file = \"{}\"}}]",
+                        secret.display()
+                    ),
+                )
+                .current_dir(&relay.dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut on_pg: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let mut on_sqlite = report.clone();
+            on_pg["generated_at_ms"] = json!(0);
+            on_sqlite["generated_at_ms"] = json!(0);
+            assert_eq!(
+                on_pg, on_sqlite,
+                "reconciliation on PostgreSQL and on SQLite"
+            );
+            let n: i64 = tokio::task::block_in_place(|| {
+                postgres::Client::connect(&pg_url(), postgres::NoTls)
+                    .unwrap()
+                    .query_one(&format!("SELECT count(*) FROM {schema}.events"), &[])
+                    .unwrap()
+                    .get(0)
+            });
+            assert_eq!(
+                n,
+                relay.count(&relay.warehouse(), "SELECT count(*) FROM events")
+            );
+        }
+        None => eprintln!("TRUEUP_TEST_POSTGRES not set: the PostgreSQL warehouse is skipped"),
+    }
     let tracked_total: u64 = DAYS.iter().map(|d| d.1).sum();
     let client_total = tracked_total + 3 + 2;
     let loss = &report["loss"];
@@ -385,6 +462,9 @@ async fn reports_the_gaps_and_losses_put_there_with_sqlite_and_postgres_truth() 
     .await
     .unwrap();
     relay.terminate();
+    if let Some((schema, _)) = &pg_warehouse {
+        pg_exec(&format!("DROP SCHEMA {schema} CASCADE"));
+    }
 }
 
 #[test]

@@ -159,6 +159,8 @@ pub struct ForwarderConfig {
 pub enum SinkKind {
     /// The embedded warehouse: one SQLite file, no setup.
     Warehouse,
+    /// The same warehouse tables in PostgreSQL (the connection URL is the secret).
+    Postgres,
     /// A signed JSON batch POSTed to any URL.
     Webhook,
     /// PostHog's capture endpoint, `<url>/batch/`.
@@ -174,6 +176,7 @@ impl SinkKind {
     pub fn as_str(self) -> &'static str {
         match self {
             SinkKind::Warehouse => "warehouse",
+            SinkKind::Postgres => "postgres",
             SinkKind::Webhook => "webhook",
             SinkKind::Posthog => "posthog",
             SinkKind::Segment => "segment",
@@ -186,7 +189,7 @@ impl SinkKind {
     /// event, 2,500 events per batch; RudderStack 4 MB per batch, 32 KB per event.
     fn limits(self) -> (usize, usize, usize) {
         match self {
-            SinkKind::Warehouse => (2_000, usize::MAX, usize::MAX),
+            SinkKind::Warehouse | SinkKind::Postgres => (2_000, usize::MAX, usize::MAX),
             SinkKind::Webhook => (500, 1024 * 1024, 1024 * 1024),
             SinkKind::Posthog => (1_000, 20 * 1000 * 1000, 1024 * 1024),
             SinkKind::Segment => (2_500, 500 * 1000, 32 * 1000),
@@ -198,7 +201,8 @@ impl SinkKind {
 /// One sink (`[[sinks]]`). Which fields apply depends on `kind`; a field that does not apply
 /// is an error, so a typo never passes silently. Secrets are never written in this file:
 /// `secret_env` names an environment variable, `secret_file` a file, holding the PostHog
-/// project API key, the Segment/RudderStack write key, or the webhook's signing secret.
+/// project API key, the Segment/RudderStack write key, the webhook's signing secret, or the
+/// PostgreSQL connection URL (`postgres://user:password@host:5432/db`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
@@ -327,12 +331,13 @@ impl SinkConfig {
         }
         let kind = self.kind;
         let (max_batch, max_bytes, max_event) = kind.limits();
-        let http = kind != SinkKind::Warehouse;
+        let http = !matches!(kind, SinkKind::Warehouse | SinkKind::Postgres);
+        let secret = kind != SinkKind::Warehouse;
         let applies = [
-            ("path", self.path.is_some(), !http),
+            ("path", self.path.is_some(), kind == SinkKind::Warehouse),
             ("url", self.url.is_some(), http),
-            ("secret_env", self.secret_env.is_some(), http),
-            ("secret_file", self.secret_file.is_some(), http),
+            ("secret_env", self.secret_env.is_some(), secret),
+            ("secret_file", self.secret_file.is_some(), secret),
             (
                 "historical_migration",
                 self.historical_migration,
@@ -350,7 +355,7 @@ impl SinkConfig {
             return bad("set secret_env or secret_file, not both".into());
         }
         match kind {
-            SinkKind::Warehouse => {}
+            SinkKind::Warehouse | SinkKind::Postgres => {}
             SinkKind::Segment => {
                 if self.url.is_none() {
                     self.url = Some("https://api.segment.io".into());
@@ -362,9 +367,9 @@ impl SinkConfig {
                 }
             }
         }
-        if http && self.secret_env.is_none() && self.secret_file.is_none() {
+        if secret && self.secret_env.is_none() && self.secret_file.is_none() {
             return bad(format!(
-                "kind {} needs its key in secret_env or secret_file",
+                "kind {} needs its key (postgres: its connection URL) in secret_env or secret_file",
                 kind.as_str()
             ));
         }
@@ -603,7 +608,8 @@ impl Config {
         let default_batch = self.forwarder.batch_size;
         let mut names = std::collections::HashSet::new();
         for s in &mut self.sinks {
-            if s.kind == SinkKind::Warehouse && s.batch_size.is_none() {
+            if matches!(s.kind, SinkKind::Warehouse | SinkKind::Postgres) && s.batch_size.is_none()
+            {
                 s.batch_size = Some(default_batch);
             }
             s.validate()?;
@@ -747,11 +753,25 @@ impl Config {
         self.data_dir.join("spool.sqlite")
     }
 
-    /// The files reconciliation reads: the warehouse and the spool's tally.
-    pub fn reconcile_stores(&self) -> trueup_reconcile::Stores {
-        trueup_reconcile::Stores {
-            warehouse: self.warehouse_path(),
+    /// What reconciliation reads: the first warehouse among the sinks (`warehouse` or
+    /// `postgres`, in configuration order; the embedded one when none) and the spool's tally.
+    pub fn reconcile_stores(&self) -> Result<trueup_reconcile::Stores, ConfigError> {
+        let first = self
+            .effective_sinks()
+            .into_iter()
+            .find(|s| matches!(s.kind, SinkKind::Warehouse | SinkKind::Postgres));
+        let warehouse = match first {
+            Some(s) if s.kind == SinkKind::Postgres => {
+                trueup_reconcile::WarehouseStore::Postgres(s.secret()?.unwrap_or_default())
+            }
+            Some(s) => trueup_reconcile::WarehouseStore::Sqlite(self.warehouse_path_of(&s)),
+            None => {
+                trueup_reconcile::WarehouseStore::Sqlite(self.data_dir.join("warehouse.sqlite"))
+            }
+        };
+        Ok(trueup_reconcile::Stores {
+            warehouse,
             spool: Some(self.spool_path()),
-        }
+        })
     }
 }

@@ -87,7 +87,7 @@ fn run_reconcile(mut cfg: Config, json: bool, days: Option<u32>) -> anyhow::Resu
             "trueup-relay: no [[reconcile.metrics]] in the configuration; reporting loss by stage only"
         );
     }
-    let stores = cfg.reconcile_stores();
+    let stores = cfg.reconcile_stores()?;
     let report =
         trueup_reconcile::reconcile(&cfg.reconcile, &stores, trueup_relay::time::now_ms())?;
     if json {

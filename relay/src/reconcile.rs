@@ -32,7 +32,10 @@ pub async fn run_schedule(cfg: Arc<Config>, stop: CancellationToken) {
     loop {
         let run_cfg = cfg.clone();
         let run = tokio::task::spawn_blocking(move || {
-            reconcile(&run_cfg.reconcile, &run_cfg.reconcile_stores(), now_ms())
+            let stores = run_cfg
+                .reconcile_stores()
+                .map_err(|e| trueup_reconcile::ReconcileError::Config(e.to_string()))?;
+            reconcile(&run_cfg.reconcile, &stores, now_ms())
         });
         // A slow truth database must not hold up shutdown: the run is read-only, abandon it.
         let outcome = tokio::select! {

@@ -249,7 +249,7 @@ impl Relay {
                 kind: s.kind.as_str(),
                 batch_size: s.batch_size(),
                 concurrency: s.concurrency,
-                sink: crate::sinks::open(&cfg, s)?,
+                sink: crate::sinks::open(&cfg, s).await?,
                 health,
             });
         }

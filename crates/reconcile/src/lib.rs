@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use trueup_protocol::Counters;
+use trueup_warehouse::{StoredCounters, Warehouse, WarehouseError};
 
 pub use truth::{TruthDay, TruthDb};
 
@@ -259,10 +260,48 @@ pub struct Report {
 /// The files reconciliation reads besides the truth database.
 #[derive(Debug, Clone)]
 pub struct Stores {
-    /// The embedded warehouse (`<data_dir>/warehouse.sqlite`).
-    pub warehouse: PathBuf,
+    /// The warehouse: the embedded one or PostgreSQL.
+    pub warehouse: WarehouseStore,
     /// The relay's spool (`<data_dir>/spool.sqlite`), for its tally; skipped when missing.
     pub spool: Option<PathBuf>,
+}
+
+/// Where the warehouse is.
+#[derive(Debug, Clone)]
+pub enum WarehouseStore {
+    /// The embedded warehouse file (`<data_dir>/warehouse.sqlite`).
+    Sqlite(PathBuf),
+    /// A PostgreSQL warehouse (the relay's `postgres` sink), by connection URL.
+    Postgres(String),
+}
+
+impl WarehouseStore {
+    /// How it is named in errors (a PostgreSQL URL without its password).
+    fn label(&self) -> String {
+        match self {
+            WarehouseStore::Sqlite(p) => p.display().to_string(),
+            WarehouseStore::Postgres(url) => truth::redact(url),
+        }
+    }
+
+    fn open(&self) -> Result<Warehouse, ReconcileError> {
+        let err = |e: WarehouseError| ReconcileError::Store {
+            what: self.label(),
+            detail: e.to_string(),
+        };
+        match self {
+            WarehouseStore::Sqlite(path) => {
+                if !path.exists() {
+                    return Err(store_error(
+                        path,
+                        "no such file (has the relay run with this data_dir?)",
+                    ));
+                }
+                Warehouse::open_sqlite_read_only(path).map_err(err)
+            }
+            WarehouseStore::Postgres(url) => Warehouse::connect_postgres(url).map_err(err),
+        }
+    }
 }
 
 fn store_error(what: &Path, e: impl fmt::Display) -> ReconcileError {
@@ -293,7 +332,7 @@ pub fn reconcile(
     now_ms: i64,
 ) -> Result<Report, ReconcileError> {
     cfg.validate()?;
-    let warehouse = open_read_only(&stores.warehouse)?;
+    let mut warehouse = stores.warehouse.open()?;
     let site = cfg.site.as_deref();
     let all_days = day::window(now_ms, cfg.days + cfg.trailing_days);
     let first = day::start_ms(&all_days[0]).expect("window days are valid");
@@ -302,11 +341,13 @@ pub fn reconcile(
         let truth = TruthDb::parse(cfg.truth.as_deref().expect("validated"))?;
         for m in &cfg.metrics {
             let actual = truth.query(&m.name, &m.truth_sql)?;
-            let counted = count_events(&warehouse, &stores.warehouse, &m.event, site, first)?;
+            let counted = warehouse
+                .events_per_day(&m.event, site, first)
+                .map_err(|e| wh_error(stores, e))?;
             metrics.push(metric_report(m, &all_days, cfg, &actual, &counted));
         }
     }
-    let loss = loss_by_stage(&warehouse, stores, site)?;
+    let loss = loss_by_stage(&mut warehouse, stores, site)?;
     Ok(Report {
         generated_at_ms: now_ms,
         site: cfg.site.clone(),
@@ -373,40 +414,11 @@ fn metric_report(
     }
 }
 
-/// Client and server events of `event` per UTC day since `from_ms`.
-fn count_events(
-    conn: &Connection,
-    path: &Path,
-    event: &str,
-    site: Option<&str>,
-    from_ms: i64,
-) -> Result<BTreeMap<String, (u64, u64)>, ReconcileError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day, source, count(*)
-             FROM events WHERE name = ?1 AND (?2 IS NULL OR site = ?2) AND ts >= ?3
-             GROUP BY day, source",
-        )
-        .map_err(|e| store_error(path, e))?;
-    let rows = stmt
-        .query_map(params![event, site, from_ms], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })
-        .map_err(|e| store_error(path, e))?;
-    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for row in rows {
-        let (d, source, n) = row.map_err(|e| store_error(path, e))?;
-        let entry = out.entry(d).or_default();
-        match source.as_str() {
-            "client" => entry.0 += n as u64,
-            _ => entry.1 += n as u64,
-        }
+fn wh_error(stores: &Stores, e: WarehouseError) -> ReconcileError {
+    ReconcileError::Store {
+        what: stores.warehouse.label(),
+        detail: e.to_string(),
     }
-    Ok(out)
 }
 
 /// A count read from SQLite (an INTEGER is signed; negative means corrupt: 0).
@@ -418,33 +430,23 @@ fn count(v: i64) -> u64 {
 const DROPPED_BEFORE_STORING: [&str; 2] = ["consent", "storage_unavailable"];
 
 fn loss_by_stage(
-    warehouse: &Connection,
+    warehouse: &mut Warehouse,
     stores: &Stores,
     site: Option<&str>,
 ) -> Result<LossByStage, ReconcileError> {
-    let path = stores.warehouse.as_path();
     let mut loss = LossByStage::default();
-    let mut stmt = warehouse
-        .prepare_cached(
-            "SELECT enqueued, sent, acked, retried, pending, dropped FROM agent_counters
-             WHERE (?1 IS NULL OR site = ?1)",
-        )
-        .map_err(|e| store_error(path, e))?;
-    let rows = stmt
-        .query_map(params![site], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, String>(5)?,
-            ))
-        })
-        .map_err(|e| store_error(path, e))?;
+    let rows = warehouse
+        .agent_counters(site)
+        .map_err(|e| wh_error(stores, e))?;
     for row in rows {
-        let (enqueued, sent, acked, retried, pending, dropped) =
-            row.map_err(|e| store_error(path, e))?;
+        let StoredCounters {
+            enqueued,
+            sent,
+            acked,
+            retried,
+            pending,
+            dropped,
+        } = row;
         // Counters come from anonymous browsers: never trust them to be small or sane.
         let dropped: BTreeMap<String, u64> = serde_json::from_str(&dropped).unwrap_or_default();
         let counters = Counters {
@@ -479,29 +481,10 @@ fn loss_by_stage(
             *total = total.saturating_add(n);
         }
     }
-    loss.in_warehouse = count(
-        warehouse
-            .query_row(
-                "SELECT count(*) FROM events WHERE source = 'client' AND (?1 IS NULL OR site = ?1)",
-                params![site],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(|e| store_error(path, e))?,
-    );
-    // Seqs start at 1. A stream is capped at a million gaps, so one forged seq cannot drown
-    // the figure.
-    loss.seq_gaps = count(
-        warehouse
-            .query_row(
-                "SELECT coalesce(sum(min(top - n, 1000000)), 0) FROM (
-                   SELECT max(seq) AS top, count(DISTINCT seq) AS n FROM events
-                   WHERE source = 'client' AND seq >= 1 AND (?1 IS NULL OR site = ?1)
-                   GROUP BY device_id)",
-                params![site],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(|e| store_error(path, e))?,
-    );
+    loss.in_warehouse = warehouse
+        .client_events(site)
+        .map_err(|e| wh_error(stores, e))?;
+    loss.seq_gaps = warehouse.seq_gaps(site).map_err(|e| wh_error(stores, e))?;
     if let Some(spool_path) = stores.spool.as_deref().filter(|p| p.exists()) {
         let spool = open_read_only(spool_path)?;
         let has_tally: Option<String> = spool

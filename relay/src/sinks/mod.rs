@@ -46,7 +46,7 @@ pub trait Sink: Send + Sync + 'static {
 }
 
 /// Opens the sink a `[[sinks]]` entry describes (reading its secret).
-pub fn open(cfg: &Config, sink: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+pub async fn open(cfg: &Config, sink: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
     let what = || format!("sink {:?} ({})", sink.name, sink.kind.as_str());
     let secret = || -> anyhow::Result<String> {
         sink.secret()?
@@ -59,6 +59,14 @@ pub fn open(cfg: &Config, sink: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
                 warehouse::WarehouseSink::open(&path)
                     .with_context(|| format!("{}: cannot open {}", what(), path.display()))?,
             )
+        }
+        SinkKind::Postgres => {
+            // The PostgreSQL client blocks (it runs its own runtime): off the async threads.
+            let url = secret()?;
+            let sink = tokio::task::spawn_blocking(move || warehouse::WarehouseSink::postgres(url))
+                .await?
+                .with_context(|| format!("{}: cannot connect", what()))?;
+            Arc::new(sink)
         }
         SinkKind::Webhook => Arc::new(webhook::WebhookSink::new(sink, secret()?)?),
         SinkKind::Posthog => Arc::new(posthog::PosthogSink::new(sink, secret()?)?),

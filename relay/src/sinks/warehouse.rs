@@ -1,82 +1,36 @@
-//! The embedded warehouse: one SQLite file (`<data_dir>/warehouse.sqlite`), no setup.
-//!
-//! # Contract for analysts (stable; additions only)
-//!
-//! `events`, one row per event id:
-//!
-//! | column | type | meaning |
-//! |---|---|---|
-//! | `id` | TEXT PRIMARY KEY | UUIDv7, the idempotency key |
-//! | `name` | TEXT | event name |
-//! | `schema` | TEXT | `"<name>/<version>"` |
-//! | `source` | TEXT | `client` or `server` |
-//! | `site` | TEXT | site key |
-//! | `ts` | INTEGER | capture time, ms since the Unix epoch |
-//! | `received_at` | INTEGER | relay receive time, ms since the Unix epoch |
-//! | `anon_id`, `user_id`, `session_id`, `device_id` | TEXT | identities (nullable but `anon_id`) |
-//! | `seq` | INTEGER | per-device sequence number (client events) |
-//! | `props` | TEXT | properties, JSON object |
-//! | `context` | TEXT | url, referrer, title, attribution, JSON object |
-//!
-//! `agent_counters`, the latest counters each device reported (`device_id` primary key,
-//! `site`, `received_at`, `enqueued`, `sent`, `acked`, `retried`, `pending`, `dropped` as a JSON
-//! object by reason, `degraded`).
-//!
-//! Writes are `INSERT OR IGNORE` on `id`, so a re-delivery after a crash stores nothing twice.
-//! Each delivery is one transaction, committed with `synchronous = FULL` before the forwarder
-//! deletes the records from the spool.
+//! The warehouse sinks: the embedded SQLite file (`kind = "warehouse"`, the default, one file,
+//! no setup) and PostgreSQL (`kind = "postgres"`). Both write the same tables through
+//! `trueup-warehouse` (its docs are the contract for analysts): each delivery is one
+//! transaction, `ON CONFLICT (id) DO NOTHING`, committed before the forwarder moves the
+//! sink's cursor, so a re-delivery after a crash stores nothing twice.
 
 use std::borrow::Cow;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, params};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use trueup_warehouse::{CountersRow, EventRow, Warehouse, WarehouseError};
 
 use super::{Delivery, Sink, SinkError};
 use crate::spool::{Record, RecordKind};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    schema TEXT NOT NULL,
-    source TEXT NOT NULL,
-    site TEXT NOT NULL,
-    ts INTEGER NOT NULL,
-    received_at INTEGER NOT NULL,
-    anon_id TEXT NOT NULL,
-    user_id TEXT,
-    session_id TEXT,
-    device_id TEXT,
-    seq INTEGER,
-    props TEXT NOT NULL,
-    context TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_name_ts ON events (name, ts);
-CREATE TABLE IF NOT EXISTS agent_counters (
-    device_id TEXT PRIMARY KEY,
-    site TEXT NOT NULL,
-    received_at INTEGER NOT NULL,
-    enqueued INTEGER NOT NULL,
-    sent INTEGER NOT NULL,
-    acked INTEGER NOT NULL,
-    retried INTEGER NOT NULL,
-    pending INTEGER NOT NULL,
-    dropped TEXT NOT NULL,
-    degraded TEXT
-);
-";
+/// Where a warehouse sink writes.
+enum Target {
+    Sqlite,
+    /// The connection string, to reconnect after the connection broke.
+    Postgres(String),
+}
 
-/// The embedded warehouse sink.
+/// A warehouse sink (SQLite or PostgreSQL).
 pub struct WarehouseSink {
-    conn: Arc<Mutex<Connection>>,
+    db: Arc<Mutex<Option<Warehouse>>>,
+    target: Arc<Target>,
 }
 
 /// The columns of an event, borrowed from its JSON.
 #[derive(Deserialize)]
-struct EventRow<'a> {
+struct Event<'a> {
     #[serde(borrow)]
     id: Cow<'a, str>,
     #[serde(borrow)]
@@ -103,105 +57,124 @@ struct EventRow<'a> {
 }
 
 impl WarehouseSink {
-    /// Opens (or creates) the warehouse file.
-    pub fn open(path: &Path) -> Result<WarehouseSink, rusqlite::Error> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
+    /// Opens (or creates) the embedded warehouse file.
+    pub fn open(path: &Path) -> Result<WarehouseSink, WarehouseError> {
         Ok(WarehouseSink {
-            conn: Arc::new(Mutex::new(conn)),
+            db: Arc::new(Mutex::new(Some(Warehouse::open_sqlite(path)?))),
+            target: Arc::new(Target::Sqlite),
         })
     }
 
-    fn write(conn: &mut Connection, records: &[Record]) -> Result<Delivery, rusqlite::Error> {
-        let tx = conn.transaction()?;
-        let mut delivery = Delivery::default();
-        {
-            let mut ev = tx.prepare_cached(
-                "INSERT OR IGNORE INTO events
-                 (id, name, schema, source, site, ts, received_at, anon_id, user_id, session_id, device_id, seq, props, context)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            )?;
-            let mut counters = tx.prepare_cached(
-                "INSERT INTO agent_counters
-                 (device_id, site, received_at, enqueued, sent, acked, retried, pending, dropped, degraded)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                 ON CONFLICT (device_id) DO UPDATE SET
-                   site = excluded.site, received_at = excluded.received_at, enqueued = excluded.enqueued,
-                   sent = excluded.sent, acked = excluded.acked, retried = excluded.retried,
-                   pending = excluded.pending, dropped = excluded.dropped, degraded = excluded.degraded
-                 WHERE excluded.received_at >= agent_counters.received_at",
-            )?;
-            for r in records {
-                match r.kind {
-                    RecordKind::Event => match serde_json::from_str::<EventRow>(&r.body) {
-                        Ok(e) => {
-                            ev.execute(params![
-                                e.id,
-                                e.name,
-                                e.schema,
-                                e.source,
-                                r.site,
-                                e.ts,
-                                r.received_at,
-                                e.anon_id,
-                                e.user_id,
-                                e.session_id,
-                                e.device_id,
-                                e.seq.map(|s| s as i64),
-                                e.props.map_or("{}", RawValue::get),
-                                e.context.map_or("{}", RawValue::get),
-                            ])?;
-                        }
-                        Err(err) => delivery
-                            .rejected
-                            .push((r.pos, format!("unreadable_event: {err}"))),
-                    },
-                    RecordKind::Counters => {
-                        match serde_json::from_str::<trueup_protocol::Counters>(&r.body) {
-                            Ok(c) => {
-                                let dropped = serde_json::to_string(&c.dropped)
-                                    .unwrap_or_else(|_| "{}".into());
-                                counters.execute(params![
-                                    c.device_id,
-                                    r.site,
-                                    r.received_at,
-                                    c.enqueued as i64,
-                                    c.sent as i64,
-                                    c.acked as i64,
-                                    c.retried as i64,
-                                    c.pending as i64,
-                                    dropped,
-                                    c.degraded,
-                                ])?;
-                            }
-                            Err(err) => delivery
-                                .rejected
-                                .push((r.pos, format!("unreadable_counters: {err}"))),
-                        }
-                    }
+    /// Connects to PostgreSQL and creates the tables if missing.
+    pub fn postgres(url: String) -> Result<WarehouseSink, WarehouseError> {
+        let db = Warehouse::connect_postgres(&url)?;
+        Ok(WarehouseSink {
+            db: Arc::new(Mutex::new(Some(db))),
+            target: Arc::new(Target::Postgres(url)),
+        })
+    }
+}
+
+impl Drop for WarehouseSink {
+    fn drop(&mut self) {
+        // The PostgreSQL client blocks when it closes; never on an async worker thread.
+        let db = self.db.lock().ok().and_then(|mut slot| slot.take());
+        if let Some(db @ Warehouse::Postgres(_)) = db {
+            std::thread::spawn(move || drop(db));
+        }
+    }
+}
+
+fn write(db: &mut Warehouse, records: &[Record]) -> Result<Delivery, WarehouseError> {
+    let mut delivery = Delivery::default();
+    let mut parsed = Vec::with_capacity(records.len());
+    let mut counters = Vec::new();
+    for r in records {
+        match r.kind {
+            RecordKind::Event => match serde_json::from_str::<Event>(&r.body) {
+                Ok(e) => parsed.push((r, e)),
+                Err(err) => delivery
+                    .rejected
+                    .push((r.pos, format!("unreadable_event: {err}"))),
+            },
+            RecordKind::Counters => {
+                match serde_json::from_str::<trueup_protocol::Counters>(&r.body) {
+                    Ok(c) => counters.push((r, c)),
+                    Err(err) => delivery
+                        .rejected
+                        .push((r.pos, format!("unreadable_counters: {err}"))),
                 }
             }
         }
-        tx.commit()?;
-        Ok(delivery)
     }
+    let events: Vec<EventRow> = parsed
+        .iter()
+        .map(|(r, e)| EventRow {
+            id: &e.id,
+            name: &e.name,
+            schema: &e.schema,
+            source: &e.source,
+            site: &r.site,
+            ts: e.ts,
+            received_at: r.received_at,
+            anon_id: &e.anon_id,
+            user_id: e.user_id.as_deref(),
+            session_id: e.session_id.as_deref(),
+            device_id: e.device_id.as_deref(),
+            seq: e.seq.map(|s| s.min(i64::MAX as u64) as i64),
+            props: e.props.map_or("{}", RawValue::get),
+            context: e.context.map_or("{}", RawValue::get),
+        })
+        .collect();
+    let dropped: Vec<String> = counters
+        .iter()
+        .map(|(_, c)| serde_json::to_string(&c.dropped).unwrap_or_else(|_| "{}".into()))
+        .collect();
+    let counter_rows: Vec<CountersRow> = counters
+        .iter()
+        .zip(&dropped)
+        .map(|((r, c), dropped)| CountersRow {
+            device_id: &c.device_id,
+            site: &r.site,
+            received_at: r.received_at,
+            enqueued: c.enqueued.min(i64::MAX as u64) as i64,
+            sent: c.sent.min(i64::MAX as u64) as i64,
+            acked: c.acked.min(i64::MAX as u64) as i64,
+            retried: c.retried.min(i64::MAX as u64) as i64,
+            pending: c.pending.min(i64::MAX as u64) as i64,
+            dropped,
+            degraded: c.degraded.as_deref(),
+        })
+        .collect();
+    db.write(&events, &counter_rows)?;
+    Ok(delivery)
 }
 
 #[async_trait::async_trait]
 impl Sink for WarehouseSink {
     async fn deliver(&self, records: Arc<Vec<Record>>) -> Result<Delivery, SinkError> {
-        let conn = self.conn.clone();
+        let db = self.db.clone();
+        let target = self.target.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().map_err(|_| SinkError {
-                message: "warehouse connection poisoned".into(),
+            let fail = |message: String| SinkError {
+                message,
                 retry_after: None,
-            })?;
-            WarehouseSink::write(&mut conn, &records).map_err(|e| SinkError {
-                message: e.to_string(),
-                retry_after: None,
-            })
+            };
+            let mut slot = db
+                .lock()
+                .map_err(|_| fail("warehouse connection poisoned".into()))?;
+            let broken = match slot.as_ref() {
+                None => true,
+                Some(Warehouse::Postgres(c)) => c.is_closed(),
+                Some(Warehouse::Sqlite(_)) => false,
+            };
+            if broken && let Target::Postgres(url) = target.as_ref() {
+                *slot = Some(Warehouse::connect_postgres(url).map_err(|e| fail(e.to_string()))?);
+            }
+            let Some(wh) = slot.as_mut() else {
+                return Err(fail("warehouse not open".into()));
+            };
+            write(wh, &records).map_err(|e| fail(e.to_string()))
         })
         .await
         .map_err(|e| SinkError {
