@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -80,6 +81,9 @@ pub struct Load {
     pub duration: Duration,
     /// Connection `c` simulates device `<phase>-<c>`: each phase has its own devices.
     pub phase: usize,
+    /// Closed loop only: stop once this many batches have been sent (and `duration` still
+    /// bounds the phase). `None`: only `duration`.
+    pub max_batches: Option<u64>,
 }
 
 /// What one phase measured.
@@ -379,16 +383,28 @@ pub async fn closed_loop(target: &Target, load: Load) -> anyhow::Result<PhaseRes
     let conns = connect_all(target.addr, load.connections).await?;
     let start = Instant::now();
     let deadline = start + load.duration;
+    // Batches left to send, shared by the connections (u64::MAX: no cap).
+    let budget = Arc::new(AtomicU64::new(load.max_batches.unwrap_or(u64::MAX)));
     let mut tasks = Vec::with_capacity(conns.len());
     for (c, conn) in conns.into_iter().enumerate() {
         let target = target.clone();
+        let budget = budget.clone();
         tasks.push(tokio::spawn(async move {
             let mut out = PhaseResult::empty();
             let mut writer =
                 BatchWriter::new(&format!("{}-{c}", load.phase), load.events_per_batch);
             let events = load.events_per_batch as u64;
             let mut conn = Some(conn);
+            let mut claimed = false;
             while Instant::now() < deadline {
+                if !claimed {
+                    let take = budget
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+                    if take.is_err() {
+                        break;
+                    }
+                    claimed = true;
+                }
                 let Some(sender) = conn.as_mut() else {
                     match Conn::open(target.addr).await {
                         Ok(s) => conn = Some(s),
@@ -402,6 +418,7 @@ pub async fn closed_loop(target: &Target, load: Load) -> anyhow::Result<PhaseRes
                 let body = writer.next_batch();
                 let len = body.len() as u64;
                 let sent = Instant::now();
+                claimed = false;
                 match post_batch(sender, &target, body, events).await {
                     Ok(accepted) => {
                         out.latency.saturating_record(micros(sent.elapsed()));
@@ -519,6 +536,25 @@ async fn join(
     }
     total.elapsed = start.elapsed();
     Ok(total)
+}
+
+/// A plain POST on a fresh connection (the receivers' tests); returns the status and body.
+#[cfg(test)]
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<(StatusCode, Bytes)> {
+    let mut conn = Conn::open(addr).await?;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(header::HOST, addr.to_string())
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    conn.exchange(req)
+        .await
+        .map_err(|e| anyhow::anyhow!("POST {path}: {e}"))
 }
 
 /// A plain GET on a fresh connection (readiness, metrics); returns the status and body.

@@ -4,7 +4,8 @@
 //! ```text
 //! cargo build --release -p trueup-relay
 //! cargo run -p trueup-bench --release -- [--seconds 10] [--connections 32] \
-//!     [--events-per-batch 20] [--rate-fraction 0.5] [--json FILE]
+//!     [--events-per-batch 20] [--rate-fraction 0.5] [--no-fanout] [--fanout-events 200000] \
+//!     [--fanout-concurrency 1] [--json FILE]
 //! ```
 //!
 //! What it does, in order:
@@ -25,7 +26,14 @@
 //! 4. Waits (up to 60 s) for the spool to drain (`trueup_spool_depth 0` on `/metrics`),
 //!    reads the relay's peak RSS (`VmHWM`), checks that the warehouse holds exactly as many
 //!    events as the relay acknowledged as accepted, then stops the relay with SIGTERM.
-//! 5. If nginx is installed: the same closed loop (same connections, same kind of bodies)
+//! 5. The **fan-out** part (unless `--no-fanout`; see `fanout`): the same warm-up and closed
+//!    loop against a fresh relay with three sinks (warehouse, webhook, posthog; the HTTP ones
+//!    pointed at loopback receivers run by the benchmark on their own thread), compared with
+//!    step 2's warehouse-only figure; then, per sink kind (warehouse, webhook, posthog,
+//!    segment), how many events/s it forwards from a preloaded backlog of `--fanout-events`,
+//!    compared with step 2's ingest rate; and the relay's CPU per event in each case. About a
+//!    minute with `--seconds 10` on 2 cores; every wait in it is bounded.
+//! 6. If nginx is installed: the same closed loop (same connections, same kind of bodies)
 //!    against nginx answering `204` with `worker_processes auto`, and the ratio.
 //!
 //! The load generator shares the machine's CPUs with the server under test, so it is kept
@@ -34,11 +42,15 @@
 //!
 //! Progress goes to stderr; the summary (stable, one figure per line) to stdout, and as
 //! JSON to `--json FILE`. Exit status: 0 when every relay request succeeded and the
-//! warehouse check passed, 1 otherwise, 2 when the benchmark could not run.
+//! warehouse check passed (and, with the fan-out part, each of its warehouses held exactly
+//! the events accepted and each receiver counted at least that many), 1 otherwise, 2 when the
+//! benchmark could not run.
 
 mod batch;
+mod fanout;
 mod load;
 mod procs;
+mod receiver;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -96,6 +108,19 @@ struct Args {
     /// Keep the relay's temporary directory (config, log, spool, warehouse) and print its path.
     #[arg(long)]
     keep_data: bool,
+    /// Run the fan-out part (the default): ingest with three sinks, forwarding per sink kind.
+    #[arg(long, overrides_with = "no_fanout")]
+    fanout: bool,
+    /// Skip the fan-out part.
+    #[arg(long, overrides_with = "fanout")]
+    no_fanout: bool,
+    /// Events preloaded for each sink kind's forwarding measurement.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1_000..=1_000_000))]
+    fanout_events: u64,
+    /// `concurrency` (requests in flight) of the fan-out part's HTTP sinks; the relay's
+    /// default is 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    fanout_concurrency: u64,
 }
 
 fn main() -> ExitCode {
@@ -175,6 +200,7 @@ struct Report {
     cpus: usize,
     relay_max: PhaseResult,
     fixed: Option<Fixed>,
+    fanout: Fanout,
     nginx: Baseline,
     peak_rss_bytes: Option<u64>,
     warehouse: Warehouse,
@@ -188,6 +214,12 @@ struct Report {
 struct Fixed {
     target_events_per_sec: f64,
     result: PhaseResult,
+}
+
+/// The fan-out part, or why there is none.
+enum Fanout {
+    Measured(Box<fanout::Report>),
+    Skipped(String),
 }
 
 /// The nginx phase, or why there is none.
@@ -221,6 +253,7 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
         events_per_batch: args.events_per_batch as usize,
         duration: Duration::from_secs(seconds),
         phase,
+        max_batches: None,
     };
 
     eprintln!("starting the relay: {}", relay_bin.display());
@@ -295,21 +328,32 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
         }
     };
     eprintln!("stopping the relay (SIGTERM)");
-    let (relay_exit, relay_exit_ok) = match relay.stop(STOP_GRACE) {
-        Ok((status, false)) => (status.to_string(), status.success()),
-        Ok((status, true)) => (
-            format!(
-                "did not exit within {} s of SIGTERM; killed ({status})",
-                STOP_GRACE.as_secs()
-            ),
-            false,
-        ),
-        Err(e) => (format!("{e:#}"), false),
-    };
+    let (relay_exit, relay_exit_ok) = stop_relay(&mut relay);
     if !relay_exit_ok {
         eprintln!("relay log (last lines):\n{}", relay.log_tail(20));
     }
     let kept_dir = args.keep_data.then(|| relay.keep());
+
+    let fanout = if args.no_fanout {
+        Fanout::Skipped("--no-fanout".into())
+    } else if relay_max.events_per_sec() <= 0.0 {
+        Fanout::Skipped("the closed loop stored nothing".into())
+    } else {
+        let settings = fanout::Settings {
+            connections: args.connections as usize,
+            events_per_batch: args.events_per_batch as usize,
+            seconds: args.seconds,
+            warmup_seconds: args.warmup_seconds,
+            events: args.fanout_events,
+            ingest_events_per_sec: relay_max.events_per_sec(),
+            ingest_cpu_per_event: relay_max
+                .server_cpu
+                .filter(|_| relay_max.events > 0)
+                .map(|c| Duration::from_secs_f64(c.as_secs_f64() / relay_max.events as f64)),
+            concurrency: args.fanout_concurrency,
+        };
+        Fanout::Measured(Box::new(fanout::run(settings, relay_bin).await?))
+    };
 
     let nginx = if args.no_nginx {
         Baseline::Skipped("--no-nginx".into())
@@ -324,6 +368,7 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
         cpus,
         relay_max,
         fixed,
+        fanout,
         nginx,
         peak_rss_bytes,
         warehouse,
@@ -332,6 +377,22 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
         warmup,
         kept_dir,
     })
+}
+
+/// SIGTERM, then waits (SIGKILL after [`STOP_GRACE`]); returns the exit as text and whether
+/// it was a clean exit.
+fn stop_relay(relay: &mut RelayProc) -> (String, bool) {
+    match relay.stop(STOP_GRACE) {
+        Ok((status, false)) => (status.to_string(), status.success()),
+        Ok((status, true)) => (
+            format!(
+                "did not exit within {} s of SIGTERM; killed ({status})",
+                STOP_GRACE.as_secs()
+            ),
+            false,
+        ),
+        Err(e) => (format!("{e:#}"), false),
+    }
 }
 
 /// Runs a phase and notes the CPU time the load generator and the server used meanwhile.
@@ -476,7 +537,13 @@ impl Report {
     }
 
     fn passed(&self) -> bool {
-        self.relay_errors() == 0 && self.warehouse.ok() && self.relay_exit_ok
+        self.relay_errors() == 0
+            && self.warehouse.ok()
+            && self.relay_exit_ok
+            && match &self.fanout {
+                Fanout::Measured(f) => f.passed(),
+                Fanout::Skipped(_) => true,
+            }
     }
 
     fn ratio(&self) -> Option<f64> {
@@ -583,6 +650,12 @@ impl Report {
                 format!("FAILED ({})", self.relay_exit)
             }
         );
+        match &self.fanout {
+            Fanout::Measured(f) => f.text(&mut s),
+            Fanout::Skipped(why) => {
+                let _ = writeln!(s, "fanout           : skipped ({why})");
+            }
+        }
         let phases: [(&str, Option<&PhaseResult>); 4] = [
             ("relay warm-up", Some(&self.warmup)),
             ("relay max", Some(&self.relay_max)),
@@ -655,6 +728,10 @@ impl Report {
                 "problem": self.warehouse.problem,
             },
             "relay_exit": { "ok": self.relay_exit_ok, "status": self.relay_exit },
+            "fanout": match &self.fanout {
+                Fanout::Measured(f) => f.json(),
+                Fanout::Skipped(why) => json!({ "skipped": why }),
+            },
             "warmup_errors": self.warmup.errors,
             "passed": self.passed(),
         })

@@ -57,7 +57,16 @@ async fn wait_ready_file(
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_time(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time (user + system) one thread of a process has used so far.
+pub fn task_cpu_time(pid: u32, tid: u32) -> Option<Duration> {
+    stat_cpu_time(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+fn stat_cpu_time(path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name (field 2) may contain spaces; the fields after it are plain.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -195,24 +204,73 @@ per_site_per_sec = 0
 pub struct RelayProc {
     child: ChildGuard,
     dir: tempfile::TempDir,
+    log: PathBuf,
     /// The public listener.
     pub addr: SocketAddr,
     /// The admin listener.
     pub admin: SocketAddr,
 }
 
+/// One sink in the relay's `GET /sinks`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct SinkStatus {
+    /// Its configured name.
+    pub name: String,
+    /// Records spooled that it has not taken yet.
+    pub backlog_rows: u64,
+    /// Records it delivered since the relay started.
+    pub delivered: u64,
+    /// Failed delivery attempts since the relay started.
+    pub retries: u64,
+    /// Records it dead-lettered since the relay started.
+    pub dead_lettered: u64,
+}
+
+/// How to start a relay: what to add to the benchmark's config, and where.
+#[derive(Debug, Default)]
+pub struct RelaySetup {
+    /// Appended to the config (e.g. `[[sinks]]` tables).
+    pub extra_config: String,
+    /// The directory (config, log, `data/`) of an earlier relay to start again on its spool;
+    /// `None`: a fresh temporary directory.
+    pub dir: Option<tempfile::TempDir>,
+    /// Names the config and log files (`relay[-<label>].toml`, `.log`), so that a relay
+    /// started again in the same directory keeps the earlier log.
+    pub label: &'static str,
+}
+
 impl RelayProc {
     /// Starts `bin` with a fresh data directory and waits until `/readyz` answers 200.
     pub async fn start(bin: &Path, ready_timeout: Duration) -> anyhow::Result<RelayProc> {
-        let dir = tempfile::Builder::new()
-            .prefix("trueup-bench-relay-")
-            .tempdir()
-            .context("cannot create a temporary directory")?;
-        let config = dir.path().join("relay.toml");
-        std::fs::write(&config, RELAY_CONFIG).context("cannot write the relay config")?;
-        let log = dir.path().join("relay.log");
+        RelayProc::start_with(bin, RelaySetup::default(), ready_timeout).await
+    }
+
+    /// Starts `bin` as `setup` says and waits until `/readyz` answers 200.
+    pub async fn start_with(
+        bin: &Path,
+        setup: RelaySetup,
+        ready_timeout: Duration,
+    ) -> anyhow::Result<RelayProc> {
+        let dir = match setup.dir {
+            Some(d) => d,
+            None => tempfile::Builder::new()
+                .prefix("trueup-bench-relay-")
+                .tempdir()
+                .context("cannot create a temporary directory")?,
+        };
+        let stem = if setup.label.is_empty() {
+            "relay".to_string()
+        } else {
+            format!("relay-{}", setup.label)
+        };
+        let config = dir.path().join(format!("{stem}.toml"));
+        std::fs::write(&config, format!("{RELAY_CONFIG}{}", setup.extra_config))
+            .context("cannot write the relay config")?;
+        let log = dir.path().join(format!("{stem}.log"));
         let out = File::create(&log).context("cannot create the relay log")?;
         let ready_file = dir.path().join("relay.ready.json");
+        // A relay started again in this directory: the earlier ready file is stale.
+        let _ = std::fs::remove_file(&ready_file);
         let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(&config)
@@ -247,6 +305,7 @@ impl RelayProc {
         let mut relay = RelayProc {
             child,
             dir,
+            log,
             addr,
             admin,
         };
@@ -256,7 +315,7 @@ impl RelayProc {
             "/readyz",
             StatusCode::OK,
             ready_timeout,
-            &log,
+            &relay.log,
         )
         .await?;
         Ok(relay)
@@ -274,7 +333,7 @@ impl RelayProc {
 
     /// The relay's log file.
     pub fn log(&self) -> PathBuf {
-        self.dir.path().join("relay.log")
+        self.log.clone()
     }
 
     /// Whether the relay is still running (and if not, how it ended).
@@ -358,8 +417,26 @@ impl RelayProc {
     /// Keeps the temporary directory after the benchmark (call after [`RelayProc::stop`]);
     /// returns its path.
     pub fn keep(self) -> PathBuf {
+        self.into_dir().keep()
+    }
+
+    /// The temporary directory, to start another relay on the same spool (call after
+    /// [`RelayProc::stop`]).
+    pub fn into_dir(self) -> tempfile::TempDir {
         let RelayProc { dir, .. } = self;
-        dir.keep()
+        dir
+    }
+
+    /// The sinks as `GET /sinks` on the admin listener reports them.
+    pub async fn sinks(&self) -> anyhow::Result<Vec<SinkStatus>> {
+        #[derive(serde::Deserialize)]
+        struct Sinks {
+            sinks: Vec<SinkStatus>,
+        }
+        let (status, body) = load::get(self.admin, "/sinks").await?;
+        anyhow::ensure!(status == StatusCode::OK, "GET /sinks answered {status}");
+        let s: Sinks = serde_json::from_slice(&body).context("GET /sinks: unexpected JSON")?;
+        Ok(s.sinks)
     }
 }
 
