@@ -130,10 +130,10 @@ pub async fn run(
             continue;
         }
         let oldest = records[0].received_at;
-        let chunks: Vec<Arc<Vec<Record>>> = records
-            .chunks(runner.batch_size)
-            .map(|c| Arc::new(c.to_vec()))
-            .collect();
+        let last = records.last().map_or(after, |r| r.pos);
+        let count = records.len() as u64;
+        let bytes: u64 = records.iter().map(|r| r.body.len() as u64).sum();
+        let chunks = into_chunks(records, runner.batch_size);
         let attempts = chunks.iter().map(|chunk| {
             deliver_until_taken(
                 &runner,
@@ -155,9 +155,7 @@ pub async fn run(
         for (chunk, answer) in chunks.iter().zip(answers.into_iter().flatten()) {
             dead.extend(dead_letters(&runner.name, chunk, &answer));
         }
-        let last = records.last().map_or(after, |r| r.pos);
-        let bytes: u64 = records.iter().map(|r| r.body.len() as u64).sum();
-        let delivered = records.len() as u64 - dead.len() as u64;
+        let delivered = count - dead.len() as u64;
         if !dead.is_empty() {
             tracing::error!(
                 sink = name,
@@ -172,7 +170,7 @@ pub async fn run(
         let dead_count = dead.len() as u64;
         // Until the cursor move commits, a crash re-delivers these records: sinks dedupe by id.
         match spool
-            .ack(runner.index, last, records.len() as u64, bytes, dead)
+            .ack(runner.index, last, count, bytes, dead)
             .await
         {
             Ok(()) => {
@@ -188,6 +186,17 @@ pub async fn run(
             }
         }
     }
+}
+
+/// `records` in consecutive batches of at most `size`, moved, not copied.
+fn into_chunks(records: Vec<Record>, size: usize) -> Vec<Arc<Vec<Record>>> {
+    let size = size.max(1);
+    let mut chunks = Vec::with_capacity(records.len().div_ceil(size));
+    let mut it = records.into_iter().peekable();
+    while it.peek().is_some() {
+        chunks.push(Arc::new(it.by_ref().take(size).collect()));
+    }
+    chunks
 }
 
 fn publish_backlog(labels: &Labels, p: &SinkProgress, h: &ForwarderHealth) {

@@ -6,6 +6,7 @@
 //! sink's commit and before the spool's deletion re-delivers), so sinks must treat the event
 //! id as an idempotency key.
 
+pub(crate) mod form;
 pub mod http;
 pub mod posthog;
 pub mod segment;

@@ -17,9 +17,9 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value, json};
-use trueup_protocol::Event;
+use serde::Serialize;
 
+use super::form::{self, Fields, Stored, Val};
 use super::http::{self, Encoded, Limits};
 use super::{Delivery, Sink, SinkError};
 use crate::config::SinkConfig;
@@ -61,85 +61,101 @@ impl PosthogSink {
 }
 
 /// One event in PostHog's form.
-pub fn event_json(e: &Event, site: &str) -> Value {
-    let mut p: Map<String, Value> = e.props.clone();
-    let mut set = |k: &str, v: Option<&str>| {
-        if let Some(v) = v {
-            p.insert(k.into(), Value::String(v.into()));
-        }
+#[derive(Serialize)]
+struct Out<'a> {
+    event: &'a str,
+    distinct_id: &'a str,
+    timestamp: String,
+    uuid: uuid::Uuid,
+    properties: Fields<'a>,
+}
+
+/// One stored event in PostHog's form, as JSON.
+pub(crate) fn event_json(e: &Stored, site: &str) -> serde_json::Result<String> {
+    let url = form::host_and_path(e.context.url.as_deref());
+    let identify = e.name == "identify";
+    let mut p = Fields {
+        low: e.props.entries(identify.then_some("traits")),
+        high: Vec::with_capacity(24),
     };
-    set("$session_id", e.session_id.as_deref());
-    set("$device_id", e.device_id.as_deref());
-    set("$current_url", e.context.url.as_deref());
-    set("$referrer", e.context.referrer.as_deref());
-    set("title", e.context.title.as_deref());
-    if let Some(url) = e
-        .context
-        .url
-        .as_deref()
-        .and_then(|u| reqwest::Url::parse(u).ok())
-    {
-        set("$host", url.host_str());
-        set("$pathname", Some(url.path()));
+    p.put("$session_id", e.session_id.as_deref());
+    p.put("$device_id", e.device_id.as_deref());
+    p.put("$current_url", e.context.url.as_deref());
+    p.put("$referrer", e.context.referrer.as_deref());
+    p.put("title", e.context.title.as_deref());
+    if let Some(url) = &url {
+        p.put("$host", url.host_str());
+        p.put("$pathname", Some(url.path()));
     }
     if let Some(t) = e.context.attribution.as_ref().and_then(|a| a.last.as_ref()) {
-        set("utm_source", t.utm_source.as_deref());
-        set("utm_medium", t.utm_medium.as_deref());
-        set("utm_campaign", t.utm_campaign.as_deref());
-        set("utm_term", t.utm_term.as_deref());
-        set("utm_content", t.utm_content.as_deref());
-        set("gclid", t.gclid.as_deref());
-        set("fbclid", t.fbclid.as_deref());
-        set("msclkid", t.msclkid.as_deref());
+        p.put("utm_source", t.utm_source.as_deref());
+        p.put("utm_medium", t.utm_medium.as_deref());
+        p.put("utm_campaign", t.utm_campaign.as_deref());
+        p.put("utm_term", t.utm_term.as_deref());
+        p.put("utm_content", t.utm_content.as_deref());
+        p.put("gclid", t.gclid.as_deref());
+        p.put("fbclid", t.fbclid.as_deref());
+        p.put("msclkid", t.msclkid.as_deref());
     }
-    set("$lib", Some("trueup"));
-    set("trueup_schema", Some(&e.schema));
-    set("trueup_site", Some(site));
-    set("trueup_source", Some(e.source.as_str()));
+    p.put("$lib", Some("trueup"));
+    p.put("trueup_schema", Some(&e.schema));
+    p.put("trueup_site", Some(site));
+    p.put("trueup_source", Some(&e.source));
     if let Some(seq) = e.seq {
-        p.insert("trueup_seq".into(), seq.into());
+        p.high.push(("trueup_seq", Val::U64(seq)));
     }
-    let event = match e.name.as_str() {
+    let event = match e.name.as_ref() {
         "page_view" => "$pageview",
         "identify" => {
-            p.insert("$anon_distinct_id".into(), Value::String(e.anon_id.clone()));
-            let traits = p.remove("traits").unwrap_or_else(|| json!({}));
-            p.insert("$set".into(), traits);
+            p.put("$anon_distinct_id", Some(&e.anon_id));
+            let traits = e
+                .props
+                .get("traits")
+                .map_or(Val::Obj(Fields::default()), Val::Raw);
+            p.high.push(("$set", traits));
             "$identify"
         }
         other => other,
     };
-    json!({
-        "event": event,
-        "distinct_id": e.user_id.as_deref().unwrap_or(&e.anon_id),
-        "timestamp": iso8601(e.ts),
-        "uuid": e.id,
-        "properties": p,
+    serde_json::to_string(&Out {
+        event,
+        distinct_id: e.user_id.as_deref().unwrap_or(&e.anon_id),
+        timestamp: iso8601(e.ts),
+        uuid: e.id,
+        properties: p,
     })
 }
 
-/// Events in the upstream's form; unreadable ones rejected; counters skipped.
-pub(crate) fn encode_events(
-    records: &[Record],
-    form: impl Fn(&Event, &Record) -> Value,
-) -> (Vec<Encoded>, Vec<(i64, String)>) {
-    let (mut items, mut rejected) = (Vec::new(), Vec::new());
-    for r in records.iter().filter(|r| r.kind == RecordKind::Event) {
-        match serde_json::from_str::<Event>(&r.body) {
-            Ok(e) => items.push(Encoded {
-                pos: r.pos,
-                json: form(&e, r).to_string(),
-            }),
-            Err(err) => rejected.push((r.pos, format!("unreadable_event: {err}"))),
+/// Events in the upstream's form, encoded off the async threads (in parallel across a
+/// forwarder's concurrent calls); unreadable ones rejected; counters skipped.
+pub(crate) async fn encode_events<F>(
+    records: Arc<Vec<Record>>,
+    form: F,
+) -> Result<(Vec<Encoded>, Vec<(i64, String)>), SinkError>
+where
+    F: Fn(&Stored, &Record) -> serde_json::Result<String> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let (mut items, mut rejected) = (Vec::with_capacity(records.len()), Vec::new());
+        for r in records.iter().filter(|r| r.kind == RecordKind::Event) {
+            match serde_json::from_str::<Stored>(&r.body).and_then(|e| form(&e, r)) {
+                Ok(json) => items.push(Encoded { pos: r.pos, json }),
+                Err(err) => rejected.push((r.pos, format!("unreadable_event: {err}"))),
+            }
         }
-    }
-    (items, rejected)
+        (items, rejected)
+    })
+    .await
+    .map_err(|e| SinkError {
+        message: format!("encoding task failed: {e}"),
+        retry_after: None,
+    })
 }
 
 #[async_trait::async_trait]
 impl Sink for PosthogSink {
     async fn deliver(&self, records: Arc<Vec<Record>>) -> Result<Delivery, SinkError> {
-        let (items, mut rejected) = encode_events(&records, |e, r| event_json(e, &r.site));
+        let (items, mut rejected) = encode_events(records, |e, r| event_json(e, &r.site)).await?;
         rejected.extend(
             http::deliver(&items, self.limits, |part| {
                 let body = format!("{}{}]}}", self.head, http::join(part));
@@ -153,5 +169,48 @@ impl Sink for PosthogSink {
             .await?,
         );
         Ok(Delivery { rejected })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    fn form(body: &str) -> Value {
+        let e: super::Stored = serde_json::from_str(body).unwrap();
+        serde_json::from_str(&super::event_json(&e, "shop").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn our_keys_win_over_props_and_nested_props_pass_through() {
+        let v = form(
+            r#"{"id":"0190A6D0-0000-7000-8000-000000000001","name":"page_view","schema":"page_view/1",
+                "ts":1764324000123,"source":"client","anon_id":"an","session_id":"s","seq":7,
+                "props":{"$session_id":"theirs","$host":"kept","x":{"a":[1,2.50]}},
+                "context":{"url":"https://shop.example/a?q=1"}}"#,
+        );
+        assert_eq!(v["event"], "$pageview");
+        assert_eq!(v["uuid"], "0190a6d0-0000-7000-8000-000000000001");
+        assert_eq!(v["timestamp"], "2025-11-28T10:00:00.123Z");
+        let p = &v["properties"];
+        assert_eq!(p["$session_id"], "s");
+        assert_eq!(p["$host"], "shop.example");
+        assert_eq!(p["$pathname"], "/a");
+        assert_eq!(p["x"], json!({"a": [1, 2.5]}));
+        assert_eq!(p["trueup_seq"], 7);
+        assert_eq!(p["trueup_site"], "shop");
+    }
+
+    #[test]
+    fn identify_sets_traits_and_the_anonymous_id() {
+        let v = form(
+            r#"{"id":"0190a6d0-0000-7000-8000-000000000002","name":"identify","schema":"identify/1",
+                "ts":0,"source":"client","anon_id":"an","user_id":"u","props":{"traits":{"plan":"pro"}}}"#,
+        );
+        assert_eq!(v["event"], "$identify");
+        assert_eq!(v["distinct_id"], "u");
+        assert_eq!(v["properties"]["$anon_distinct_id"], "an");
+        assert_eq!(v["properties"]["$set"], json!({"plan": "pro"}));
+        assert!(v["properties"].get("traits").is_none());
     }
 }

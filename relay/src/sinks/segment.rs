@@ -20,9 +20,9 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value, json};
-use trueup_protocol::Event;
+use serde::Serialize;
 
+use super::form::{self, Fields, Stored, Val};
 use super::http::{self, Limits};
 use super::posthog::encode_events;
 use super::{Delivery, Sink, SinkError};
@@ -59,93 +59,142 @@ impl SegmentSink {
 }
 
 /// One event as a Segment message.
-pub fn message_json(e: &Event, site: &str, sent_at_ms: i64) -> Value {
-    let url = e
-        .context
-        .url
-        .as_deref()
-        .and_then(|u| reqwest::Url::parse(u).ok());
-    let mut page = Map::new();
-    let put = |m: &mut Map<String, Value>, k: &str, v: Option<&str>| {
-        if let Some(v) = v {
-            m.insert(k.into(), Value::String(v.into()));
-        }
-    };
-    put(&mut page, "url", e.context.url.as_deref());
-    put(&mut page, "path", url.as_ref().map(|u| u.path()));
-    put(
-        &mut page,
-        "search",
-        url.as_ref()
-            .and_then(|u| u.query())
-            .map(|q| format!("?{q}"))
-            .as_deref(),
-    );
-    put(&mut page, "referrer", e.context.referrer.as_deref());
-    put(&mut page, "title", e.context.title.as_deref());
-    let mut campaign = Map::new();
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Message<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    message_id: uuid::Uuid,
+    anonymous_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    timestamp: String,
+    sent_at: &'a str,
+    context: MessageContext<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    properties: Option<Fields<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traits: Option<Val<'a>>,
+}
+
+#[derive(Serialize)]
+struct MessageContext<'a> {
+    library: Library,
+    trueup: TrueupContext<'a>,
+    #[serde(skip_serializing_if = "Fields::is_empty")]
+    page: Fields<'a>,
+    #[serde(skip_serializing_if = "Fields::is_empty")]
+    campaign: Fields<'a>,
+}
+
+#[derive(Serialize)]
+struct Library {
+    name: &'static str,
+    version: &'static str,
+}
+
+#[derive(Serialize)]
+struct TrueupContext<'a> {
+    site: &'a str,
+    session_id: Option<&'a str>,
+    device_id: Option<&'a str>,
+    seq: Option<u64>,
+    schema: &'a str,
+    source: &'a str,
+}
+
+/// The page fields of an event: `url`, `path`, `search`, `referrer`, `title`.
+fn page<'a>(e: &'a Stored, url: Option<&'a reqwest::Url>, search: Option<&'a str>) -> Fields<'a> {
+    let mut page = Fields::default();
+    page.put("url", e.context.url.as_deref());
+    page.put("path", url.map(|u| u.path()));
+    page.put("search", search);
+    page.put("referrer", e.context.referrer.as_deref());
+    page.put("title", e.context.title.as_deref());
+    page
+}
+
+/// One stored event as a Segment message, as JSON; `sent_at` is this request's ISO-8601 time.
+pub(crate) fn message_json(e: &Stored, site: &str, sent_at: &str) -> serde_json::Result<String> {
+    let url = form::host_and_path(e.context.url.as_deref());
+    let search = url
+        .as_ref()
+        .and_then(|u| u.query())
+        .map(|q| format!("?{q}"));
+    let mut campaign = Fields::default();
     if let Some(t) = e.context.attribution.as_ref().and_then(|a| a.last.as_ref()) {
-        put(&mut campaign, "source", t.utm_source.as_deref());
-        put(&mut campaign, "medium", t.utm_medium.as_deref());
-        put(&mut campaign, "name", t.utm_campaign.as_deref());
-        put(&mut campaign, "term", t.utm_term.as_deref());
-        put(&mut campaign, "content", t.utm_content.as_deref());
+        campaign.put("source", t.utm_source.as_deref());
+        campaign.put("medium", t.utm_medium.as_deref());
+        campaign.put("name", t.utm_campaign.as_deref());
+        campaign.put("term", t.utm_term.as_deref());
+        campaign.put("content", t.utm_content.as_deref());
     }
-    let mut context = json!({
-        "library": {"name": "trueup", "version": env!("CARGO_PKG_VERSION")},
-        "trueup": {
-            "site": site,
-            "session_id": e.session_id,
-            "device_id": e.device_id,
-            "seq": e.seq,
-            "schema": e.schema,
-            "source": e.source.as_str(),
+    let mut m = Message {
+        kind: "track",
+        message_id: e.id,
+        anonymous_id: &e.anon_id,
+        user_id: e.user_id.as_deref(),
+        timestamp: iso8601(e.ts),
+        sent_at,
+        context: MessageContext {
+            library: Library {
+                name: "trueup",
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            trueup: TrueupContext {
+                site,
+                session_id: e.session_id.as_deref(),
+                device_id: e.device_id.as_deref(),
+                seq: e.seq,
+                schema: &e.schema,
+                source: &e.source,
+            },
+            page: page(e, url.as_ref(), search.as_deref()),
+            campaign,
         },
-    });
-    if !page.is_empty() {
-        context["page"] = Value::Object(page.clone());
-    }
-    if !campaign.is_empty() {
-        context["campaign"] = Value::Object(campaign);
-    }
-    let mut m = json!({
-        "messageId": e.id,
-        "anonymousId": e.anon_id,
-        "timestamp": iso8601(e.ts),
-        "sentAt": iso8601(sent_at_ms),
-        "context": context,
-    });
-    if let Some(u) = &e.user_id {
-        m["userId"] = Value::String(u.clone());
-    }
-    match e.name.as_str() {
+        event: None,
+        name: None,
+        properties: None,
+        traits: None,
+    };
+    match e.name.as_ref() {
         "page_view" => {
-            let mut props = page;
-            props.extend(e.props.clone());
-            m["type"] = "page".into();
-            if let Some(t) = &e.context.title {
-                m["name"] = Value::String(t.clone());
-            }
-            m["properties"] = Value::Object(props);
+            m.kind = "page";
+            m.name = e.context.title.as_deref();
+            let mut props = page(e, url.as_ref(), search.as_deref());
+            props.low = std::mem::take(&mut props.high);
+            props.high = e.props.entries(None);
+            m.properties = Some(props);
         }
         "identify" => {
-            m["type"] = "identify".into();
-            m["traits"] = e.props.get("traits").cloned().unwrap_or_else(|| json!({}));
+            m.kind = "identify";
+            m.traits = Some(
+                e.props
+                    .get("traits")
+                    .map_or(Val::Obj(Fields::default()), Val::Raw),
+            );
         }
         name => {
-            m["type"] = "track".into();
-            m["event"] = Value::String(name.into());
-            m["properties"] = Value::Object(e.props.clone());
+            m.event = Some(name);
+            m.properties = Some(Fields {
+                low: Vec::new(),
+                high: e.props.entries(None),
+            });
         }
     }
-    m
+    serde_json::to_string(&m)
 }
 
 #[async_trait::async_trait]
 impl Sink for SegmentSink {
     async fn deliver(&self, records: Arc<Vec<Record>>) -> Result<Delivery, SinkError> {
-        let now = now_ms();
-        let (items, mut rejected) = encode_events(&records, |e, r| message_json(e, &r.site, now));
+        let sent_at = iso8601(now_ms());
+        let (items, mut rejected) =
+            encode_events(records, move |e, r| message_json(e, &r.site, &sent_at)).await?;
         rejected.extend(
             http::deliver(&items, self.limits, |part| {
                 let body = format!(r#"{{"batch":[{}]}}"#, http::join(part));
@@ -160,5 +209,60 @@ impl Sink for SegmentSink {
             .await?,
         );
         Ok(Delivery { rejected })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    fn form(body: &str) -> Value {
+        let e: super::Stored = serde_json::from_str(body).unwrap();
+        let m = super::message_json(&e, "shop", "2025-11-28T10:00:01.000Z").unwrap();
+        serde_json::from_str(&m).unwrap()
+    }
+
+    #[test]
+    fn a_page_has_its_page_fields_with_props_winning() {
+        let v = form(
+            r#"{"id":"0190a6d0-0000-7000-8000-000000000001","name":"page_view","schema":"page_view/1",
+                "ts":1764324000123,"source":"client","anon_id":"an","props":{"title":"theirs"},
+                "context":{"url":"https://shop.example/a?q=1","title":"T",
+                           "attribution":{"last":{"utm_source":"g","utm_campaign":"c"}}}}"#,
+        );
+        assert_eq!(v["type"], "page");
+        assert_eq!(v["name"], "T");
+        assert_eq!(v["sentAt"], "2025-11-28T10:00:01.000Z");
+        assert_eq!(v["properties"]["title"], "theirs");
+        assert_eq!(v["properties"]["search"], "?q=1");
+        assert_eq!(v["context"]["page"]["title"], "T");
+        assert_eq!(
+            v["context"]["campaign"],
+            json!({"source": "g", "name": "c"})
+        );
+        assert_eq!(v["context"]["trueup"]["session_id"], Value::Null);
+        assert!(v.get("userId").is_none());
+    }
+
+    #[test]
+    fn track_and_identify() {
+        let v = form(
+            r#"{"id":"0190a6d0-0000-7000-8000-000000000002","name":"signup_completed",
+                "schema":"signup_completed/1","ts":0,"source":"server","anon_id":"an","user_id":"u",
+                "props":{"plan":"pro"}}"#,
+        );
+        assert_eq!(
+            (&v["type"], &v["event"], &v["userId"]),
+            (&json!("track"), &json!("signup_completed"), &json!("u"))
+        );
+        assert_eq!(v["properties"], json!({"plan": "pro"}));
+        assert!(v["context"].get("page").is_none());
+        let v = form(
+            r#"{"id":"0190a6d0-0000-7000-8000-000000000003","name":"identify","schema":"identify/1",
+                "ts":0,"source":"client","anon_id":"an"}"#,
+        );
+        assert_eq!(v["type"], "identify");
+        assert_eq!(v["traits"], json!({}));
+        assert!(v.get("properties").is_none());
     }
 }
