@@ -98,6 +98,21 @@ fn run_reconcile(relay: &RelayProc, config: &std::path::Path) -> Value {
 }
 
 /// The figures every truth database must give for the data this test sends.
+/// The README's gap query over the truth's `users` and the PostgreSQL warehouse's `events`.
+const GAP_SQL: &str = "
+WITH actual AS (
+  SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, count(*) AS actual
+  FROM users GROUP BY 1
+), tracked AS (
+  SELECT to_char(to_timestamp(ts / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day,
+         count(*) AS tracked
+  FROM events WHERE name = 'signup_completed' AND source = 'client' GROUP BY 1
+)
+SELECT day, actual, coalesce(tracked, 0) AS tracked,
+       round(100.0 * (actual - coalesce(tracked, 0)) / actual, 2)::float8 AS gap_pct
+FROM actual LEFT JOIN tracked USING (day)
+ORDER BY day";
+
 fn check_report(report: &Value, now: i64) {
     let days = &report["metrics"][0]["days"];
     assert_eq!(report["metrics"][0]["name"], "signups");
@@ -433,6 +448,33 @@ async fn reports_the_gaps_and_losses_put_there_with_sqlite_and_postgres_truth() 
     let pg_report = run_reconcile(&relay, &pg_config);
     check_report(&pg_report, now);
     assert_eq!(pg_report["loss"], report["loss"]);
+
+    // The truth and the PostgreSQL warehouse in one database: the gap is one plain query
+    // (the README's, as written there), and it says what the report says.
+    if let Some((wh_schema, _)) = &pg_warehouse {
+        let path = format!("SET search_path TO {schema}, {wh_schema}");
+        let rows = tokio::task::block_in_place(|| {
+            let mut pg = postgres::Client::connect(&pg_url(), postgres::NoTls).unwrap();
+            pg.batch_execute(&path).unwrap();
+            pg.query(GAP_SQL, &[]).unwrap()
+        });
+        let by_day: std::collections::HashMap<String, (i64, i64, f64)> = rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+            .collect();
+        assert_eq!(by_day.len(), DAYS.len(), "{by_day:?}");
+        for row in pg_report["metrics"][0]["days"].as_array().unwrap() {
+            let day = row["day"].as_str().unwrap();
+            let (actual, tracked, gap) = by_day[day];
+            assert_eq!(row["actual"], actual, "{day}");
+            assert_eq!(row["tracked"], tracked, "{day}");
+            let want = row["gap_pct"].as_f64().unwrap();
+            assert!(
+                (gap - want).abs() < 0.005,
+                "{day}: SQL {gap} vs report {want}"
+            );
+        }
+    }
 
     // A wrong password: a clear error naming the metric, without the password.
     let bad = dir.path().join("relay-bad.toml");

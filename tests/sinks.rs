@@ -488,3 +488,64 @@ async fn three_sinks_one_down_the_others_stay_current_and_it_catches_up() {
     assert_eq!(relay.metric("trueup_sink_backlog_rows"), 0.0);
     relay.terminate();
 }
+
+/// Each thread of the process `pid` as (name, nice value), from `/proc`.
+#[cfg(target_os = "linux")]
+fn threads_with_nice(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = entry.unwrap().path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // stat: "tid (comm) state ...": nice is field 19, the 17th after the comm's ')'.
+        let after = &stat[stat.rfind(')').unwrap() + 1..];
+        let nice: i64 = after.split_whitespace().nth(16).unwrap().parse().unwrap();
+        out.push((comm.trim().to_string(), nice));
+    }
+    out
+}
+
+/// Forwarding yields the CPU to collection: every forwarder thread (workers and the blocking
+/// pool where the warehouse writes) runs at `forwarder.nice`, collection's threads at 0.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarders_run_at_the_configured_lower_priority_and_collection_does_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(tmp.path(), "\n[forwarder]\nnice = 7\nthreads = 2\n");
+    let events: Vec<Value> = (1..=300).map(|i| event("d-nice", i)).collect();
+    send_all(&relay, &events).await;
+    wait_caught_up(&relay, "warehouse", 30).await;
+    assert_eq!(
+        relay.count(&relay.warehouse(), "SELECT count(*) FROM events"),
+        300
+    );
+    let threads = threads_with_nice(relay.pid());
+    let forwarders: Vec<_> = threads.iter().filter(|(n, _)| n == "forwarder").collect();
+    // Two workers plus at least one blocking thread (the warehouse's write ran on one).
+    assert!(forwarders.len() >= 3, "{threads:?}");
+    assert!(forwarders.iter().all(|(_, nice)| *nice == 7), "{threads:?}");
+    let others: Vec<_> = threads.iter().filter(|(n, _)| n != "forwarder").collect();
+    assert!(!others.is_empty(), "{threads:?}");
+    assert!(others.iter().all(|(_, nice)| *nice == 0), "{threads:?}");
+
+    // A nice value out of range is refused with the reason, before anything starts.
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(
+        bad.path().join("relay.toml"),
+        "[forwarder]\nnice = 25\n\n[[sites]]\nkey = \"demo\"\norigins = [\"https://shop.example\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trueup-relay"))
+        .arg("--config")
+        .arg(bad.path().join("relay.toml"))
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("forwarder.nice must be 0..=19"), "{err}");
+}

@@ -151,6 +151,12 @@ pub struct ForwarderConfig {
     /// On shutdown, how long to keep forwarding what is spooled, seconds. What is left stays
     /// in the spool for the next start.
     pub shutdown_drain_secs: u64,
+    /// The nice value (0..=19) of the forwarders' threads, so that when the CPU is saturated
+    /// collection runs first and forwarding takes what is left (the spool absorbs the
+    /// difference). 0: the same priority as collection. Linux only; elsewhere ignored.
+    pub nice: i32,
+    /// Threads of the forwarders' runtime (0: one per CPU).
+    pub threads: usize,
 }
 
 /// What a sink is.
@@ -508,6 +514,8 @@ impl Default for ForwarderConfig {
             initial_backoff_ms: 200,
             max_backoff_ms: 30_000,
             shutdown_drain_secs: 10,
+            nice: 10,
+            threads: 0,
         }
     }
 }
@@ -616,6 +624,12 @@ impl Config {
             if !names.insert(s.name.clone()) {
                 return bad(format!("sink names must be unique ({:?} twice)", s.name));
             }
+        }
+        if !(0..=19).contains(&self.forwarder.nice) {
+            return bad(format!(
+                "forwarder.nice must be 0..=19 (0: the same priority as collection), not {}",
+                self.forwarder.nice
+            ));
         }
         if self.forwarder.batch_size > MAX_FORWARD_BATCH {
             return bad(format!(

@@ -8,6 +8,11 @@
 //! order holds, and a sink that is down holds back nothing but its own cursor. After a restart
 //! each forwarder starts from its cursor; what a sink took but whose cursor move did not
 //! commit is delivered again, and sinks dedupe by event id.
+//!
+//! Forwarders run on a runtime of their own ([`runtime`]) whose threads have a lower CPU
+//! priority (`forwarder.nice`): when the machine is saturated, collecting (answering the
+//! browsers) runs first and forwarding takes what is left, the spool absorbing the difference
+//! until its cap answers 503. When it is not saturated, the priority changes nothing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -21,6 +26,81 @@ use crate::config::ForwarderConfig;
 use crate::sinks::{Delivery, Sink};
 use crate::spool::{DeadLetter, Record, SinkProgress, Spool, SpoolReader};
 use crate::time::now_ms;
+
+/// The forwarders' runtime. Dropping it (also on an async thread, where a plain tokio
+/// runtime may not be dropped) stops its threads without waiting for them.
+pub struct ForwarderRuntime(Option<tokio::runtime::Runtime>);
+
+impl ForwarderRuntime {
+    /// Spawns a task on it; the handle can be awaited from any runtime.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0
+            .as_ref()
+            .expect("runtime present until drop")
+            .spawn(task)
+    }
+}
+
+impl Drop for ForwarderRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The forwarders' runtime: `cfg.threads` workers (0: one per CPU), and every thread it
+/// starts (workers and the blocking pool, where sinks encode and write) at nice `cfg.nice`.
+pub fn runtime(cfg: &ForwarderConfig) -> std::io::Result<ForwarderRuntime> {
+    let nice = cfg.nice;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
+        .thread_name("forwarder")
+        .enable_all()
+        .on_thread_start(move || lower_priority(nice));
+    if cfg.threads > 0 {
+        builder.worker_threads(cfg.threads);
+    }
+    Ok(ForwarderRuntime(Some(builder.build()?)))
+}
+
+/// Sets the calling thread's nice value (on Linux a thread has its own, which is what
+/// `setpriority(PRIO_PROCESS, tid)` sets). Failure only costs the priority: logged once.
+#[cfg(target_os = "linux")]
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid and setpriority take no pointers; they act on the calling thread.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+    };
+    if rc != 0 {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        let err = std::io::Error::last_os_error();
+        WARNED.call_once(|| {
+            tracing::warn!(nice, error = %err, "cannot lower the forwarders' priority; they run at collection's")
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(nice: i32) {
+    if nice != 0 {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                nice,
+                "forwarder.nice is applied on Linux only; forwarders run at collection's priority"
+            )
+        });
+    }
+}
 
 /// The `sink` and `kind` labels of a sink's metrics.
 type Labels = [(&'static str, String); 2];
@@ -169,10 +249,7 @@ pub async fn run(
         }
         let dead_count = dead.len() as u64;
         // Until the cursor move commits, a crash re-delivers these records: sinks dedupe by id.
-        match spool
-            .ack(runner.index, last, count, bytes, dead)
-            .await
-        {
+        match spool.ack(runner.index, last, count, bytes, dead).await {
             Ok(()) => {
                 metrics::counter!("trueup_sink_delivered_total", &labels).increment(delivered);
                 health.delivered.fetch_add(delivered, Ordering::Relaxed);

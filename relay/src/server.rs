@@ -302,10 +302,12 @@ impl Relay {
         };
 
         let forwarder_stop = CancellationToken::new();
+        let forwarder_rt =
+            forwarder::runtime(&cfg.forwarder).context("cannot start the forwarders' runtime")?;
         let forwarders: Vec<_> = runners
             .into_iter()
             .map(|r| {
-                tokio::spawn(forwarder::run(
+                forwarder_rt.spawn(forwarder::run(
                     spool.clone(),
                     r,
                     cfg.forwarder.clone(),
@@ -367,6 +369,7 @@ impl Relay {
         tracing::info!("shutdown: requests finished; draining the spool to the sinks");
         forwarder_stop.cancel();
         futures_util::future::join_all(forwarders).await;
+        drop(forwarder_rt);
         housekeeping_stop.cancel();
         let _ = housekeeping.await;
         reconcile_stop.cancel();
