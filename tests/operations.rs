@@ -301,6 +301,10 @@ fn bad_configuration_is_refused_with_a_reason() {
             "url does not apply to kind warehouse",
         ),
         (
+            "[[sinks]]\nname = \"w\"\nkind = \"warehouse\"\nconcurrency = 2\n",
+            "concurrency must be 1 for kind warehouse",
+        ),
+        (
             "[[sinks]]\nname = \"s\"\nkind = \"segment\"\nsecret_env = \"K\"\nbatch_size = 3000\n",
             "batch_size must be 1..=2500",
         ),

@@ -193,9 +193,11 @@ async fn reports_the_gaps_and_losses_put_there_with_sqlite_and_postgres_truth() 
         .unwrap();
         (schema, secret)
     });
+    // Small batches, three at once (each on a connection of its own): the report below must
+    // still equal SQLite's, so concurrent deliveries neither lose nor double an event.
     let sinks = match &pg_warehouse {
         Some((_, secret)) => format!(
-            "\n[[sinks]]\nname = \"warehouse\"\nkind = \"warehouse\"\n\n[[sinks]]\nname = \"pg\"\nkind = \"postgres\"\nsecret_file = \"{}\"\n",
+            "\n[[sinks]]\nname = \"warehouse\"\nkind = \"warehouse\"\n\n[[sinks]]\nname = \"pg\"\nkind = \"postgres\"\nbatch_size = 7\nconcurrency = 3\nsecret_file = \"{}\"\n",
             secret.display()
         ),
         None => String::new(),

@@ -245,7 +245,8 @@ pub struct SinkConfig {
     /// Seconds one request may take (connect, send, answer) before it counts as failed.
     #[serde(default = "default_sink_timeout")]
     pub timeout_secs: u64,
-    /// Requests in flight at once (each a batch; the cursor moves when all have answered).
+    /// Requests in flight at once (each a batch; the cursor moves when all have answered);
+    /// `postgres`: transactions at once, each on a connection of its own; `warehouse`: 1.
     #[serde(default = "default_sink_concurrency")]
     pub concurrency: usize,
     /// `posthog`: send with `historical_migration: true` (for backfills; PostHog routes such
@@ -405,6 +406,9 @@ impl SinkConfig {
         }
         if self.concurrency == 0 || self.concurrency > 64 {
             return bad("concurrency must be 1..=64".into());
+        }
+        if kind == SinkKind::Warehouse && self.concurrency != 1 {
+            return bad("concurrency must be 1 for kind warehouse (SQLite has one writer)".into());
         }
         Ok(())
     }

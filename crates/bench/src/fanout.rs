@@ -42,6 +42,11 @@
 //!    ingest rate: `ratio <kind>/ingest` (goal ≥ 1: a sink that forwards slower than the relay
 //!    ingests falls behind under sustained full load, and the spool grows until its limit).
 //!    Checks: the warehouse holds exactly the preloaded events; a receiver at least as many.
+//!    `postgres` too when a database is given (`--postgres URL`, else `TRUEUP_TEST_POSTGRES`;
+//!    `.ci/postgres` starts the local one): the sink writes a schema of its own, created empty
+//!    and dropped after, with `batch_size = 5000` and `concurrency = 2` (what the README
+//!    recommends); the CPU of the database's server processes serving it is shown in place of
+//!    a receiver's, and the check counts its rows.
 //! 3. **Where the CPU goes.** The relay's CPU time per event (from `/proc/<pid>/stat`): while
 //!    ingesting with nothing forwarded (the preloads, whose only sink is on hold; their
 //!    events/s are shown too, as `0 sinks`), in the warehouse-only closed loop, in the
@@ -98,9 +103,11 @@ pub enum Kind {
     Webhook,
     Posthog,
     Segment,
+    Postgres,
 }
 
 impl Kind {
+    /// The kinds measured on every run; `Postgres` is added when a database is given.
     pub const ALL: [Kind; 4] = [Kind::Warehouse, Kind::Webhook, Kind::Posthog, Kind::Segment];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +116,7 @@ impl Kind {
             Kind::Webhook => "webhook",
             Kind::Posthog => "posthog",
             Kind::Segment => "segment",
+            Kind::Postgres => "postgres",
         }
     }
 
@@ -116,6 +124,10 @@ impl Kind {
     fn sink_toml(self, url: Option<&str>, secret_file: &Path, concurrency: u64) -> String {
         let name = self.as_str();
         match (self, url) {
+            (Kind::Postgres, _) => format!(
+                "\n[[sinks]]\nname = \"{name}\"\nkind = \"postgres\"\nbatch_size = 5000\nconcurrency = 2\nsecret_file = {}\n",
+                toml_str(&secret_file.display().to_string())
+            ),
             (Kind::Warehouse, _) | (_, None) => {
                 format!("\n[[sinks]]\nname = \"{name}\"\nkind = \"warehouse\"\n")
             }
@@ -160,6 +172,8 @@ pub struct Report {
     pub ingest_cpu_per_event: Option<Duration>,
     /// `concurrency` of the HTTP sinks.
     pub concurrency: u64,
+    /// Why the `postgres` sink was not measured, if it was not.
+    pub postgres_skipped: Option<String>,
     pub cpus: usize,
 }
 
@@ -194,13 +208,14 @@ pub struct Forward {
     pub window: Duration,
     /// The relay's CPU over the window.
     pub relay_cpu: Option<Duration>,
-    /// The receiver thread's CPU over the window (HTTP sinks).
+    /// The receiver thread's CPU over the window (HTTP sinks); for `postgres`, the server
+    /// process of the sink's connection.
     pub receiver_cpu: Option<Duration>,
     /// Requests the receiver answered 200 (HTTP sinks).
     pub requests: Option<u64>,
     /// Events the receiver counted (HTTP sinks).
     pub received: Option<u64>,
-    /// Rows in the warehouse (warehouse sink).
+    /// Rows in the warehouse (warehouse and postgres sinks).
     pub warehouse_rows: Option<u64>,
     pub problems: Vec<String>,
 }
@@ -257,8 +272,84 @@ fn note_errors(r: &PhaseResult, what: &str, problems: &mut Vec<String>) {
     }
 }
 
-/// Runs the whole fan-out part.
-pub async fn run(s: Settings, relay_bin: &Path) -> anyhow::Result<Report> {
+/// A schema of its own in the PostgreSQL under test, for the `postgres` sink: created empty,
+/// dropped at the end; the sink's connection URL (scoped to it by `search_path`, and named
+/// by `application_name` so that its server process can be found) is in a secret file.
+struct PgScratch {
+    client: tokio_postgres::Client,
+    schema: String,
+    url_file: std::path::PathBuf,
+}
+
+/// `application_name` of the sink's connection.
+const PG_APP: &str = "trueup-bench-sink";
+
+impl PgScratch {
+    async fn create(url: &str, dir: &Path) -> anyhow::Result<PgScratch> {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL ({url}): {e}"))?;
+        tokio::spawn(conn);
+        let schema = format!("trueup_bench_{}", std::process::id());
+        client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .await?;
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url_file = dir.join("postgres-url");
+        std::fs::write(
+            &url_file,
+            format!("{url}{sep}options=-csearch_path%3D{schema}&application_name={PG_APP}\n"),
+        )?;
+        Ok(PgScratch {
+            client,
+            schema,
+            url_file,
+        })
+    }
+
+    async fn rows(&self) -> anyhow::Result<u64> {
+        let row = self
+            .client
+            .query_one(&format!("SELECT count(*) FROM {}.events", self.schema), &[])
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// The server processes of the sink's connections (one per delivery in flight).
+    async fn backend_pids(&self) -> Vec<u32> {
+        let rows = self
+            .client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &[&PG_APP],
+            )
+            .await
+            .unwrap_or_default();
+        rows.iter()
+            .filter_map(|r| u32::try_from(r.get::<_, i32>(0)).ok())
+            .collect()
+    }
+
+    /// The CPU time each of those processes has used so far.
+    async fn backend_cpu(&self) -> Vec<(u32, Duration)> {
+        let pids = self.backend_pids().await;
+        pids.into_iter()
+            .filter_map(|p| Some((p, procs::cpu_time(p)?)))
+            .collect()
+    }
+
+    async fn drop_schema(self) -> anyhow::Result<()> {
+        self.client
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Runs the whole fan-out part; `postgres`: the database for the `postgres` sink's figure.
+pub async fn run(s: Settings, relay_bin: &Path, postgres: Option<&str>) -> anyhow::Result<Report> {
     let secrets = tempfile::Builder::new()
         .prefix("trueup-bench-secrets-")
         .tempdir()?;
@@ -269,8 +360,27 @@ pub async fn run(s: Settings, relay_bin: &Path) -> anyhow::Result<Report> {
     let mut forwarding = Vec::new();
     let hold = Receiver::start("hold", Mode::Hold)?;
     for (i, kind) in Kind::ALL.into_iter().enumerate() {
-        forwarding.push(forward(s, relay_bin, &secret_file, &hold, kind, 20 + i).await?);
+        forwarding.push(forward(s, relay_bin, &secret_file, &hold, kind, 20 + i, None).await?);
     }
+    let postgres = match postgres {
+        Some(url) => {
+            let pg = PgScratch::create(url, secrets.path()).await?;
+            let f = forward(
+                s,
+                relay_bin,
+                &secret_file,
+                &hold,
+                Kind::Postgres,
+                20 + Kind::ALL.len(),
+                Some(&pg),
+            )
+            .await;
+            pg.drop_schema().await?;
+            forwarding.push(f?);
+            None
+        }
+        None => Some("no database (--postgres URL or TRUEUP_TEST_POSTGRES)".to_string()),
+    };
     eprintln!("fan-out part took {:.0} s", started.elapsed().as_secs_f64());
     Ok(Report {
         ingest,
@@ -278,6 +388,7 @@ pub async fn run(s: Settings, relay_bin: &Path) -> anyhow::Result<Report> {
         ingest_events_per_sec: s.ingest_events_per_sec,
         ingest_cpu_per_event: s.ingest_cpu_per_event,
         concurrency: s.concurrency,
+        postgres_skipped: postgres,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
     })
 }
@@ -450,6 +561,7 @@ async fn forward(
     hold: &Receiver,
     kind: Kind,
     phase: usize,
+    pg: Option<&PgScratch>,
 ) -> anyhow::Result<Forward> {
     let name = kind.as_str();
     let batches = s.events.div_ceil(s.events_per_batch as u64).max(1);
@@ -499,12 +611,12 @@ async fn forward(
     let dir = relay.into_dir();
 
     let receiver = match kind {
-        Kind::Warehouse => None,
+        Kind::Warehouse | Kind::Postgres => None,
         _ => Some(Receiver::start(name, Mode::Accept)?),
     };
     let config = kind.sink_toml(
         receiver.as_ref().map(|r| r.url()).as_deref(),
-        secret_file,
+        pg.map_or(secret_file, |pg| &pg.url_file),
         s.concurrency,
     );
     eprintln!("  starting the relay again with the {name} sink alone");
@@ -524,6 +636,11 @@ async fn forward(
     let t0 = Instant::now();
     let relay_before = procs::cpu_time(relay.pid());
     let receiver_before = receiver.as_ref().and_then(|r| r.cpu_time());
+    // The sink may connect to PostgreSQL again after this: such server processes start at 0.
+    let pg_before = match pg {
+        Some(pg) => pg.backend_cpu().await,
+        None => Vec::new(),
+    };
     let deadline = t0 + FORWARD_TIMEOUT;
     let mut last = first.clone();
     while last.backlog_rows > 0 && Instant::now() < deadline {
@@ -534,10 +651,22 @@ async fn forward(
     }
     let window = t0.elapsed();
     let relay_cpu = delta(procs::cpu_time(relay.pid()), relay_before);
-    let receiver_cpu = delta(
-        receiver.as_ref().and_then(|r| r.cpu_time()),
-        receiver_before,
-    );
+    let receiver_cpu = match pg {
+        Some(pg) => Some(
+            pg.backend_cpu()
+                .await
+                .into_iter()
+                .map(|(pid, after)| {
+                    let before = pg_before.iter().find(|(p, _)| *p == pid);
+                    after.saturating_sub(before.map_or(Duration::ZERO, |b| b.1))
+                })
+                .sum(),
+        ),
+        None => delta(
+            receiver.as_ref().and_then(|r| r.cpu_time()),
+            receiver_before,
+        ),
+    };
     crate::check_alive(&mut relay)?;
     if last.backlog_rows > 0 {
         problems.push(format!(
@@ -560,8 +689,12 @@ async fn forward(
         ));
     }
     let (mut warehouse_rows, mut received, mut requests) = (None, None, None);
+    let rows = match pg {
+        Some(pg) => pg.rows().await,
+        None => relay.warehouse_rows(),
+    };
     match &receiver {
-        None => match relay.warehouse_rows() {
+        None => match rows {
             Ok(n) => {
                 warehouse_rows = Some(n);
                 if n != preloaded {
@@ -601,8 +734,10 @@ async fn forward(
         f.window_events,
         f.window.as_secs_f64(),
         cores_str(f.relay_cores()),
-        f.receiver_cores()
-            .map_or(String::new(), |c| format!(", receiver {c:.2} cores")),
+        f.receiver_cores().map_or(String::new(), |c| format!(
+            ", {} {c:.2} cores",
+            f.receiver_label()
+        )),
     );
     Ok(f)
 }
@@ -631,6 +766,14 @@ impl ThreeSinks {
 }
 
 impl Forward {
+    /// What `receiver_cpu` measured.
+    fn receiver_label(&self) -> &'static str {
+        match self.kind {
+            Kind::Postgres => "postgres backends",
+            _ => "receiver",
+        }
+    }
+
     /// The relay's CPU per event forwarded, microseconds.
     fn cpu_per_event_us(&self) -> Option<f64> {
         per_event_us(self.relay_cpu, self.window_events)
@@ -741,7 +884,9 @@ impl Report {
         );
         for f in &self.forwarding {
             let cpu = match (f.relay_cores(), f.receiver_cores()) {
-                (Some(r), Some(c)) => format!("relay {r:.2} cores, receiver {c:.2} cores"),
+                (Some(r), Some(c)) => {
+                    format!("relay {r:.2} cores, {} {c:.2} cores", f.receiver_label())
+                }
                 (Some(r), None) => format!("relay {r:.2} cores"),
                 _ => "cpu ?".into(),
             };
@@ -800,11 +945,15 @@ impl Report {
             if used >= 0.9 * self.cpus as f64 {
                 let _ = writeln!(
                     s,
-                    "note   forward {}: CPU-bound ({used:.2} of {} cores busy with the relay and the receiver)",
+                    "note   forward {}: CPU-bound ({used:.2} of {} cores busy with the relay and the {})",
                     f.kind.as_str(),
-                    self.cpus
+                    self.cpus,
+                    f.receiver_label()
                 );
             }
+        }
+        if let Some(why) = &self.postgres_skipped {
+            let _ = writeln!(s, "forward postgres : skipped ({why})");
         }
         let problems: Vec<&String> = i
             .problems
@@ -856,6 +1005,7 @@ impl Report {
         };
         json!({
             "http_sink_concurrency": self.concurrency,
+            "postgres_skipped": self.postgres_skipped,
             "relay_cpu_us_per_event": {
                 "ingest_alone": self.held_cpu_per_event_us(),
                 "warehouse_only": self.ingest_cpu_per_event.map(|d| d.as_secs_f64() * 1e6),
@@ -894,6 +1044,7 @@ impl Report {
                 "relay_cpu_us_per_event": f.cpu_per_event_us(),
                 "preload_events_per_sec": f.preload.events_per_sec(),
                 "receiver_cpu_cores": f.receiver_cores(),
+                "receiver_is": f.receiver_label(),
                 "receiver_requests": f.requests,
                 "receiver_events": f.received,
                 "warehouse_rows": f.warehouse_rows,

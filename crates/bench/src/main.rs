@@ -5,7 +5,7 @@
 //! cargo build --release -p trueup-relay
 //! cargo run -p trueup-bench --release -- [--seconds 10] [--connections 32] \
 //!     [--events-per-batch 20] [--rate-fraction 0.5] [--no-fanout] [--fanout-events 200000] \
-//!     [--fanout-concurrency 1] [--json FILE]
+//!     [--fanout-concurrency 1] [--postgres URL] [--json FILE]
 //! ```
 //!
 //! What it does, in order:
@@ -30,7 +30,8 @@
 //!    loop against a fresh relay with three sinks (warehouse, webhook, posthog; the HTTP ones
 //!    pointed at loopback receivers run by the benchmark on their own thread), compared with
 //!    step 2's warehouse-only figure; then, per sink kind (warehouse, webhook, posthog,
-//!    segment), how many events/s it forwards from a preloaded backlog of `--fanout-events`,
+//!    segment; postgres with `--postgres URL` or `TRUEUP_TEST_POSTGRES`), how many events/s
+//!    it forwards from a preloaded backlog of `--fanout-events`,
 //!    compared with step 2's ingest rate; and the relay's CPU per event in each case. About a
 //!    minute with `--seconds 10` on 2 cores; every wait in it is bounded.
 //! 6. If nginx is installed: the same closed loop (same connections, same kind of bodies)
@@ -121,6 +122,11 @@ struct Args {
     /// default is 1.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     fanout_concurrency: u64,
+    /// PostgreSQL to measure the `postgres` sink's forwarding against (a schema of its own is
+    /// created and dropped); without it, `TRUEUP_TEST_POSTGRES` if set, else that sink is
+    /// skipped. Start the local one with `.ci/postgres`.
+    #[arg(long)]
+    postgres: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -352,7 +358,14 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
                 .map(|c| Duration::from_secs_f64(c.as_secs_f64() / relay_max.events as f64)),
             concurrency: args.fanout_concurrency,
         };
-        Fanout::Measured(Box::new(fanout::run(settings, relay_bin).await?))
+        let postgres = args
+            .postgres
+            .clone()
+            .or_else(|| std::env::var("TRUEUP_TEST_POSTGRES").ok())
+            .filter(|u| !u.is_empty());
+        Fanout::Measured(Box::new(
+            fanout::run(settings, relay_bin, postgres.as_deref()).await?,
+        ))
     };
 
     let nginx = if args.no_nginx {

@@ -2,7 +2,9 @@
 //! no setup) and PostgreSQL (`kind = "postgres"`). Both write the same tables through
 //! `trueup-warehouse` (its docs are the contract for analysts): each delivery is one
 //! transaction, `ON CONFLICT (id) DO NOTHING`, committed before the forwarder moves the
-//! sink's cursor, so a re-delivery after a crash stores nothing twice.
+//! sink's cursor, so a re-delivery after a crash stores nothing twice. PostgreSQL takes up to
+//! the sink's `concurrency` deliveries at once, each on a connection of its own (the inserts
+//! are idempotent and independent, so their order does not matter); SQLite one at a time.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -15,17 +17,22 @@ use trueup_warehouse::{CountersRow, EventRow, Warehouse, WarehouseError};
 use super::{Delivery, Sink, SinkError};
 use crate::spool::{Record, RecordKind};
 
-/// Where a warehouse sink writes.
-enum Target {
-    Sqlite,
-    /// The connection string, to reconnect after the connection broke.
-    Postgres(String),
-}
-
 /// A warehouse sink (SQLite or PostgreSQL).
 pub struct WarehouseSink {
-    db: Arc<Mutex<Option<Warehouse>>>,
-    target: Arc<Target>,
+    inner: Arc<Inner>,
+}
+
+// One per sink, behind an Arc: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Inner {
+    /// SQLite has one writer: one connection, deliveries one at a time.
+    Sqlite(Mutex<Warehouse>),
+    /// Idle connections. A delivery takes one (or connects, so up to the sink's
+    /// `concurrency` transactions run at once) and puts it back unless it broke.
+    Postgres {
+        url: String,
+        idle: Mutex<Vec<Warehouse>>,
+    },
 }
 
 /// The columns of an event, borrowed from its JSON.
@@ -59,18 +66,20 @@ struct Event<'a> {
 impl WarehouseSink {
     /// Opens (or creates) the embedded warehouse file.
     pub fn open(path: &Path) -> Result<WarehouseSink, WarehouseError> {
+        let db = Warehouse::open_sqlite(path)?;
         Ok(WarehouseSink {
-            db: Arc::new(Mutex::new(Some(Warehouse::open_sqlite(path)?))),
-            target: Arc::new(Target::Sqlite),
+            inner: Arc::new(Inner::Sqlite(Mutex::new(db))),
         })
     }
 
-    /// Connects to PostgreSQL and creates the tables if missing.
+    /// Connects to PostgreSQL (proving the URL works) and creates the tables if missing.
     pub fn postgres(url: String) -> Result<WarehouseSink, WarehouseError> {
         let db = Warehouse::connect_postgres(&url)?;
         Ok(WarehouseSink {
-            db: Arc::new(Mutex::new(Some(db))),
-            target: Arc::new(Target::Postgres(url)),
+            inner: Arc::new(Inner::Postgres {
+                url,
+                idle: Mutex::new(vec![db]),
+            }),
         })
     }
 }
@@ -78,11 +87,36 @@ impl WarehouseSink {
 impl Drop for WarehouseSink {
     fn drop(&mut self) {
         // The PostgreSQL client blocks when it closes; never on an async worker thread.
-        let db = self.db.lock().ok().and_then(|mut slot| slot.take());
-        if let Some(db @ Warehouse::Postgres(_)) = db {
-            std::thread::spawn(move || drop(db));
+        if let Inner::Postgres { idle, .. } = self.inner.as_ref() {
+            let conns = idle.lock().map(|mut v| std::mem::take(&mut *v));
+            if let Ok(conns) = conns
+                && !conns.is_empty()
+            {
+                std::thread::spawn(move || drop(conns));
+            }
         }
     }
+}
+
+/// Stores a delivery on PostgreSQL with an idle connection or a new one.
+fn write_postgres(
+    url: &str,
+    idle: &Mutex<Vec<Warehouse>>,
+    records: &[Record],
+) -> Result<Delivery, String> {
+    let taken = idle.lock().map_err(|_| "warehouse pool poisoned")?.pop();
+    let mut db = match taken {
+        Some(Warehouse::Postgres(c)) if c.is_closed() => None,
+        other => other,
+    }
+    .map_or_else(|| Warehouse::connect_postgres(url), Ok)
+    .map_err(|e| e.to_string())?;
+    let result = write(&mut db, records).map_err(|e| e.to_string());
+    let broken = matches!(&db, Warehouse::Postgres(c) if c.is_closed());
+    if !broken && let Ok(mut v) = idle.lock() {
+        v.push(db);
+    }
+    result
 }
 
 fn write(db: &mut Warehouse, records: &[Record]) -> Result<Delivery, WarehouseError> {
@@ -153,33 +187,22 @@ fn write(db: &mut Warehouse, records: &[Record]) -> Result<Delivery, WarehouseEr
 #[async_trait::async_trait]
 impl Sink for WarehouseSink {
     async fn deliver(&self, records: Arc<Vec<Record>>) -> Result<Delivery, SinkError> {
-        let db = self.db.clone();
-        let target = self.target.clone();
-        tokio::task::spawn_blocking(move || {
-            let fail = |message: String| SinkError {
-                message,
-                retry_after: None,
-            };
-            let mut slot = db
-                .lock()
-                .map_err(|_| fail("warehouse connection poisoned".into()))?;
-            let broken = match slot.as_ref() {
-                None => true,
-                Some(Warehouse::Postgres(c)) => c.is_closed(),
-                Some(Warehouse::Sqlite(_)) => false,
-            };
-            if broken && let Target::Postgres(url) = target.as_ref() {
-                *slot = Some(Warehouse::connect_postgres(url).map_err(|e| fail(e.to_string()))?);
+        let inner = self.inner.clone();
+        let fail = |message: String| SinkError {
+            message,
+            retry_after: None,
+        };
+        tokio::task::spawn_blocking(move || match inner.as_ref() {
+            Inner::Sqlite(db) => {
+                let mut db = db
+                    .lock()
+                    .map_err(|_| "warehouse connection poisoned".to_string())?;
+                write(&mut db, &records).map_err(|e| e.to_string())
             }
-            let Some(wh) = slot.as_mut() else {
-                return Err(fail("warehouse not open".into()));
-            };
-            write(wh, &records).map_err(|e| fail(e.to_string()))
+            Inner::Postgres { url, idle } => write_postgres(url, idle, &records),
         })
         .await
-        .map_err(|e| SinkError {
-            message: format!("warehouse task failed: {e}"),
-            retry_after: None,
-        })?
+        .map_err(|e| fail(format!("warehouse task failed: {e}")))?
+        .map_err(fail)
     }
 }
