@@ -153,6 +153,123 @@ async fn admin_endpoints_live_only_on_the_admin_address() {
     }
 }
 
+/// A GET on the admin address with `Authorization: Bearer <token>`, if given.
+async fn admin_get(relay: &RelayProc, path: &str, token: Option<&str>) -> reqwest::Response {
+    let mut req = client().get(format!("http://{}{path}", relay.admin));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_an_admin_token_the_admin_endpoints_need_it_and_probes_say_only_their_status() {
+    const TOKEN: &str = "admin-token-for-tests-0123456789";
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("admin-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let hook_secret = tmp.path().join("hook-secret");
+    std::fs::write(&hook_secret, "hook-secret-0123456789").unwrap();
+    // A sink nobody answers and a spool limit of one byte: after one batch the relay is
+    // unready ("spool over its size limit"), which only the token may read.
+    let relay = RelayProc::start(
+        tmp.path(),
+        &format!(
+            "admin_token_file = \"{}\"\n[spool]\nmax_bytes = 1\n[[sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/in\"\nsecret_file = \"{}\"\n",
+            token_file.display(),
+            hook_secret.display()
+        ),
+    );
+    for (path, token) in [
+        ("/metrics", None),
+        ("/sinks", None),
+        ("/metrics", Some("admin-token-for-tests-012345678X")),
+        ("/metrics", Some("short")),
+        ("/metrics", Some("")),
+    ] {
+        let resp = admin_get(&relay, path, token).await;
+        assert_eq!(resp.status(), 401, "{path} with {token:?}");
+        assert_eq!(
+            resp.headers()["www-authenticate"],
+            "Bearer realm=\"trueup-admin\""
+        );
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "unauthorized");
+        assert!(body["message"].as_str().unwrap().contains("admin token"));
+    }
+    // The token in another scheme is refused too.
+    let resp = client()
+        .get(format!("http://{}/metrics", relay.admin))
+        .header("authorization", format!("Basic {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = admin_get(&relay, "/metrics", Some(TOKEN)).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("trueup_spool_depth"));
+    let resp = admin_get(&relay, "/sinks", Some(TOKEN)).await;
+    assert_eq!(resp.status(), 200);
+
+    // Probes: the status to anyone, the reasons with the token.
+    let probe = |path: &'static str, token| {
+        let relay = &relay;
+        async move {
+            let resp = admin_get(relay, path, token).await;
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    assert_eq!(probe("/healthz", None).await, (200, "ok\n".to_string()));
+    assert_eq!(probe("/readyz", None).await, (200, "ok\n".to_string()));
+    let resp = client()
+        .post(relay.collect_url())
+        .header("content-type", "text/plain")
+        .body(batch(&[event("d", 1)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        probe("/readyz", None).await,
+        (503, "unavailable\n".to_string())
+    );
+    let (status, reasons) = probe("/readyz", Some(TOKEN)).await;
+    assert_eq!(status, 503);
+    assert!(reasons.contains("spool over its size limit"), "{reasons}");
+}
+
+#[test]
+fn the_admin_address_off_loopback_needs_a_token_and_the_token_is_never_printed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = relay_cmd()
+        .args(["--admin-listen", "0.0.0.0:0", "--print-config"])
+        .env_remove("TRUEUP_ADMIN_TOKEN")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("admin_listen 0.0.0.0:0 is not a loopback address"),
+        "{err}"
+    );
+    const TOKEN: &str = "token-that-must-not-be-printed";
+    let out = relay_cmd()
+        .args(["--admin-listen", "0.0.0.0:0", "--print-config"])
+        .env("TRUEUP_ADMIN_TOKEN", TOKEN)
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("admin_token = \"<redacted>\""), "{text}");
+    assert!(!text.contains(TOKEN), "{text}");
+}
+
 fn relay_cmd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_trueup-relay"))
 }
@@ -301,6 +418,14 @@ fn bad_configuration_is_refused_with_a_reason() {
             "url does not apply to kind warehouse",
         ),
         (
+            "admin_token = \"too-short\"\n",
+            "admin_token must be at least 16",
+        ),
+        (
+            "admin_token_file = \"/nonexistent/admin-token\"\n",
+            "cannot read admin_token_file /nonexistent/admin-token",
+        ),
+        (
             "[[sinks]]\nname = \"w\"\nkind = \"warehouse\"\nconcurrency = 2\n",
             "concurrency must be 1 for kind warehouse",
         ),
@@ -328,6 +453,24 @@ fn bad_configuration_is_refused_with_a_reason() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{toml}: expected {want:?} in {err}");
     }
+    // Two different admin tokens.
+    let token_file = tmp.path().join("admin-token");
+    std::fs::write(&token_file, "fedcba9876543210f\n").unwrap();
+    let file = tmp.path().join("two-tokens.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "admin_token = \"0123456789abcdef0\"\nadmin_token_file = \"{}\"\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let out = relay_cmd()
+        .args(["--config", file.to_str().unwrap(), "--print-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not both"));
     // A sink's secret is read at start: a variable that is not set stops the relay, saying which.
     let file = tmp.path().join("unset.toml");
     std::fs::write(&file, "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[[sinks]]\nname = \"ph\"\nkind = \"posthog\"\nurl = \"https://us.i.posthog.com\"\nsecret_env = \"TRUEUP_TEST_NEVER_SET\"\n").unwrap();

@@ -19,8 +19,18 @@ pub struct Config {
     /// Public address: the collection endpoint, the agent's files and (optionally) the site.
     /// Put it behind the app's own domain (see the README's deployment examples).
     pub listen: SocketAddr,
-    /// Admin address: `/healthz`, `/readyz`, `/metrics`. Never expose it publicly.
+    /// Admin address: `/healthz`, `/readyz`, `/sinks`, `/metrics`. Never expose it publicly.
     pub admin_listen: SocketAddr,
+    /// Token the admin endpoints require (`Authorization: Bearer <token>`; at least 16
+    /// characters). Better in `admin_token_file` or `TRUEUP_ADMIN_TOKEN` than here. Without
+    /// one the admin address must be a loopback address. With one, `/healthz` and `/readyz`
+    /// still answer their status to anyone (for load balancers) but their reasons only with
+    /// the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// File whose content (trimmed) is the admin token; read at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
     /// Optional file the relay writes once it is ready (listeners bound, spool and sink
     /// open): `{"listen": "<addr>", "admin_listen": "<addr>", "pid": <n>}`, replaced
     /// atomically, removed at a clean exit. With port 0 in `listen` or `admin_listen` the
@@ -445,6 +455,8 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:8080".parse().expect("valid"),
             admin_listen: "127.0.0.1:9090".parse().expect("valid"),
+            admin_token: None,
+            admin_token_file: None,
             ready_file: None,
             data_dir: PathBuf::from("data"),
             prefix: "/_r".into(),
@@ -666,6 +678,7 @@ impl Config {
                 }
             }
         }
+        self.resolve_admin_token()?;
         let f = &self.faults;
         if !(0.0..=1.0).contains(&f.fail_ratio) || !(0.0..=1.0).contains(&f.ack_lost_ratio) {
             return bad("faults.fail_ratio and faults.ack_lost_ratio must be within 0..=1".into());
@@ -677,6 +690,36 @@ impl Config {
             return bad("log_format must be \"text\" or \"json\"".into());
         }
         Ok(())
+    }
+
+    /// Reads `admin_token_file` into `admin_token` and checks the admin address's rule.
+    fn resolve_admin_token(&mut self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(path) = &self.admin_token_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "cannot read admin_token_file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let from_file = text.trim();
+            // Equal: this ran before (validation is idempotent).
+            if self.admin_token.as_deref().is_some_and(|t| t != from_file) {
+                return bad("set admin_token or admin_token_file, not both".into());
+            }
+            self.admin_token = Some(from_file.to_string());
+        }
+        match &self.admin_token {
+            Some(t) if t.chars().count() < 16 || t.chars().any(char::is_whitespace) => {
+                bad("admin_token must be at least 16 characters, without spaces".into())
+            }
+            None if !self.admin_listen.ip().is_loopback() => bad(format!(
+                "admin_listen {} is not a loopback address: set an admin token \
+                 (TRUEUP_ADMIN_TOKEN, admin_token_file or admin_token) or listen on 127.0.0.1",
+                self.admin_listen
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The per-event limits for validation.

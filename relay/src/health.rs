@@ -7,6 +7,12 @@
 //! down does not make the relay unready (events keep being spooled for it, and the spool's
 //! size limit answers 503 to clients before the disk fills); `/sinks` says which sink is
 //! failing, since when, and how far behind it is.
+//!
+//! With an admin token configured ([`require_token`]), every endpoint needs it
+//! (`Authorization: Bearer <token>`, compared in constant time; otherwise `401` with
+//! `WWW-Authenticate`), except that `/healthz` and `/readyz` still answer their status code
+//! to anyone, with a bare `ok` / `unavailable` body: load balancers can probe, and only a
+//! holder of the token reads the reasons.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +23,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
+use subtle::ConstantTimeEq;
 
 use crate::forwarder::ForwarderHealth;
 use crate::spool::{SinkProgress, Spool};
@@ -51,6 +58,8 @@ pub struct AdminState {
     pub shutting_down: Arc<AtomicBool>,
     /// Renders the metrics.
     pub metrics: PrometheusHandle,
+    /// The admin token, when one is configured.
+    pub token: Option<Arc<str>>,
 }
 
 /// `GET /healthz`: 200 when the spool writer and every forwarder are alive.
@@ -84,6 +93,50 @@ pub async fn readyz(State(st): State<AdminState>) -> impl IntoResponse {
         problems.push("spool over its size limit".into());
     }
     answer(problems)
+}
+
+/// Whether a request presents the admin token (always, when none is configured).
+fn authorized(token: Option<&str>, headers: &axum::http::HeaderMap) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|presented| bool::from(presented.ct_eq(token.as_bytes())))
+}
+
+/// The admin listener's guard (see the module docs).
+pub async fn require_token(
+    State(st): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if authorized(st.token.as_deref(), req.headers()) {
+        return next.run(req).await;
+    }
+    let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
+    if probe {
+        let status = next.run(req).await.status();
+        let body = if status.is_success() {
+            "ok\n"
+        } else {
+            "unavailable\n"
+        };
+        return (status, body).into_response();
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            axum::http::header::WWW_AUTHENTICATE,
+            "Bearer realm=\"trueup-admin\"",
+        )],
+        Json(serde_json::json!({
+            "error": "unauthorized",
+            "message": "the admin endpoints need the admin token: Authorization: Bearer <token>",
+        })),
+    )
+        .into_response()
 }
 
 fn answer(problems: Vec<String>) -> (StatusCode, String) {

@@ -21,6 +21,10 @@ struct Args {
     /// Admin address (/healthz, /readyz, /metrics).
     #[arg(long, env = "TRUEUP_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// Token the admin endpoints require (Authorization: Bearer <token>); overrides
+    /// admin_token and admin_token_file. Needed when the admin address is not loopback.
+    #[arg(long, env = "TRUEUP_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Write the bound addresses here as JSON once ready (see `ready_file` in the config);
     /// with port 0 in --listen/--admin-listen, how a parent process learns the ports.
     #[arg(long, env = "TRUEUP_READY_FILE")]
@@ -109,6 +113,10 @@ fn effective_config(args: &Args) -> anyhow::Result<Config> {
     if let Some(v) = args.admin_listen {
         cfg.admin_listen = v;
     }
+    if let Some(v) = &args.admin_token {
+        cfg.admin_token = Some(v.clone());
+        cfg.admin_token_file = None;
+    }
     if let Some(v) = &args.ready_file {
         cfg.ready_file = Some(v.clone());
     }
@@ -152,6 +160,9 @@ fn effective_config(args: &Args) -> anyhow::Result<Config> {
 
 fn print_config(cfg: &Config) -> anyhow::Result<()> {
     let mut shown = cfg.clone();
+    if shown.admin_token.is_some() {
+        shown.admin_token = Some("<redacted>".into());
+    }
     for site in &mut shown.sites {
         for s in &mut site.server_secrets {
             *s = "<redacted>".into();

@@ -17,7 +17,7 @@ use tower_http::services::ServeDir;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::health::{AdminState, healthz, metrics_text, readyz, sinks};
+use crate::health::{AdminState, healthz, metrics_text, readyz, require_token, sinks};
 use crate::ingest::{AppState, collect, server_events};
 
 /// The public router.
@@ -63,12 +63,14 @@ pub fn public_router(st: AppState) -> Router {
 }
 
 /// The admin router: `/healthz`, `/readyz`, `/sinks`, `/metrics`.
+/// Behind the admin token when one is configured (see `health`).
 pub fn admin_router(st: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/sinks", get(sinks))
         .route("/metrics", get(metrics_text))
+        .layer(middleware::from_fn_with_state(st.clone(), require_token))
         .with_state(st)
 }
 

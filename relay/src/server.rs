@@ -299,6 +299,7 @@ impl Relay {
             spool_max_bytes: cfg.spool.max_bytes,
             shutting_down: shutting_down.clone(),
             metrics: metrics_handle(),
+            token: cfg.admin_token.as_deref().map(Arc::from),
         };
 
         let forwarder_stop = CancellationToken::new();
