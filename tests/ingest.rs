@@ -508,6 +508,50 @@ async fn rate_limits_answer_429_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_distinct_client_addresses_keeps_the_limiter_bounded_and_limiting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(
+        tmp.path(),
+        "[rate_limit]\nper_ip_per_sec = 1\nper_ip_burst = 2\nmax_tracked_clients = 300\nper_site_per_sec = 0\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+    );
+    let send = |ip: String, seq: u64| {
+        client()
+            .post(relay.collect_url())
+            .header("content-type", "text/plain")
+            .header("x-forwarded-for", ip)
+            .body(batch(&[event("d", seq)]))
+            .send()
+    };
+    // 2,000 clients, 16 at a time, each one request: all accepted.
+    let ips: Vec<String> = (0..2000u32)
+        .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
+        .collect();
+    for (n, chunk) in ips.chunks(16).enumerate() {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, ip) in chunk.iter().enumerate() {
+            set.spawn(send(ip.clone(), (n * 16 + i) as u64));
+        }
+        while let Some(a) = set.join_next().await {
+            assert_eq!(a.unwrap().unwrap().status(), 200);
+        }
+    }
+    // The gauge is set every second: at most the configured 300 buckets.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(relay.metric("trueup_rate_limit_tracked_clients"), 300.0);
+    // And the limit still holds: a client's burst of 2 (refilled meanwhile) is gone after 2.
+    let recent = ips[1999].clone();
+    assert_eq!(send(recent.clone(), 5000).await.unwrap().status(), 200);
+    assert_eq!(send(recent.clone(), 5001).await.unwrap().status(), 200);
+    assert_eq!(send(recent, 5002).await.unwrap().status(), 429);
+    // Every accepted event is stored once.
+    relay.wait_drained();
+    assert_eq!(
+        relay.count(&relay.warehouse(), "SELECT count(*) FROM events"),
+        2002
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_full_spool_answers_503_fast_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(

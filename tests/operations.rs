@@ -270,6 +270,82 @@ fn the_admin_address_off_loopback_needs_a_token_and_the_token_is_never_printed()
     assert!(!text.contains(TOKEN), "{text}");
 }
 
+/// Runs a relay in `log_format` that meets a failing sink whose URL and key are secrets, a
+/// wrong server secret and an event with a marked payload; returns its whole log.
+async fn log_of_a_relay_meeting_secrets(log_format: &str) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("hook-key");
+    std::fs::write(&key, "HOOK-KEY-SECRET-0123456789").unwrap();
+    let mut relay = RelayProc::start(
+        tmp.path(),
+        &format!(
+            "log_format = \"{log_format}\"\nadmin_token = \"ADMIN-TOKEN-SECRET-0123\"\n[forwarder]\ninitial_backoff_ms = 20\nmax_backoff_ms = 50\nshutdown_drain_secs = 1\n[[sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/in?token=URL-TOKEN-SECRET\"\nsecret_file = \"{}\"\n",
+            key.display()
+        ),
+    );
+    let mut e = event("d", 1);
+    e["props"] = serde_json::json!({"note": "PAYLOAD-MARKER-7c1d"});
+    let resp = client()
+        .post(relay.collect_url())
+        .header("content-type", "text/plain")
+        .body(batch(&[e]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = client()
+        .post(relay.url("/_r/s"))
+        .bearer_auth("WRONG-SERVER-SECRET-0123456789")
+        .header("content-type", "application/json")
+        .body(batch(&[server_event("signup")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // Let the sink fail a few times (each failure is logged).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    relay.terminate();
+    relay.log_text()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_are_plain_or_json_lines_and_never_carry_a_payload_or_a_secret() {
+    for format in ["text", "json"] {
+        let log = log_of_a_relay_meeting_secrets(format).await;
+        assert!(
+            log.contains("sink delivery failed"),
+            "{format}: the failing sink is logged:\n{log}"
+        );
+        assert!(
+            !log.contains('\u{1b}'),
+            "{format}: colour codes in a log file:\n{log}"
+        );
+        for secret in [
+            "HOOK-KEY-SECRET",
+            "URL-TOKEN-SECRET",
+            "ADMIN-TOKEN-SECRET",
+            "WRONG-SERVER-SECRET",
+            SERVER_SECRET,
+            "PAYLOAD-MARKER",
+        ] {
+            assert!(
+                !log.contains(secret),
+                "{format}: {secret} in the log:\n{log}"
+            );
+        }
+        if format == "json" {
+            for line in log.lines().filter(|l| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                assert!(
+                    v["level"].is_string() && v["timestamp"].is_string(),
+                    "{line}"
+                );
+            }
+        }
+    }
+}
+
 fn relay_cmd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_trueup-relay"))
 }

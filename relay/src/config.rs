@@ -124,6 +124,9 @@ pub struct RateLimitConfig {
     pub per_ip_per_sec: u32,
     /// Burst of requests from one client IP.
     pub per_ip_burst: u32,
+    /// Most clients with a rate-limit bucket at once (least recently seen evicted first): a
+    /// bound on the limiter's memory, whatever the number of distinct addresses.
+    pub max_tracked_clients: usize,
     /// Sustained requests per second for one site key.
     pub per_site_per_sec: u32,
     /// Burst for one site key.
@@ -516,6 +519,7 @@ impl Default for RateLimitConfig {
         RateLimitConfig {
             per_ip_per_sec: 20,
             per_ip_burst: 100,
+            max_tracked_clients: 100_000,
             per_site_per_sec: 5_000,
             per_site_burst: 20_000,
             trusted_proxies: vec![],
@@ -640,6 +644,9 @@ impl Config {
             if !names.insert(s.name.clone()) {
                 return bad(format!("sink names must be unique ({:?} twice)", s.name));
             }
+        }
+        if !(1..=10_000_000).contains(&self.rate_limit.max_tracked_clients) {
+            return bad("rate_limit.max_tracked_clients must be 1..=10000000".into());
         }
         if !(0..=19).contains(&self.forwarder.nice) {
             return bad(format!(

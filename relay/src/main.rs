@@ -227,13 +227,17 @@ fn main() -> std::process::ExitCode {
     }
     let filter = EnvFilter::try_from_env("TRUEUP_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn"));
+    // Logs go to stderr (stdout carries --print-config and reports), coloured only on a
+    // terminal and without NO_COLOR: a log file or collector gets plain text or JSON lines.
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
     if cfg.log_format == "json" {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
+        logs.json().init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        use std::io::IsTerminal as _;
+        let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        logs.with_ansi(colour).init();
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -430,6 +430,7 @@ async fn housekeeping(
         if n.is_multiple_of(10) {
             metrics.run_upkeep();
         }
+        limiters.report();
         if n.is_multiple_of(60) {
             limiters.shrink();
         }
