@@ -153,6 +153,62 @@ async fn admin_endpoints_live_only_on_the_admin_address() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn every_answer_says_nosniff_and_api_answers_are_never_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let assets = tmp.path().join("assets");
+    std::fs::create_dir_all(&assets).unwrap();
+    std::fs::write(assets.join("loader.js"), "/* loader */").unwrap();
+    let relay = RelayProc::start(tmp.path(), "");
+    let post = |body: String| {
+        client()
+            .post(relay.collect_url())
+            .header("content-type", "text/plain")
+            .body(body)
+            .send()
+    };
+    let ok = post(batch(&[event("d", 1)])).await.unwrap();
+    let bad = post("{not json".into()).await.unwrap();
+    let server = client()
+        .post(relay.url("/_r/s"))
+        .header("content-type", "application/json")
+        .body(batch(&[server_event("signup")]))
+        .send()
+        .await
+        .unwrap();
+    for (what, resp, status) in [
+        ("accepted", &ok, 200),
+        ("malformed", &bad, 400),
+        ("server, no secret", &server, 401),
+    ] {
+        assert_eq!(resp.status(), status, "{what}");
+        assert_eq!(
+            resp.headers()["x-content-type-options"],
+            "nosniff",
+            "{what}"
+        );
+        assert_eq!(resp.headers()["cache-control"], "no-store", "{what}");
+    }
+    let body: serde_json::Value = bad.json().await.unwrap();
+    assert_eq!(body["error"], "malformed_batch");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        !message.contains(".rs") && !message.contains("/work"),
+        "{message}"
+    );
+    for path in ["/_r/a/loader.js", "/_r/a/missing.js", "/nothing-here"] {
+        let resp = client().get(relay.url(path)).send().await.unwrap();
+        assert_eq!(
+            resp.headers()["x-content-type-options"],
+            "nosniff",
+            "{path}"
+        );
+    }
+    let resp = admin_get(&relay, "/metrics", None).await;
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+}
+
 /// A GET on the admin address with `Authorization: Bearer <token>`, if given.
 async fn admin_get(relay: &RelayProc, path: &str, token: Option<&str>) -> reqwest::Response {
     let mut req = client().get(format!("http://{}{path}", relay.admin));

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -44,15 +45,21 @@ pub fn public_router(st: AppState) -> Router {
                 .precompressed_gzip(),
         )
         .layer(middleware::from_fn(asset_cache_headers));
+    // API answers are never cached by a browser or a shared cache on the way.
     let mut router = Router::new()
         .route(&cfg.collect_url_path(), post(collect).layer(cors))
         .route(&cfg.server_url_path(), post(server_events))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
         .nest(cfg.assets_url_path().trim_end_matches('/'), assets)
         .with_state(st);
     if let Some(www) = &cfg.www_dir {
         router = router.fallback_service(ServeDir::new(www));
     }
     router
+        .layer(nosniff())
         .layer(middleware::from_fn(record_latency))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -71,7 +78,22 @@ pub fn admin_router(st: AdminState) -> Router {
         .route("/sinks", get(sinks))
         .route("/metrics", get(metrics_text))
         .layer(middleware::from_fn_with_state(st.clone(), require_token))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(nosniff())
+        .layer(CatchPanicLayer::new())
         .with_state(st)
+}
+
+/// `X-Content-Type-Options: nosniff` on every answer: a browser takes each body as the type
+/// it is labelled (JSON error bodies quote client input), never guesses a script or a page.
+fn nosniff() -> SetResponseHeaderLayer<HeaderValue> {
+    SetResponseHeaderLayer::if_not_present(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    )
 }
 
 /// Hashed names (`loader.3f9a1c2e.js`) never change: cache for a year. Other names (the
@@ -96,10 +118,6 @@ async fn asset_cache_headers(req: Request, next: Next) -> Response {
         };
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static(value));
-        resp.headers_mut().insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
     }
     resp
 }
