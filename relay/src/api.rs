@@ -126,6 +126,7 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable { code, .. } => match *code {
                 "shutting_down" => "the relay is restarting; retry later".into(),
                 "spool_full" => "the relay is saturated; retry later".into(),
+                "busy" => "the relay is reading too many requests at once; retry".into(),
                 _ => "the relay cannot store events right now; retry later".into(),
             },
         };

@@ -86,6 +86,14 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
+    /// Most connections open at once on the public address; more are closed at once.
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's line and headers (also the idle
+    /// time allowed between keep-alive requests); then it is closed.
+    pub header_read_timeout_secs: u64,
+    /// Bytes of request bodies being read at once (each counts its Content-Length, or
+    /// `max_body_bytes` without one); a request beyond it gets 503 `busy` + Retry-After.
+    pub max_inflight_body_bytes: usize,
     /// Largest request body as sent (compressed or not), bytes. Larger → 413.
     pub max_body_bytes: usize,
     /// Largest body after decompression, bytes. Larger → 413 (gzip bombs stop here).
@@ -493,6 +501,9 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         let l = Limits::default();
         LimitsConfig {
+            max_connections: 10_000,
+            header_read_timeout_secs: 10,
+            max_inflight_body_bytes: 256 * 1024 * 1024,
             max_body_bytes: 1024 * 1024,
             max_decompressed_bytes: 4 * 1024 * 1024,
             max_events_per_batch: 500,
@@ -619,6 +630,16 @@ impl Config {
         if l.max_body_bytes == 0 || l.max_decompressed_bytes < l.max_body_bytes {
             return bad(
                 "limits.max_decompressed_bytes must be at least limits.max_body_bytes (> 0)".into(),
+            );
+        }
+        if l.max_connections == 0 || l.header_read_timeout_secs == 0 {
+            return bad(
+                "limits.max_connections and limits.header_read_timeout_secs must be > 0".into(),
+            );
+        }
+        if l.max_inflight_body_bytes < l.max_body_bytes {
+            return bad(
+                "limits.max_inflight_body_bytes must be at least limits.max_body_bytes".into(),
             );
         }
         if l.max_depth < 3 {

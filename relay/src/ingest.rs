@@ -50,6 +50,15 @@ pub struct AppState {
     pub shutting_down: Arc<AtomicBool>,
     /// Fault injection (tests only); `None` when off.
     pub faults: Option<Arc<Faults>>,
+    /// KiB of request bodies being read at once (`limits.max_inflight_body_bytes`).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+}
+
+/// The permits of [`AppState::body_budget`] for `limits.max_inflight_body_bytes` (1 per KiB).
+pub fn body_budget(cfg: &Config) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(
+        cfg.limits.max_inflight_body_bytes.div_ceil(1024),
+    ))
 }
 
 /// Seeded fault decisions (see [`crate::config::FaultsConfig`]).
@@ -210,7 +219,7 @@ async fn read_batch_bytes(
     body: Body,
     gzip: bool,
 ) -> Result<Vec<u8>, ApiError> {
-    let raw = read_body(body, headers, &st.cfg).await?;
+    let raw = read_body(body, headers, &st.cfg, &st.body_budget).await?;
     if gzip {
         gunzip(&raw, st.cfg.limits.max_decompressed_bytes)
     } else {
@@ -472,8 +481,10 @@ async fn read_body(
     body: Body,
     headers: &HeaderMap,
     cfg: &Config,
+    budget: &tokio::sync::Semaphore,
 ) -> Result<bytes::Bytes, ApiError> {
     let max = cfg.limits.max_body_bytes;
+    let mut declared = None;
     if let Some(len) = headers.get(header::CONTENT_LENGTH) {
         let len: u64 = len
             .to_str()
@@ -486,7 +497,18 @@ async fn read_body(
                 format!("body of {len} bytes, limit {max}"),
             ));
         }
+        declared = Some(len as usize);
     }
+    // Room for this body among those being read at once (slow senders hold theirs until the
+    // request's deadline): what it declared, or the most it may be. None left: 503, retry.
+    let kib = u32::try_from(declared.unwrap_or(max).div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let Ok(_room) = budget.try_acquire_many(kib) else {
+        metrics::counter!("trueup_body_budget_exhausted_total").increment(1);
+        return Err(ApiError::Unavailable {
+            code: "busy",
+            retry_after: 1,
+        });
+    };
     match Limited::new(body, max).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(

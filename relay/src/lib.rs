@@ -12,6 +12,7 @@ pub mod forwarder;
 pub mod health;
 pub mod ingest;
 pub mod limiters;
+pub mod listen;
 pub mod reconcile;
 pub mod router;
 pub mod server;

@@ -276,6 +276,7 @@ impl Relay {
             ),
             shutting_down: shutting_down.clone(),
             faults: crate::ingest::Faults::new(&cfg.faults),
+            body_budget: crate::ingest::body_budget(&cfg),
         };
         if cfg.faults.fail_ratio > 0.0 || cfg.faults.ack_lost_ratio > 0.0 {
             tracing::warn!(
@@ -349,15 +350,20 @@ impl Relay {
 
         let public_stop = shutdown.clone();
         let flag = shutting_down.clone();
-        let public = axum::serve(
-            self.public,
-            public_router(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
+        tokio::spawn(async move {
             public_stop.cancelled().await;
             flag.store(true, Ordering::Relaxed);
             tracing::info!("shutdown: no new connections; finishing requests in flight");
         });
+        let public = crate::listen::serve(
+            self.public,
+            public_router(state),
+            crate::listen::ConnLimits {
+                max_connections: cfg.limits.max_connections,
+                header_read_timeout: Duration::from_secs(cfg.limits.header_read_timeout_secs),
+            },
+            shutdown.clone(),
+        );
         let admin_stop = CancellationToken::new();
         let admin_stop2 = admin_stop.clone();
         let admin = tokio::spawn(async move {
