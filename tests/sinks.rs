@@ -549,3 +549,120 @@ async fn forwarders_run_at_the_configured_lower_priority_and_collection_does_not
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("forwarder.nice must be 0..=19"), "{err}");
 }
+
+/// The spool's disk fills while its only sink is down: new batches get 503 `storage_full`
+/// with Retry-After, nothing of them is acknowledged or stored, the relay is unready; when the
+/// sink returns, delivering frees room and collection resumes by itself. Every event answered
+/// accepted reaches the sink exactly once; none answered 503 does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_stores_nothing_unacknowledged_and_recovers_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hook = Upstream::start(Flavor::Webhook {
+        secret: "whsec-full".into(),
+    })
+    .await;
+    hook.set_down(true);
+    let relay = RelayProc::start(
+        tmp.path(),
+        &format!(
+            "{FAST_RETRIES}\n[spool]\nmax_file_bytes = 262144\n[[sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}/in\"\n{}",
+            hook.url(),
+            secret_file(tmp.path(), "hook", "whsec-full")
+        ),
+    );
+    let post = |events: Vec<Value>| {
+        client()
+            .post(relay.collect_url())
+            .header("content-type", "text/plain")
+            .body(batch(&events))
+            .send()
+    };
+    let mut accepted = HashSet::new();
+    let mut refused = HashSet::new();
+    let mut seq = 0u64;
+    // Fill: batches of 20 until the spool file is full (bounded: 256 KiB is a few hundred
+    // events; 2,000 batches would be far more).
+    let mut full = None;
+    for _ in 0..2000 {
+        let events: Vec<Value> = (0..20)
+            .map(|_| {
+                seq += 1;
+                event("full", seq)
+            })
+            .collect();
+        let resp = post(events.clone()).await.unwrap();
+        let ids = events.iter().map(|e| e["id"].as_str().unwrap().to_string());
+        if resp.status() == 200 {
+            accepted.extend(ids);
+            continue;
+        }
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["retry-after"], "30");
+        refused.extend(ids);
+        full = Some(resp.json::<Value>().await.unwrap());
+        break;
+    }
+    let body = full.expect("the spool file filled up");
+    assert_eq!(body["error"], "storage_full", "{body}");
+    assert!(!accepted.is_empty());
+    // Still full: another batch is refused the same way; the relay says it is unready.
+    let again: Vec<Value> = (0..20)
+        .map(|_| {
+            seq += 1;
+            event("full", seq)
+        })
+        .collect();
+    let resp = post(again.clone()).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    refused.extend(again.iter().map(|e| e["id"].as_str().unwrap().to_string()));
+    let (status, reasons) = http_get(relay.admin, "/readyz").unwrap();
+    assert_eq!(status, 503, "{reasons}");
+    assert!(
+        reasons.contains("last spool transaction failed"),
+        "{reasons}"
+    );
+    assert!(relay.metric("trueup_spool_full_total") >= 2.0);
+    // Nothing refused was stored.
+    let spooled: HashSet<String> = {
+        let db = relay.spool_db();
+        let mut stmt = db
+            .prepare("SELECT json_extract(body, '$.id') FROM spool")
+            .unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert!(spooled.is_disjoint(&refused), "a refused event was stored");
+    assert_eq!(spooled, accepted, "every accepted event is spooled");
+
+    // Room returns: the sink comes back, the backlog is delivered and deleted, and the same
+    // kind of batch is accepted again without a restart.
+    hook.set_down(false);
+    wait_caught_up(&relay, "hook", 30).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events: Vec<Value> = (0..20)
+            .map(|_| {
+                seq += 1;
+                event("full", seq)
+            })
+            .collect();
+        let resp = post(events.clone()).await.unwrap();
+        let ids = events.iter().map(|e| e["id"].as_str().unwrap().to_string());
+        if resp.status() == 200 {
+            accepted.extend(ids);
+            break;
+        }
+        refused.extend(ids);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "collection did not resume: {}",
+            resp.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(http_get(relay.admin, "/readyz").unwrap().0, 200);
+    wait_caught_up(&relay, "hook", 30).await;
+    assert_exactly(&hook, &accepted);
+}

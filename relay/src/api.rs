@@ -127,6 +127,7 @@ impl IntoResponse for ApiError {
                 "shutting_down" => "the relay is restarting; retry later".into(),
                 "spool_full" => "the relay is saturated; retry later".into(),
                 "busy" => "the relay is reading too many requests at once; retry".into(),
+                "storage_full" => "the relay's disk is full; retry later".into(),
                 _ => "the relay cannot store events right now; retry later".into(),
             },
         };

@@ -122,6 +122,10 @@ pub struct SpoolConfig {
     pub dedupe_retention_secs: u64,
     /// Most requests that share one transaction (group commit).
     pub max_group_requests: usize,
+    /// Cap on the spool database file, bytes (0: none, the disk is the limit). Reaching it
+    /// behaves as a full disk: new batches get 503 `storage_full` + Retry-After and nothing
+    /// of them is acknowledged; delivering to the sinks frees room and collection resumes.
+    pub max_file_bytes: u64,
 }
 
 /// Token-bucket rate limits. A limit of 0 turns it off.
@@ -520,6 +524,7 @@ impl Default for SpoolConfig {
         SpoolConfig {
             max_bytes: 1024 * 1024 * 1024,
             dedupe_retention_secs: 9 * 24 * 3600,
+            max_file_bytes: 0,
             max_group_requests: 512,
         }
     }

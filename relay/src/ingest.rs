@@ -391,6 +391,10 @@ async fn store(
                 code: "storage_unavailable",
                 retry_after: 10,
             },
+            SpoolError::Full(_) => ApiError::Unavailable {
+                code: "storage_full",
+                retry_after: 30,
+            },
         })
 }
 

@@ -254,10 +254,11 @@ impl Relay {
             });
         }
         let names: Vec<String> = sink_cfgs.iter().map(|s| s.name.clone()).collect();
-        let spool = Arc::new(Spool::open(
+        let spool = Arc::new(Spool::open_capped(
             &cfg.spool_path(),
             cfg.spool.max_group_requests,
             &names,
+            cfg.spool.max_file_bytes,
         )?);
         let limiters = Arc::new(Limiters::new(&cfg.rate_limit));
         let shutting_down = Arc::new(AtomicBool::new(false));

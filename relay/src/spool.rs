@@ -135,9 +135,12 @@ pub struct Record {
 /// The spool failed; the request must not be acknowledged.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
-    /// SQLite reported an error (disk full, I/O error, ...).
+    /// SQLite reported an error (I/O error, corruption, ...).
     #[error("spool storage error: {0}")]
     Storage(String),
+    /// The disk, or the spool file's cap (`spool.max_file_bytes`), is full.
+    #[error("spool storage full: {0}")]
+    Full(String),
     /// The writer has stopped (shutting down).
     #[error("spool is closed")]
     Closed,
@@ -145,7 +148,11 @@ pub enum SpoolError {
 
 impl From<rusqlite::Error> for SpoolError {
     fn from(e: rusqlite::Error) -> Self {
-        SpoolError::Storage(e.to_string())
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            SpoolError::Full(e.to_string())
+        } else {
+            SpoolError::Storage(e.to_string())
+        }
     }
 }
 
@@ -253,9 +260,25 @@ impl Spool {
         max_group_requests: usize,
         sinks: &[String],
     ) -> Result<Spool, SpoolError> {
+        Spool::open_capped(path, max_group_requests, sinks, 0)
+    }
+
+    /// [`Spool::open`] with the database file capped at about `max_file_bytes` (0: no cap;
+    /// SQLite's `max_page_count`): beyond it a transaction fails as if the disk were full.
+    pub fn open_capped(
+        path: &Path,
+        max_group_requests: usize,
+        sinks: &[String],
+        max_file_bytes: u64,
+    ) -> Result<Spool, SpoolError> {
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        if max_file_bytes > 0 {
+            let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+            let pages = (max_file_bytes / page.max(1) as u64).clamp(1, i64::MAX as u64) as i64;
+            conn.pragma_update(None, "max_page_count", pages)?;
+        }
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         let progress = open_cursors(&mut conn, sinks)?;
@@ -547,55 +570,17 @@ impl Writer {
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("trueup_spool_commit_requests").record(writes.len() as f64);
             match outcome {
-                Ok(o) => {
-                    self.stats.healthy.store(true, Ordering::Relaxed);
-                    self.stats.rows.fetch_add(o.added_rows, Ordering::Relaxed);
-                    self.stats.bytes.fetch_add(o.added_bytes, Ordering::Relaxed);
-                    // Deletions only remove what an earlier commit added: never an underflow.
-                    self.stats.rows.fetch_sub(o.deleted_rows, Ordering::Relaxed);
-                    self.stats
-                        .bytes
-                        .fetch_sub(o.deleted_bytes, Ordering::Relaxed);
-                    self.deleted_up_to = o.deleted_up_to;
-                    for (p, cursor) in self.sinks.iter().zip(&o.cursors) {
-                        p.cursor.store(*cursor, Ordering::Relaxed);
-                        p.backlog_rows.fetch_add(o.added_rows, Ordering::Relaxed);
-                        p.backlog_bytes.fetch_add(o.added_bytes, Ordering::Relaxed);
-                    }
-                    for a in &acks {
-                        if let Some(p) = self.sinks.get(a.sink) {
-                            p.backlog_rows.fetch_sub(
-                                a.rows.min(p.backlog_rows.load(Ordering::Relaxed)),
-                                Ordering::Relaxed,
-                            );
-                            p.backlog_bytes.fetch_sub(
-                                a.bytes.min(p.backlog_bytes.load(Ordering::Relaxed)),
-                                Ordering::Relaxed,
-                            );
-                        }
-                    }
-                    if o.added_rows > 0 {
-                        for p in &self.sinks {
-                            p.new_records.notify_one();
-                        }
-                    }
-                    for (w, adm) in writes.into_iter().zip(o.admissions) {
-                        let _ = w.reply.send(Ok(adm));
-                    }
-                    for a in acks {
-                        let _ = a.reply.send(Ok(()));
+                Ok(o) => self.committed(o, writes, acks),
+                // Full: the new events are refused, but the sinks' acks delete records and so
+                // make room; they must not wait behind the writes that cannot fit.
+                Err(e @ SpoolError::Full(_)) if !writes.is_empty() && !acks.is_empty() => {
+                    self.failed(&e, writes, Vec::new());
+                    match self.transaction(&[], &acks, prune) {
+                        Ok(o) => self.committed(o, Vec::new(), acks),
+                        Err(e) => self.failed(&e, Vec::new(), acks),
                     }
                 }
-                Err(e) => {
-                    self.stats.healthy.store(false, Ordering::Relaxed);
-                    tracing::error!(error = %e, requests = writes.len(), "spool transaction failed; requests answered 503");
-                    for w in writes {
-                        let _ = w.reply.send(Err(e.clone()));
-                    }
-                    for a in acks {
-                        let _ = a.reply.send(Err(e.clone()));
-                    }
-                }
+                Err(e) => self.failed(&e, writes, acks),
             }
         }
         // Answer what is still queued: those requests get 503 and retry later.
@@ -617,6 +602,62 @@ impl Writer {
     }
 
     /// One transaction for a group of jobs: the writes, the cursor moves, the deletions.
+    /// Applies a committed transaction to the live figures and answers its requests.
+    fn committed(&mut self, o: Outcome, writes: Vec<WriteJob>, acks: Vec<AckJob>) {
+        self.stats.healthy.store(true, Ordering::Relaxed);
+        self.stats.rows.fetch_add(o.added_rows, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(o.added_bytes, Ordering::Relaxed);
+        // Deletions only remove what an earlier commit added: never an underflow.
+        self.stats.rows.fetch_sub(o.deleted_rows, Ordering::Relaxed);
+        self.stats
+            .bytes
+            .fetch_sub(o.deleted_bytes, Ordering::Relaxed);
+        self.deleted_up_to = o.deleted_up_to;
+        for (p, cursor) in self.sinks.iter().zip(&o.cursors) {
+            p.cursor.store(*cursor, Ordering::Relaxed);
+            p.backlog_rows.fetch_add(o.added_rows, Ordering::Relaxed);
+            p.backlog_bytes.fetch_add(o.added_bytes, Ordering::Relaxed);
+        }
+        for a in &acks {
+            if let Some(p) = self.sinks.get(a.sink) {
+                p.backlog_rows.fetch_sub(
+                    a.rows.min(p.backlog_rows.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+                p.backlog_bytes.fetch_sub(
+                    a.bytes.min(p.backlog_bytes.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        if o.added_rows > 0 {
+            for p in &self.sinks {
+                p.new_records.notify_one();
+            }
+        }
+        for (w, adm) in writes.into_iter().zip(o.admissions) {
+            let _ = w.reply.send(Ok(adm));
+        }
+        for a in acks {
+            let _ = a.reply.send(Ok(()));
+        }
+    }
+
+    /// Answers the requests of a transaction that rolled back: nothing of them is stored.
+    fn failed(&mut self, e: &SpoolError, writes: Vec<WriteJob>, acks: Vec<AckJob>) {
+        self.stats.healthy.store(false, Ordering::Relaxed);
+        if matches!(e, SpoolError::Full(_)) {
+            metrics::counter!("trueup_spool_full_total").increment(1);
+        }
+        tracing::error!(error = %e, requests = writes.len(), "spool transaction failed; requests answered 503");
+        for w in writes {
+            let _ = w.reply.send(Err(e.clone()));
+        }
+        for a in acks {
+            let _ = a.reply.send(Err(e.clone()));
+        }
+    }
+
     fn transaction(
         &mut self,
         writes: &[WriteJob],
