@@ -52,6 +52,7 @@ mod fanout;
 mod load;
 mod procs;
 mod receiver;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -127,6 +128,13 @@ struct Args {
     /// skipped. Start the local one with `.ci/postgres`.
     #[arg(long)]
     postgres: Option<String>,
+    /// Run the soak instead of the usual phases: the maximum (closed loop, --seconds), then
+    /// an open loop at --rate-fraction of it for this many seconds (see `soak`).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    soak_seconds: u64,
+    /// The soak's window: latency, RSS and spool depth are reported per window.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+    soak_window: u64,
 }
 
 fn main() -> ExitCode {
@@ -161,6 +169,38 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.soak_seconds > 0 {
+        let settings = soak::Settings {
+            connections: args.connections as usize,
+            events_per_batch: args.events_per_batch as usize,
+            warmup_seconds: args.warmup_seconds,
+            max_seconds: args.seconds,
+            rate_fraction: args.rate_fraction,
+            seconds: args.soak_seconds,
+            window_seconds: args.soak_window,
+        };
+        return match runtime.block_on(soak::run(settings, &relay_bin)) {
+            Ok(report) => {
+                print!("{}", report.text());
+                if let Some(path) = &args.json {
+                    let json = serde_json::to_string_pretty(&report.json()).expect("valid JSON");
+                    if let Err(e) = std::fs::write(path, json + "\n") {
+                        eprintln!("trueup-bench: cannot write {}: {e}", path.display());
+                        return ExitCode::from(2);
+                    }
+                }
+                if report.passed() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("trueup-bench: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match runtime.block_on(run(&args, &relay_bin)) {
         Ok(report) => {
             print!("{}", report.text(&args));
