@@ -126,6 +126,13 @@ async fn admin_endpoints_live_only_on_the_admin_address() {
         http_get(relay.admin, "/readyz").unwrap(),
         (200, "ok\n".to_string())
     );
+    // The forwarder counts a delivery just after its cursor commit (which empties the spool):
+    // wait for that count rather than race it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while relay.metric("trueup_sink_delivered_total") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no delivery counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (status, metrics) = http_get(relay.admin, "/metrics").unwrap();
     assert_eq!(status, 200);
     for name in [
