@@ -159,16 +159,16 @@ async fn ingest(
 }
 
 /// Who is sending, known before the body is read.
-struct Caller {
+pub(crate) struct Caller {
     peer: IpAddr,
     /// For server batches: the site whose secret was presented.
     server_site: Option<String>,
-    gzip: bool,
+    pub(crate) gzip: bool,
 }
 
 /// Limits that need no body: shutdown, the client IP's rate (browser batches) or the secret
 /// (server batches), the query and the content type.
-fn limit_caller(
+pub(crate) fn limit_caller(
     st: &AppState,
     source: Source,
     parts: &axum::http::request::Parts,
@@ -213,7 +213,7 @@ fn limit_caller(
 }
 
 /// The body within its caps, decompressed within the decompressed cap.
-async fn read_batch_bytes(
+pub(crate) async fn read_batch_bytes(
     st: &AppState,
     headers: &HeaderMap,
     body: Body,
@@ -228,7 +228,7 @@ async fn read_batch_bytes(
 }
 
 /// The batch's header parsed, its events kept raw and counted against the limit.
-fn parse_batch<'a>(st: &AppState, bytes: &'a [u8]) -> Result<RawBatch<'a>, ApiError> {
+pub(crate) fn parse_batch<'a>(st: &AppState, bytes: &'a [u8]) -> Result<RawBatch<'a>, ApiError> {
     let batch: RawBatch = serde_json::from_slice(bytes).map_err(|e| {
         if e.to_string().contains("recursion limit") {
             ApiError::bad("too_deep", "the batch nests too deeply to parse")
@@ -257,7 +257,7 @@ fn parse_batch<'a>(st: &AppState, bytes: &'a [u8]) -> Result<RawBatch<'a>, ApiEr
 
 /// The batch's site: the authenticated one (server), or a known key sent from an allowed
 /// Origin (browser); then the site's rate and the spool's room.
-fn admit_site(
+pub(crate) fn admit_site(
     st: &AppState,
     caller: &Caller,
     batch: &RawBatch,
@@ -298,17 +298,22 @@ fn admit_site(
 
 /// Each event validated on its own: the valid ones to store, the others answered
 /// `rejected` and kept as dead letters.
-struct Checked {
+pub(crate) struct Checked {
     /// Per event in batch order; `None` until the spool has answered for it.
     results: Vec<Option<EventResult>>,
     /// The valid events (taken by [`store`]).
-    fresh: Vec<NewEvent>,
+    pub(crate) fresh: Vec<NewEvent>,
     /// The id and batch position of each valid event.
     fresh_ids: Vec<(uuid::Uuid, usize)>,
     dead: Vec<DeadLetter>,
 }
 
-fn validate_batch(st: &AppState, source: Source, site: &str, batch: &RawBatch) -> Checked {
+pub(crate) fn validate_batch(
+    st: &AppState,
+    source: Source,
+    site: &str,
+    batch: &RawBatch,
+) -> Checked {
     let n = batch.events.items.len();
     metrics::counter!("trueup_events_received_total", "source" => source.as_str())
         .increment(n as u64);
@@ -355,7 +360,7 @@ fn validate_batch(st: &AppState, source: Source, site: &str, batch: &RawBatch) -
 }
 
 /// The agent's counters to spool with the batch, unless their device id is unusable.
-fn counters_of(batch: &RawBatch, site: &str) -> Option<(String, String)> {
+pub(crate) fn counters_of(batch: &RawBatch, site: &str) -> Option<(String, String)> {
     let c = batch.counters.as_ref()?;
     if c.device_id.is_empty() || c.device_id.len() > 200 {
         metrics::counter!("trueup_counters_ignored_total").increment(1);
@@ -399,7 +404,11 @@ async fn store(
 }
 
 /// The per-event answer, in batch order.
-fn answer(source: Source, checked: Checked, admissions: Vec<Admission>) -> BatchResponse {
+pub(crate) fn answer(
+    source: Source,
+    checked: Checked,
+    admissions: Vec<Admission>,
+) -> BatchResponse {
     let Checked {
         mut results,
         fresh_ids,

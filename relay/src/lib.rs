@@ -9,6 +9,8 @@
 pub mod api;
 pub mod config;
 pub mod forwarder;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod ingest;
 pub mod limiters;

@@ -4,8 +4,9 @@
 //! and every failure carries a [`Reason`] that is stable on the wire and in metrics, plus a
 //! human-readable detail.
 
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::envelope::{Event, Source};
@@ -162,13 +163,19 @@ pub fn validate_event(
             format!("{} bytes, limit {}", raw.len(), limits.max_event_bytes),
         ));
     }
-    let value: Value = serde_json::from_str(raw).map_err(|e| {
-        if e.to_string().starts_with("recursion limit exceeded") {
+    // Keys must be unique at every level: with a repeated key, readers disagree on the
+    // event (the last one wins here, the sinks' parsers refuse the text or keep the first),
+    // so what was validated would not be what is stored and forwarded.
+    let UniqueKeys(value) = serde_json::from_str(raw).map_err(|e| {
+        let msg = e.to_string();
+        if msg.starts_with("recursion limit exceeded") {
             reject(
                 peek_id(raw),
                 Reason::TooDeep,
                 "nested deeper than the JSON parser's limit of 128",
             )
+        } else if msg.starts_with(DUPLICATE_KEY) {
+            reject(None, Reason::InvalidEnvelope, msg)
         } else {
             reject(None, Reason::InvalidEnvelope, format!("not JSON: {e}"))
         }
@@ -299,6 +306,81 @@ fn check_event(
     })
 }
 
+const DUPLICATE_KEY: &str = "duplicate key";
+
+/// A JSON value whose objects have unique keys (parsing fails on the first repeated one).
+struct UniqueKeys(Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeysVisitor).map(UniqueKeys)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // JSON has no NaN or infinity, so the parser never produces them: never `Null`.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(UniqueKeys(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let UniqueKeys(v) = map.next_value()?;
+            match out.entry(key) {
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(v);
+                }
+                serde_json::map::Entry::Occupied(slot) => {
+                    let key = slot.key();
+                    return Err(de::Error::custom(format_args!("{DUPLICATE_KEY} {key:?}")));
+                }
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// Reads the `id` of an event too large to parse fully, if it is a UUID near the start.
 fn peek_id(raw: &str) -> Option<Uuid> {
     let at = raw.get(..raw.len().min(256))?.find("\"id\"")?;
@@ -309,4 +391,69 @@ fn peek_id(raw: &str) -> Option<Uuid> {
         .trim_start();
     let rest = rest.strip_prefix('"')?;
     Uuid::parse_str(rest.get(..36)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_790_000_000_000;
+
+    fn check(raw: &str) -> Result<Event, Rejection> {
+        validate_event(
+            raw,
+            Source::Client,
+            NOW,
+            &SchemaRegistry::builtin(),
+            &Limits::default(),
+        )
+    }
+
+    const GOOD: &str = r#"{"id":"0196a1b2-c3d4-7e5f-8a9b-000000000033","name":"page_view","schema":"page_view/1","ts":1789999999000,"source":"client","anon_id":"anon-1","device_id":"d1","seq":10,"props":{"a":{"b":[1,2.5,"x",null,true]}}}"#;
+
+    #[test]
+    fn a_good_event_still_parses() {
+        let e = check(GOOD).expect("valid");
+        assert_eq!(e.props["a"]["b"][1], serde_json::json!(2.5));
+    }
+
+    /// Found by the `batch` fuzz target: a repeated field was validated with its last value
+    /// and accepted, but the stored text does not parse as an `Event` (serde refuses the
+    /// duplicate), so every sink would have dead-lettered an event answered `accepted`.
+    #[test]
+    fn a_repeated_field_is_rejected() {
+        let raw = r#"{"id":"0196a1b2-c3d4-7e5f-8a9b-000000000033","name":"signup_completed","schema":"signup_completed/1","ts":1789999999000,"source":"client","anon_id":"anon-1","session_id":"sesa9b-000000000035","name":"page_view","schema":"page_view/1","ts":1789999999000,"source":"client","anon_id":"anon-1","session_id":"sess-1","device_id":"d1","seq":10,"props":{},"context":{"url":"https://shop.example/cart","title":"Cart"}}"#;
+        let rej = check(raw).expect_err("a repeated field is ambiguous");
+        assert_eq!(rej.reason, Reason::InvalidEnvelope);
+        assert!(
+            rej.detail.contains("duplicate key \"name\""),
+            "{}",
+            rej.detail
+        );
+    }
+
+    /// The same inside the props (where a schema's types would hold for one reader only) and
+    /// deeper.
+    #[test]
+    fn a_repeated_key_anywhere_is_rejected() {
+        for raw in [
+            GOOD.replace(r#"{"a":{"b""#, r#"{"a":1,"a":{"b""#),
+            GOOD.replace(r#"{"b":[1,"#, r#"{"b":0,"b":[1,"#),
+            GOOD.replace(r#"null,true]"#, r#"null,{"k":1,"k":2}]"#),
+        ] {
+            let rej = check(&raw).expect_err(&raw);
+            assert_eq!(rej.reason, Reason::InvalidEnvelope, "{raw}");
+            assert!(rej.detail.starts_with(DUPLICATE_KEY), "{}", rej.detail);
+        }
+    }
+
+    #[test]
+    fn the_parser_depth_limit_still_answers_too_deep() {
+        let raw = format!(
+            r#"{{"id":"0196a1b2-c3d4-7e5f-8a9b-000000000033","props":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(check(&raw).unwrap_err().reason, Reason::TooDeep);
+    }
 }
