@@ -80,6 +80,9 @@ pub struct Config {
     /// Reconciliation of client analytics against the system of record: the truth database,
     /// the metrics, and the schedule on which the relay publishes the gaps as gauges.
     pub reconcile: trueup_reconcile::ReconcileConfig,
+    /// The loader (`trueup-relay load`): from the log that the relays' `kafka` sinks write,
+    /// into the warehouse. Unused by the relay itself.
+    pub loader: LoaderConfig,
 }
 
 /// Request and event bounds, all checked before the data they bound is allocated.
@@ -200,6 +203,9 @@ pub enum SinkKind {
     Segment,
     /// RudderStack's data plane, `<url>/v1/batch` (Segment's format, larger limits).
     Rudderstack,
+    /// A Kafka topic (or any broker speaking Kafka's protocol), through librdkafka: one
+    /// message per record, acknowledged by every in-sync replica, idempotent producer.
+    Kafka,
 }
 
 impl SinkKind {
@@ -212,6 +218,7 @@ impl SinkKind {
             SinkKind::Posthog => "posthog",
             SinkKind::Segment => "segment",
             SinkKind::Rudderstack => "rudderstack",
+            SinkKind::Kafka => "kafka",
         }
     }
 
@@ -225,6 +232,8 @@ impl SinkKind {
             SinkKind::Posthog => (1_000, 20 * 1000 * 1000, 1024 * 1024),
             SinkKind::Segment => (2_500, 500 * 1000, 32 * 1000),
             SinkKind::Rudderstack => (2_500, 4 * 1000 * 1000, 32 * 1000),
+            // Kafka's default `max.message.bytes` (1 MiB) per message; the producer batches.
+            SinkKind::Kafka => (5_000, usize::MAX, 1024 * 1024),
         }
     }
 }
@@ -278,6 +287,69 @@ pub struct SinkConfig {
     /// batches to its slower historical pipeline).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub historical_migration: bool,
+    /// `kafka`: the bootstrap servers, `host:port[,host:port…]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    /// `kafka`: the topic (default `raw_events`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// `kafka`: more librdkafka properties (`"compression.type" = "lz4"`,
+    /// `"security.protocol" = "sasl_ssl"`, …). Those that carry the delivery guarantee
+    /// (`acks`, `enable.idempotence`, …) cannot be changed; a secret (`secret_env` or
+    /// `secret_file`) is set as `sasl.password`, never written here.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// librdkafka properties the Kafka sink and loader set themselves: changing any of them would
+/// break the delivery guarantee (or the secret's handling).
+pub const KAFKA_FIXED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "sasl.password",
+];
+
+/// Checks a Kafka sink's or loader's `brokers`, `topic` and `properties`.
+pub fn check_kafka(
+    brokers: Option<&str>,
+    topic: &str,
+    properties: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    let brokers = brokers.ok_or("kind kafka needs brokers (host:port[,host:port...])")?;
+    for b in brokers.split(',') {
+        let b = b.trim();
+        match b.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => return Err(format!("brokers: {b:?} is not host:port")),
+        }
+    }
+    // Kafka's own rule for topic names.
+    if topic.is_empty()
+        || topic.len() > 249
+        || topic == "."
+        || topic == ".."
+        || !topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(format!(
+            "topic {topic:?} must be 1-249 of letters, digits, '.', '_' and '-'"
+        ));
+    }
+    for key in properties.keys() {
+        if KAFKA_FIXED_PROPERTIES.contains(&key.as_str()) {
+            return Err(format!(
+                "properties: {key:?} is set by trueup and cannot be changed"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn default_sink_timeout() -> u64 {
@@ -304,6 +376,9 @@ impl SinkConfig {
             timeout_secs: default_sink_timeout(),
             concurrency: default_sink_concurrency(),
             historical_migration: false,
+            brokers: None,
+            topic: None,
+            properties: Default::default(),
         }
     }
 
@@ -320,6 +395,11 @@ impl SinkConfig {
     /// Largest event as sent.
     pub fn max_event_bytes(&self) -> usize {
         self.max_event_bytes.unwrap_or(self.kind.limits().2)
+    }
+
+    /// `kafka`: the topic.
+    pub fn topic(&self) -> &str {
+        self.topic.as_deref().unwrap_or("raw_events")
     }
 
     /// The per-request timeout.
@@ -363,8 +443,12 @@ impl SinkConfig {
         }
         let kind = self.kind;
         let (max_batch, max_bytes, max_event) = kind.limits();
-        let http = !matches!(kind, SinkKind::Warehouse | SinkKind::Postgres);
+        let http = !matches!(
+            kind,
+            SinkKind::Warehouse | SinkKind::Postgres | SinkKind::Kafka
+        );
         let secret = kind != SinkKind::Warehouse;
+        let kafka = kind == SinkKind::Kafka;
         let applies = [
             ("path", self.path.is_some(), kind == SinkKind::Warehouse),
             ("url", self.url.is_some(), http),
@@ -376,7 +460,14 @@ impl SinkConfig {
                 kind == SinkKind::Posthog,
             ),
             ("max_batch_bytes", self.max_batch_bytes.is_some(), http),
-            ("max_event_bytes", self.max_event_bytes.is_some(), http),
+            (
+                "max_event_bytes",
+                self.max_event_bytes.is_some(),
+                http || kafka,
+            ),
+            ("brokers", self.brokers.is_some(), kafka),
+            ("topic", self.topic.is_some(), kafka),
+            ("properties", !self.properties.is_empty(), kafka),
         ];
         for (field, set, ok) in applies {
             if set && !ok {
@@ -388,6 +479,12 @@ impl SinkConfig {
         }
         match kind {
             SinkKind::Warehouse | SinkKind::Postgres => {}
+            SinkKind::Kafka => {
+                if let Err(m) = check_kafka(self.brokers.as_deref(), self.topic(), &self.properties)
+                {
+                    return bad(m);
+                }
+            }
             SinkKind::Segment => {
                 if self.url.is_none() {
                     self.url = Some("https://api.segment.io".into());
@@ -399,7 +496,8 @@ impl SinkConfig {
                 }
             }
         }
-        if secret && self.secret_env.is_none() && self.secret_file.is_none() {
+        // Kafka's secret is optional (a SASL password, for brokers that ask for one).
+        if secret && !kafka && self.secret_env.is_none() && self.secret_file.is_none() {
             return bad(format!(
                 "kind {} needs its key (postgres: its connection URL) in secret_env or secret_file",
                 kind.as_str()
@@ -497,6 +595,7 @@ impl Default for Config {
             request_timeout_secs: 30,
             log_format: "text".into(),
             reconcile: trueup_reconcile::ReconcileConfig::default(),
+            loader: LoaderConfig::default(),
         }
     }
 }
@@ -553,6 +652,134 @@ impl Default for ForwarderConfig {
             nice: 10,
             threads: 0,
         }
+    }
+}
+
+/// Where the loader reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoaderSource {
+    /// A Kafka topic, as a member of a consumer group.
+    Kafka,
+}
+
+/// Where the loader writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoaderTarget {
+    /// The embedded warehouse file (one loader at a time: SQLite has one writer).
+    Warehouse,
+    /// PostgreSQL (the connection URL in `secret_env` or `secret_file`).
+    Postgres,
+}
+
+/// `[loader]`: `trueup-relay load` consumes the log and fills the warehouse. Each batch is one
+/// warehouse transaction (`ON CONFLICT (id) DO NOTHING`); the consumer's offsets are committed
+/// only after it: at-least-once from the log, exactly once in the warehouse.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoaderConfig {
+    /// The log.
+    pub from: LoaderSource,
+    /// `kafka`: bootstrap servers, `host:port[,host:port…]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    /// `kafka`: the topic the relays produce to.
+    pub topic: String,
+    /// `kafka`: the consumer group; every loader of one warehouse uses the same one, and
+    /// the partitions are shared among them.
+    pub group: String,
+    /// `kafka`: more librdkafka properties (as the sink's `properties`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// The warehouse.
+    pub to: LoaderTarget,
+    /// `warehouse`: the SQLite file (default `<data_dir>/warehouse.sqlite`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// `postgres`: the environment variable holding the connection URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// `postgres`: the file holding the connection URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// Most messages per warehouse transaction.
+    pub batch_size: usize,
+    /// How long a batch waits to fill before it is written anyway, in ms.
+    pub max_wait_ms: u64,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            from: LoaderSource::Kafka,
+            brokers: None,
+            topic: "raw_events".into(),
+            group: "trueup-loader".into(),
+            properties: Default::default(),
+            to: LoaderTarget::Warehouse,
+            path: None,
+            secret_env: None,
+            secret_file: None,
+            batch_size: 5_000,
+            max_wait_ms: 100,
+        }
+    }
+}
+
+impl LoaderConfig {
+    /// Checks the loader's section (only `trueup-relay load` calls it).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(format!("loader: {m}")));
+        match self.from {
+            LoaderSource::Kafka => {
+                if let Err(m) = check_kafka(self.brokers.as_deref(), &self.topic, &self.properties)
+                {
+                    return bad(m.replace("kind kafka", "from = \"kafka\""));
+                }
+                if self.group.is_empty() || self.group.len() > 255 {
+                    return bad("group must be 1-255 characters".into());
+                }
+            }
+        }
+        match self.to {
+            LoaderTarget::Warehouse => {
+                if self.secret_env.is_some() || self.secret_file.is_some() {
+                    return bad("secret_env/secret_file apply to to = \"postgres\" only".into());
+                }
+            }
+            LoaderTarget::Postgres => {
+                if self.path.is_some() {
+                    return bad("path applies to to = \"warehouse\" only".into());
+                }
+                if self.secret_env.is_some() == self.secret_file.is_some() {
+                    return bad(
+                        "to = \"postgres\" needs its connection URL in secret_env or secret_file (one of them)"
+                            .into(),
+                    );
+                }
+            }
+        }
+        if self.batch_size == 0 || self.batch_size > 100_000 {
+            return bad("batch_size must be 1..=100000".into());
+        }
+        if self.max_wait_ms == 0 || self.max_wait_ms > 60_000 {
+            return bad("max_wait_ms must be 1..=60000".into());
+        }
+        Ok(())
+    }
+
+    /// The PostgreSQL URL (`to = "postgres"`), read from `secret_env` or `secret_file`.
+    pub fn postgres_url(&self) -> Result<String, ConfigError> {
+        let sink = SinkConfig {
+            name: "loader".into(),
+            kind: SinkKind::Postgres,
+            secret_env: self.secret_env.clone(),
+            secret_file: self.secret_file.clone(),
+            ..SinkConfig::default_warehouse()
+        };
+        sink.secret()?
+            .ok_or_else(|| ConfigError::Invalid("loader: no secret_env or secret_file".into()))
     }
 }
 

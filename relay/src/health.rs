@@ -112,7 +112,16 @@ pub async fn require_token(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if authorized(st.token.as_deref(), req.headers()) {
+    guard(st.token.as_deref(), req, next).await
+}
+
+/// The guard of an admin listener with `token` (the relay's and the loader's).
+pub(crate) async fn guard(
+    token: Option<&str>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if authorized(token, req.headers()) {
         return next.run(req).await;
     }
     let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
@@ -139,7 +148,7 @@ pub async fn require_token(
         .into_response()
 }
 
-fn answer(problems: Vec<String>) -> (StatusCode, String) {
+pub(crate) fn answer(problems: Vec<String>) -> (StatusCode, String) {
     if problems.is_empty() {
         (StatusCode::OK, "ok\n".into())
     } else {

@@ -15,6 +15,7 @@ pub mod health;
 pub mod ingest;
 pub mod limiters;
 pub mod listen;
+pub mod loader;
 pub mod reconcile;
 pub mod router;
 pub mod server;

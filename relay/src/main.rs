@@ -80,6 +80,10 @@ enum Command {
         #[arg(long)]
         days: Option<u32>,
     },
+    /// Run the loader (the `[loader]` section): consume the log the relays' kafka sinks
+    /// write and fill the warehouse, committing offsets only after each warehouse
+    /// transaction. Serves /healthz, /readyz and /metrics on admin_listen; until SIGTERM.
+    Load,
 }
 
 fn run_reconcile(mut cfg: Config, json: bool, days: Option<u32>) -> anyhow::Result<()> {
@@ -225,6 +229,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    let loading = matches!(args.command, Some(Command::Load));
     let filter = EnvFilter::try_from_env("TRUEUP_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn"));
     // Logs go to stderr (stdout carries --print-config and reports), coloured only on a
@@ -247,13 +252,19 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let relay = Relay::bind(cfg).await?;
         let shutdown = CancellationToken::new();
         let trigger = shutdown.clone();
-        tokio::spawn(async move {
+        let signal = async move {
             trueup_relay::server::shutdown_signal().await;
             trigger.cancel();
-        });
+        };
+        if loading {
+            let loader = trueup_relay::loader::Loader::bind(cfg).await?;
+            tokio::spawn(signal);
+            return loader.run(shutdown).await;
+        }
+        let relay = Relay::bind(cfg).await?;
+        tokio::spawn(signal);
         relay.run(shutdown).await
     });
     match result {

@@ -362,7 +362,10 @@ pub async fn agent_loop(
         let events: Vec<Value> = (0..per_batch)
             .map(|_| {
                 seq += 1;
-                event(&device, seq)
+                let mut e = event(&device, seq);
+                // A session per device (so that a log keyed by session spreads them).
+                e["session_id"] = json!(format!("sess-{device}"));
+                e
             })
             .collect();
         let ids: Vec<String> = events

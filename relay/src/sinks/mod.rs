@@ -8,6 +8,7 @@
 
 pub(crate) mod form;
 pub mod http;
+pub mod kafka;
 pub mod posthog;
 pub mod segment;
 pub mod warehouse;
@@ -74,5 +75,9 @@ pub async fn open(cfg: &Config, sink: &SinkConfig) -> anyhow::Result<Arc<dyn Sin
         SinkKind::Segment | SinkKind::Rudderstack => {
             Arc::new(segment::SegmentSink::new(sink, secret()?)?)
         }
+        SinkKind::Kafka => Arc::new(
+            kafka::KafkaSink::new(sink, sink.secret()?)
+                .with_context(|| format!("{}: cannot create the producer", what()))?,
+        ),
     })
 }

@@ -120,6 +120,15 @@ fn write_postgres(
 }
 
 fn write(db: &mut Warehouse, records: &[Record]) -> Result<Delivery, WarehouseError> {
+    write_counted(db, records).map(|(d, _)| d)
+}
+
+/// Stores records in one transaction: what was refused (unreadable), and how many events
+/// were new (the others were already there: duplicates absorbed).
+pub(crate) fn write_counted(
+    db: &mut Warehouse,
+    records: &[Record],
+) -> Result<(Delivery, u64), WarehouseError> {
     let mut delivery = Delivery::default();
     let mut parsed = Vec::with_capacity(records.len());
     let mut counters = Vec::new();
@@ -180,8 +189,8 @@ fn write(db: &mut Warehouse, records: &[Record]) -> Result<Delivery, WarehouseEr
             degraded: c.degraded.as_deref(),
         })
         .collect();
-    db.write(&events, &counter_rows)?;
-    Ok(delivery)
+    let new = db.write(&events, &counter_rows)?;
+    Ok((delivery, new))
 }
 
 #[async_trait::async_trait]

@@ -1,0 +1,301 @@
+//! The Kafka sink: one message per spooled record, through librdkafka (`rdkafka`).
+//!
+//! # What the topic gets
+//!
+//! - **Value**: the record exactly as the relay stored it: an event in the protocol's
+//!   envelope (`id`, `name`, `schema`, `ts`, …), or an agent's counters.
+//! - **Key**: the event's `session_id` (its `anon_id` when it has none, as server events),
+//!   so one session's events land on one partition, in order; counters by `device_id`.
+//! - **Headers**: `trueup-kind` (`event` or `counters`), `trueup-id` (the event id, the
+//!   idempotency key downstream), `trueup-schema`, `trueup-source`, `trueup-site`,
+//!   `trueup-received-at` (ms since the epoch, when the relay acknowledged it).
+//! - **Timestamp**: when the relay produced it (Kafka's `CreateTime`).
+//!
+//! # Guarantees
+//!
+//! The producer is idempotent (`enable.idempotence=true`) with `acks=all`: a message is
+//! delivered when every in-sync replica has it, and librdkafka's own retries never write it
+//! twice. A delivery returns only when every record's delivery report has come back: the
+//! forwarder moves the sink's cursor after that, never before. Any failed report fails the
+//! whole delivery and the forwarder sends the same records again; what had already been
+//! written is then in the topic twice, with the same `trueup-id`, and the loader stores it
+//! once. A full local queue is back-pressure (the send waits), never a loss. A record larger
+//! than `max_event_bytes`, or refused by the broker as too large, is dead-lettered with the
+//! reason.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde::Deserialize;
+
+use super::{Delivery, Sink, SinkError};
+use crate::config::SinkConfig;
+use crate::spool::{Record, RecordKind};
+use crate::time::now_ms;
+
+/// The Kafka sink.
+pub struct KafkaSink {
+    /// The producer; replaced by a new one after a fatal error (see [`KafkaSink::producer`]).
+    producer: std::sync::Mutex<Arc<FutureProducer>>,
+    config: ClientConfig,
+    /// Set when a delivery report says the producer's identity is no longer good.
+    replace: std::sync::atomic::AtomicBool,
+    topic: String,
+    max_event_bytes: usize,
+}
+
+/// What the key and headers are made of, borrowed from the record's JSON.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    schema: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    source: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    anon_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    device_id: Option<Cow<'a, str>>,
+}
+
+/// The librdkafka settings both the sink and the loader start from.
+pub fn client_config(
+    brokers: &str,
+    secret: Option<String>,
+    properties: &std::collections::BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        c.set(k, v);
+    }
+    if let Some(secret) = secret {
+        c.set("sasl.password", secret);
+    }
+    // librdkafka's `debug` property (`"debug" = "cgrp,fetch"`) logs at debug level.
+    c.set_log_level(if properties.contains_key("debug") {
+        rdkafka::config::RDKafkaLogLevel::Debug
+    } else {
+        rdkafka::config::RDKafkaLogLevel::Warning
+    });
+    c
+}
+
+impl KafkaSink {
+    /// A sink for `cfg` (kind `kafka`); `secret` is the SASL password, if any.
+    pub fn new(cfg: &SinkConfig, secret: Option<String>) -> anyhow::Result<KafkaSink> {
+        let timeout_ms = cfg.timeout().as_millis().to_string();
+        let mut config = client_config(
+            cfg.brokers.as_deref().unwrap_or_default(),
+            secret,
+            &cfg.properties,
+        );
+        config
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            // A delivery report within the sink's timeout, or the delivery fails (and is
+            // retried by the forwarder with the same records).
+            .set("message.timeout.ms", &timeout_ms)
+            .set(
+                "message.max.bytes",
+                (cfg.max_event_bytes() + 4096).to_string(),
+            );
+        let producer: FutureProducer = config.create()?;
+        Ok(KafkaSink {
+            producer: std::sync::Mutex::new(Arc::new(producer)),
+            config,
+            replace: std::sync::atomic::AtomicBool::new(false),
+            topic: cfg.topic().to_string(),
+            max_event_bytes: cfg.max_event_bytes(),
+        })
+    }
+
+    /// The current producer. An idempotent producer that hit a fatal error (the broker
+    /// fenced it, or its sequence numbers could not be kept after timeouts) refuses every
+    /// later message, so it is replaced by a new one, with a new producer id: what it may
+    /// have written twice carries the same `trueup-id`, which the loader stores once.
+    fn producer(&self) -> Result<Arc<FutureProducer>, SinkError> {
+        let mut p = self.producer.lock().map_err(|_| SinkError {
+            message: "kafka producer lock poisoned".into(),
+            retry_after: None,
+        })?;
+        let fenced = self
+            .replace
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        let fatal = p.client().fatal_error();
+        if fenced || fatal.is_some() {
+            tracing::warn!(fatal = ?fatal, fenced, "the Kafka producer cannot go on; starting a new one");
+            metrics::counter!("trueup_kafka_producer_restarts_total").increment(1);
+            let fresh: FutureProducer = self.config.create().map_err(|e| SinkError {
+                message: format!("cannot create a new Kafka producer: {e}"),
+                retry_after: None,
+            })?;
+            *p = Arc::new(fresh);
+        }
+        Ok(p.clone())
+    }
+}
+
+impl Drop for KafkaSink {
+    fn drop(&mut self) {
+        // Whatever is in flight was not acknowledged to the forwarder: no need to wait long.
+        if let Ok(p) = self.producer.lock() {
+            let _ = p.flush(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Whether a delivery error means the producer's id or epoch is no longer accepted (after
+/// timeouts, a broker may fence it): only a new producer can write again.
+fn identity_lost(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+                | RDKafkaErrorCode::Fatal
+        )
+    )
+}
+
+/// Whether a producer error means "this record can never be written".
+fn too_large(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+    )
+}
+
+#[async_trait::async_trait]
+impl Sink for KafkaSink {
+    async fn deliver(&self, records: Arc<Vec<Record>>) -> Result<Delivery, SinkError> {
+        let fail = |message: String| SinkError {
+            message,
+            retry_after: None,
+        };
+        let producer = self.producer()?;
+        let mut delivery = Delivery::default();
+        let mut pending = Vec::with_capacity(records.len());
+        for r in records.iter() {
+            if r.body.len() > self.max_event_bytes {
+                delivery.rejected.push((
+                    r.pos,
+                    format!(
+                        "too_large: {} bytes, max_event_bytes {}",
+                        r.body.len(),
+                        self.max_event_bytes
+                    ),
+                ));
+                continue;
+            }
+            let f: Fields = serde_json::from_str(&r.body).unwrap_or(Fields {
+                id: None,
+                schema: None,
+                source: None,
+                session_id: None,
+                anon_id: None,
+                device_id: None,
+            });
+            let (kind, key) = match r.kind {
+                RecordKind::Event => ("event", f.session_id.as_deref().or(f.anon_id.as_deref())),
+                RecordKind::Counters => ("counters", f.device_id.as_deref()),
+            };
+            let received_at = r.received_at.to_string();
+            let mut headers = OwnedHeaders::new_with_capacity(6)
+                .insert(Header {
+                    key: "trueup-kind",
+                    value: Some(kind),
+                })
+                .insert(Header {
+                    key: "trueup-site",
+                    value: Some(r.site.as_str()),
+                })
+                .insert(Header {
+                    key: "trueup-received-at",
+                    value: Some(received_at.as_str()),
+                });
+            for (name, v) in [
+                ("trueup-id", &f.id),
+                ("trueup-schema", &f.schema),
+                ("trueup-source", &f.source),
+            ] {
+                if let Some(v) = v.as_deref() {
+                    headers = headers.insert(Header {
+                        key: name,
+                        value: Some(v),
+                    });
+                }
+            }
+            let mut record = FutureRecord::to(&self.topic)
+                .payload(r.body.as_str())
+                .headers(headers);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            // A full local queue is back-pressure: wait for room, never drop.
+            let future = loop {
+                match producer.send_result(record) {
+                    Ok(f) => break Some(f),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        metrics::counter!("trueup_kafka_queue_full_total").increment(1);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) if too_large(&e) => {
+                        delivery.rejected.push((r.pos, format!("too_large: {e}")));
+                        break None;
+                    }
+                    Err((e, _)) => return Err(fail(format!("cannot produce: {e}"))),
+                }
+            };
+            if let Some(future) = future {
+                pending.push((r.pos, r.received_at, future));
+            }
+        }
+        let reports = join_all(
+            pending
+                .into_iter()
+                .map(|(pos, received_at, f)| async move { (pos, received_at, f.await) }),
+        )
+        .await;
+        let mut first_error = None;
+        let now = now_ms();
+        for (pos, received_at, report) in reports {
+            match report {
+                Ok(Ok(_)) => {
+                    metrics::histogram!("trueup_pipeline_lag_seconds", "stage" => "accepted_to_log")
+                        .record((now - received_at).max(0) as f64 / 1000.0);
+                }
+                Ok(Err((e, _))) if too_large(&e) => {
+                    delivery.rejected.push((pos, format!("too_large: {e}")));
+                }
+                Ok(Err((e, _))) => {
+                    if identity_lost(&e) {
+                        self.replace
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    first_error.get_or_insert_with(|| format!("delivery failed: {e}"));
+                }
+                Err(_) => {
+                    first_error.get_or_insert_with(|| "the producer went away".to_string());
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(fail(e)),
+            None => Ok(delivery),
+        }
+    }
+}

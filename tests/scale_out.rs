@@ -1,0 +1,575 @@
+//! The distributed path, for real: two relays behind a round-robin balancer (written here),
+//! each producing to a Kafka-protocol broker (tansu, `TRUEUP_TANSU`, which `.ci/tansu`
+//! fetches) through its `kafka` sink, one loader (`trueup-relay load`) consuming the topic
+//! as a consumer group into the warehouse (PostgreSQL at `TRUEUP_TEST_POSTGRES` when set, a
+//! schema of the test's own; else the SQLite warehouse). Agents send through the balancer
+//! and retry until answered; one fault per test. Each asserts that every acknowledged id is
+//! in the warehouse exactly once, nothing else is, no device has a `seq` gap, and the
+//! loader's counts add up (stored + duplicates absorbed = events it read).
+//!
+//! Without `TRUEUP_TANSU` the tests say so and pass (as the PostgreSQL ones do without their
+//! server); `.ci/run` sets it.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Agents, RelayProc, SenderLog, http_get};
+use tokio::net::{TcpListener, TcpStream};
+
+fn tansu_bin() -> Option<PathBuf> {
+    match std::env::var_os("TRUEUP_TANSU") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!("TRUEUP_TANSU not set (export TRUEUP_TANSU=$(.ci/tansu)): skipped");
+            None
+        }
+    }
+}
+
+/// A tansu broker (in-memory storage) on loopback.
+struct Broker {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Broker {
+    /// Tansu takes its port on the command line and must advertise the same one, so it
+    /// cannot report a port 0: it is started on a random port and, if that port is taken
+    /// (it then exits), started again on another. Nothing is reserved ahead of time.
+    fn start(bin: &Path, dir: &Path) -> Broker {
+        for attempt in 0..20 {
+            let port = 20_000 + (rand_u32() % 40_000) as u16;
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let log = std::fs::File::create(dir.join(format!("tansu-{attempt}.log"))).unwrap();
+            let url = format!("tcp://{addr}");
+            let mut child = Command::new(bin)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("spawn tansu");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    break; // most likely the port was taken: another one
+                }
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return Broker { child, addr };
+                }
+                assert!(Instant::now() < deadline, "tansu not listening in 10 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("tansu did not start on any of 20 ports");
+    }
+
+    fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    t ^ std::process::id().wrapping_mul(2_654_435_761)
+}
+
+/// A round-robin TCP balancer on loopback: each connection goes to the next backend; a
+/// backend that refuses is skipped (as a balancer's passive health check does).
+async fn balancer(backends: Vec<SocketAddr>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let next = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                continue;
+            };
+            let backends = backends.clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                for _ in 0..backends.len() {
+                    let b = backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
+                    if let Ok(mut outbound) = TcpStream::connect(b).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Runs `f` on a thread of its own: the blocking PostgreSQL client starts a runtime, which
+/// it may not do on one of the test's.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join().unwrap())
+}
+
+/// Where the loader writes, and how the test reads it back.
+enum Store {
+    Postgres { url: String, schema: String },
+    Sqlite(PathBuf),
+}
+
+impl Store {
+    fn new(dir: &Path, name: &str) -> Store {
+        match std::env::var("TRUEUP_TEST_POSTGRES") {
+            Ok(url) => {
+                let schema = format!("wh_scale_{name}_{}", std::process::id());
+                off_runtime(|| {
+                    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                    c.batch_execute(&format!(
+                        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+                    ))
+                    .unwrap();
+                });
+                let sep = if url.contains('?') { '&' } else { '?' };
+                Store::Postgres {
+                    url: format!("{url}{sep}options=-csearch_path%3D{schema}"),
+                    schema,
+                }
+            }
+            Err(_) => Store::Sqlite(dir.join("loader-data/warehouse.sqlite")),
+        }
+    }
+
+    /// The `[loader]` lines that say where to write.
+    fn loader_toml(&self, dir: &Path) -> String {
+        match self {
+            Store::Postgres { url, .. } => {
+                let secret = dir.join("pg.secret");
+                std::fs::write(&secret, url).unwrap();
+                format!(
+                    "to = \"postgres\"\nsecret_file = \"{}\"\n",
+                    secret.display()
+                )
+            }
+            Store::Sqlite(path) => format!("to = \"warehouse\"\npath = \"{}\"\n", path.display()),
+        }
+    }
+
+    /// Every stored event id with how many times it is stored, and the seq gaps.
+    fn stored(&self) -> (HashMap<String, usize>, i64) {
+        let ids_sql = "SELECT id FROM events";
+        let gaps_sql = "SELECT coalesce(sum(mx - n), 0) FROM (SELECT device_id, max(seq) AS mx, count(*) AS n FROM events GROUP BY device_id) AS d";
+        let mut out = HashMap::new();
+        match self {
+            Store::Postgres { url, .. } => off_runtime(|| {
+                let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+                let exists: bool = c
+                    .query_one("SELECT to_regclass('events') IS NOT NULL", &[])
+                    .unwrap()
+                    .get(0);
+                if !exists {
+                    return (out, 0);
+                }
+                for r in c.query(ids_sql, &[]).unwrap() {
+                    *out.entry(r.get::<_, String>(0)).or_default() += 1;
+                }
+                let gaps = c
+                    .query_one(&format!("SELECT ({gaps_sql})::BIGINT"), &[])
+                    .unwrap()
+                    .get(0);
+                (out, gaps)
+            }),
+            Store::Sqlite(path) => {
+                let Ok(c) = rusqlite::Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                ) else {
+                    return (out, 0);
+                };
+                let Ok(mut stmt) = c.prepare(ids_sql) else {
+                    return (out, 0);
+                };
+                for id in stmt.query_map([], |r| r.get::<_, String>(0)).unwrap() {
+                    *out.entry(id.unwrap()).or_default() += 1;
+                }
+                let gaps = c.query_row(gaps_sql, [], |r| r.get(0)).unwrap();
+                (out, gaps)
+            }
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Store::Postgres { schema, .. } = self
+            && let Ok(url) = std::env::var("TRUEUP_TEST_POSTGRES")
+        {
+            off_runtime(|| {
+                if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
+                    let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+                }
+            });
+        }
+    }
+}
+
+/// A running loader process.
+struct LoaderProc {
+    child: Option<Child>,
+    admin: SocketAddr,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl LoaderProc {
+    fn start(dir: &Path, broker: SocketAddr, store: &Store) -> LoaderProc {
+        let config = dir.join("loader.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "admin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[loader]\nbrokers = \"{broker}\"\nbatch_size = 500\nmax_wait_ms = 50\n{}properties = {{ \"session.timeout.ms\" = \"6000\", \"max.poll.interval.ms\" = \"10000\" }}\n",
+                dir.join("loader-data").display(),
+                store.loader_toml(dir)
+            ),
+        )
+        .unwrap();
+        let mut l = LoaderProc {
+            child: None,
+            admin: "127.0.0.1:0".parse().unwrap(),
+            dir: dir.to_path_buf(),
+            config,
+            log: dir.join("loader.log"),
+        };
+        l.spawn();
+        l
+    }
+
+    fn spawn(&mut self) {
+        let ready = self.dir.join("loader.ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trueup-relay"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("load")
+            .env("TRUEUP_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn the loader");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                panic!("loader exited during start ({s}):\n{}", self.log_text());
+            }
+            if let Ok(text) = std::fs::read_to_string(&ready)
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+                && v["pid"].as_u64() == Some(u64::from(child.id()))
+            {
+                self.admin = v["admin_listen"].as_str().unwrap().parse().unwrap();
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "loader not ready in 20 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One counter's value (summed over its labels), 0 when absent.
+    fn metric(&self, name: &str) -> f64 {
+        let Ok((_, body)) = http_get(self.admin, "/metrics") else {
+            return 0.0;
+        };
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for LoaderProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The relays' sink: the broker's topic, small timeouts so that faults show quickly.
+fn relay_toml(broker: SocketAddr) -> String {
+    format!(
+        "[forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n\n[[sinks]]\nname = \"log\"\nkind = \"kafka\"\nbrokers = \"{broker}\"\ntimeout_secs = 5\n"
+    )
+}
+
+/// Two relays, the balancer over them, a loader; all on one broker.
+struct Pipeline {
+    _dir: tempfile::TempDir,
+    broker: Broker,
+    relays: [RelayProc; 2],
+    loader: LoaderProc,
+    store: Store,
+    url: String,
+}
+
+async fn pipeline(name: &str) -> Option<Pipeline> {
+    let bin = tansu_bin()?;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&bin, dir.path());
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let relays = [
+        RelayProc::start(&a, &relay_toml(broker.addr)),
+        RelayProc::start(&b, &relay_toml(broker.addr)),
+    ];
+    let lb = balancer(vec![relays[0].public, relays[1].public]).await;
+    let store = Store::new(dir.path(), name);
+    let loader = LoaderProc::start(dir.path(), broker.addr, &store);
+    Some(Pipeline {
+        url: format!("http://{lb}/_r/q"),
+        _dir: dir,
+        broker,
+        relays,
+        loader,
+        store,
+    })
+}
+
+impl Pipeline {
+    /// Waits (at most 90 s) until every id in `ids` is in the warehouse, then checks that
+    /// each is there exactly once, nothing else is, no device has a seq gap, and the loader
+    /// read stored + duplicates events. Returns the loader's duplicates absorbed.
+    fn check(&self, ids: &HashSet<String>) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let (stored, gaps) = loop {
+            let (stored, gaps) = self.store.stored();
+            if ids.iter().all(|id| stored.contains_key(id)) {
+                break (stored, gaps);
+            }
+            if Instant::now() > deadline {
+                let missing = ids.iter().filter(|id| !stored.contains_key(*id)).count();
+                panic!(
+                    "{missing} of {} acknowledged events not in the warehouse after 90 s\nloader log:\n{}\nrelay a:\n{}\nrelay b:\n{}",
+                    ids.len(),
+                    self.loader.log_text(),
+                    self.relays[0].log_text(),
+                    self.relays[1].log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let twice: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(twice.is_empty(), "stored more than once: {twice:?}");
+        let extra: Vec<_> = stored
+            .keys()
+            .filter(|id| !ids.contains(*id))
+            .take(5)
+            .collect();
+        assert!(extra.is_empty(), "stored but never sent: {extra:?}");
+        assert_eq!(gaps, 0, "seq gaps in the warehouse");
+        // The loader's own accounting (a restarted loader counts from zero: at most all).
+        let new = self.loader.metric("trueup_loader_stored_total") as usize;
+        assert!(
+            new <= ids.len(),
+            "loader stored {new} > {} events",
+            ids.len()
+        );
+        assert_eq!(
+            self.loader.metric("trueup_loader_rejected_total"),
+            0.0,
+            "the loader skipped messages"
+        );
+        self.loader.metric("trueup_loader_duplicates_total") as u64
+    }
+}
+
+fn acknowledged(logs: &[SenderLog]) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    for (id, status) in logs.iter().flat_map(|l| l.answers.iter()) {
+        assert!(
+            status == "accepted" || status == "duplicate",
+            "event {id} answered {status}"
+        );
+        ids.insert(id.clone());
+    }
+    let sent: usize = logs.iter().map(|l| l.sent.len()).sum();
+    assert_eq!(ids.len(), sent, "every sent event was answered");
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_killed_mid_stream_loses_nothing_and_doubles_nothing() {
+    let Some(mut p) = pipeline("kill_relay").await else {
+        return;
+    };
+    let agents = Agents::spawn(&p.url, 6);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // kill -9: what it acknowledged is in its spool; the agents' retries go to the other.
+    p.relays[0].kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let logs = agents.finish().await;
+    // Back up, it forwards what it had spooled.
+    p.relays[0].restart();
+    let ids = acknowledged(&logs);
+    assert!(ids.len() > 200, "enough traffic: {}", ids.len());
+    let retried: u64 = logs.iter().map(|l| l.attempts_unanswered).sum();
+    let dups = p.check(&ids);
+    eprintln!(
+        "kill -9 a relay: {} events, {retried} unanswered attempts retried, {dups} duplicates absorbed by the loader",
+        ids.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_broker_down_for_ten_seconds_the_relays_keep_accepting_and_drain_after() {
+    let Some(p) = pipeline("broker_down").await else {
+        return;
+    };
+    let agents = Agents::spawn(&p.url, 4);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    p.broker.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during_a = p.relays[0].metric("trueup_events_accepted_total")
+        + p.relays[1].metric("trueup_events_accepted_total");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during_b = p.relays[0].metric("trueup_events_accepted_total")
+        + p.relays[1].metric("trueup_events_accepted_total");
+    let backlog =
+        p.relays[0].metric("trueup_spool_depth") + p.relays[1].metric("trueup_spool_depth");
+    p.broker.signal(libc::SIGCONT);
+    let down = stopped.elapsed();
+    let logs = agents.finish().await;
+    assert!(
+        during_b > during_a,
+        "the relays kept accepting while the broker was down ({during_a} -> {during_b})"
+    );
+    assert!(backlog > 0.0, "what they accepted waited in their spools");
+    let ids = acknowledged(&logs);
+    let dups = p.check(&ids);
+    eprintln!(
+        "broker down {down:?}: {} events, {} accepted while down, spool backlog {backlog} at the end of the outage, {dups} duplicates absorbed",
+        ids.len(),
+        during_b - during_a
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_loader_killed_mid_batch_stores_each_event_once() {
+    let Some(mut p) = pipeline("kill_loader").await else {
+        return;
+    };
+    let agents = Agents::spawn(&p.url, 6);
+    // Kill it as soon as it has stored something (it is mid-stream, likely mid-batch).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.loader.metric("trueup_loader_stored_total") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "loader stored nothing in 30 s:\n{}",
+            p.loader.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.loader.kill9();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    p.loader.spawn();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let logs = agents.finish().await;
+    let ids = acknowledged(&logs);
+    let dups = p.check(&ids);
+    eprintln!(
+        "kill -9 the loader: {} events, {dups} duplicates absorbed after the restart",
+        ids.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_that_reaches_the_other_relay_is_stored_once_and_counted() {
+    let Some(p) = pipeline("retry_other").await else {
+        return;
+    };
+    let http = support::client();
+    let events: Vec<Value> = (1..=50)
+        .map(|seq| support::event("dev-retry", seq))
+        .collect();
+    let ids: HashSet<String> = events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    let body = support::batch(&events);
+    let send = |url: String| {
+        let http = http.clone();
+        let body = body.clone();
+        async move {
+            let r = http
+                .post(url)
+                .header("content-type", "text/plain")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let first = send(p.relays[0].collect_url()).await;
+    assert_eq!(first["accepted"], 50);
+    p.check(&ids);
+    // The same batch again, on purpose to the other relay (as a retry whose first answer was
+    // lost, balanced elsewhere): that relay has never seen it and accepts it.
+    let second = send(p.relays[1].collect_url()).await;
+    assert_eq!(second["accepted"], 50, "{second}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.loader.metric("trueup_loader_duplicates_total") < 50.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the loader did not absorb the 50 duplicates:\n{}",
+            p.loader.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(p.check(&ids), 50);
+    assert_eq!(p.loader.metric("trueup_loader_stored_total"), 50.0);
+}
