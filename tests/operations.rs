@@ -533,8 +533,32 @@ fn bad_configuration_is_refused_with_a_reason() {
         ),
         ("[sink]\nkind = \"warehouse\"\n", "replaced by [[sinks]]"),
         (
-            "[[sinks]]\nname = \"k\"\nkind = \"kafka\"\n",
+            "[[sinks]]\nname = \"k\"\nkind = \"kafkaa\"\n",
             "unknown variant",
+        ),
+        (
+            "[[sinks]]\nname = \"k\"\nkind = \"kafka\"\n",
+            "kind kafka needs brokers",
+        ),
+        (
+            "[[sinks]]\nname = \"k\"\nkind = \"kafka\"\nbrokers = \"broker-1\"\n",
+            "\"broker-1\" is not host:port",
+        ),
+        (
+            "[[sinks]]\nname = \"k\"\nkind = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"raw events\"\n",
+            "topic \"raw events\" must be",
+        ),
+        (
+            "[[sinks]]\nname = \"k\"\nkind = \"kafka\"\nbrokers = \"b:9092\"\nproperties = { acks = \"1\" }\n",
+            "\"acks\" is set by trueup",
+        ),
+        (
+            "[[sinks]]\nname = \"k\"\nkind = \"kafka\"\nbrokers = \"b:9092\"\nurl = \"https://x.example\"\n",
+            "url does not apply to kind kafka",
+        ),
+        (
+            "[[sinks]]\nname = \"w\"\nkind = \"warehouse\"\ntopic = \"t\"\n",
+            "topic does not apply to kind warehouse",
         ),
         (
             "[[sinks]]\nname = \"a b\"\nkind = \"warehouse\"\n",
@@ -589,6 +613,34 @@ fn bad_configuration_is_refused_with_a_reason() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{toml}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{toml}: expected {want:?} in {err}");
+    }
+    // The loader's section is checked when it runs (`load`), with the reason.
+    let loader_cases = [
+        ("", "loader: from = \"kafka\" needs brokers"),
+        (
+            "[loader]\nbrokers = \"b:9092\"\nto = \"postgres\"\n",
+            "needs its connection URL in secret_env or secret_file",
+        ),
+        (
+            "[loader]\nbrokers = \"b:9092\"\nbatch_size = 0\n",
+            "batch_size must be 1..=100000",
+        ),
+        (
+            "[loader]\nbrokers = \"b:9092\"\nproperties = { \"enable.auto.commit\" = \"true\" }\n",
+            "\"enable.auto.commit\" is set by trueup",
+        ),
+        ("[loader]\nfrom = \"redis\"\n", "unknown variant"),
+    ];
+    for (toml, want) in loader_cases {
+        let file = tmp.path().join("bad-loader.toml");
+        std::fs::write(&file, toml).unwrap();
+        let out = relay_cmd()
+            .args(["--config", file.to_str().unwrap(), "load"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{toml}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{toml}: expected {want:?} in {err}");
     }

@@ -337,9 +337,9 @@ impl Drop for LoaderProc {
 }
 
 /// The relays' sink: the broker's topic, small timeouts so that faults show quickly.
-fn relay_toml(broker: SocketAddr) -> String {
+fn relay_toml(broker: SocketAddr, sink_extra: &str) -> String {
     format!(
-        "[forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n\n[[sinks]]\nname = \"log\"\nkind = \"kafka\"\nbrokers = \"{broker}\"\ntimeout_secs = 5\n"
+        "[forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n\n[[sinks]]\nname = \"log\"\nkind = \"kafka\"\nbrokers = \"{broker}\"\ntimeout_secs = 5\n{sink_extra}"
     )
 }
 
@@ -354,6 +354,10 @@ struct Pipeline {
 }
 
 async fn pipeline(name: &str) -> Option<Pipeline> {
+    pipeline_with(name, "").await
+}
+
+async fn pipeline_with(name: &str, sink_extra: &str) -> Option<Pipeline> {
     let bin = tansu_bin()?;
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(&bin, dir.path());
@@ -361,8 +365,8 @@ async fn pipeline(name: &str) -> Option<Pipeline> {
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
     let relays = [
-        RelayProc::start(&a, &relay_toml(broker.addr)),
-        RelayProc::start(&b, &relay_toml(broker.addr)),
+        RelayProc::start(&a, &relay_toml(broker.addr, sink_extra)),
+        RelayProc::start(&b, &relay_toml(broker.addr, sink_extra)),
     ];
     let lb = balancer(vec![relays[0].public, relays[1].public]).await;
     let store = Store::new(dir.path(), name);
@@ -572,4 +576,90 @@ async fn a_retry_that_reaches_the_other_relay_is_stored_once_and_counted() {
     }
     assert_eq!(p.check(&ids), 50);
     assert_eq!(p.loader.metric("trueup_loader_stored_total"), 50.0);
+
+    // Freshness per stage, as p50/p95 over the last minute: the relays' stages and the
+    // loader's.
+    let quantiles = |addr: SocketAddr, stage: &str| -> Vec<f64> {
+        let (_, body) = http_get(addr, "/metrics").unwrap();
+        ["0.5", "0.95"]
+            .iter()
+            .map(|q| {
+                let key =
+                    format!("trueup_pipeline_lag_seconds{{stage=\"{stage}\",quantile=\"{q}\"}} ");
+                let line = body
+                    .lines()
+                    .find(|l| l.starts_with(&key))
+                    .unwrap_or_else(|| panic!("no {key} in\n{body}"));
+                line[key.len()..].parse().unwrap()
+            })
+            .collect()
+    };
+    for (addr, stage) in [
+        (p.relays[0].admin, "capture_to_accepted"),
+        (p.relays[0].admin, "accepted_to_log"),
+        (p.loader.admin, "log_to_warehouse"),
+        (p.loader.admin, "capture_to_warehouse"),
+    ] {
+        let q = quantiles(addr, stage);
+        assert!(
+            q[0] >= 0.0 && q[0] <= q[1] && q[1] < 60.0,
+            "{stage}: p50 {} p95 {}",
+            q[0],
+            q[1]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_too_large_for_the_log_is_dead_lettered_with_its_reason() {
+    let Some(p) = pipeline_with("too_large", "max_event_bytes = 1000\n").await else {
+        return;
+    };
+    let mut events: Vec<Value> = (1..=4).map(|seq| support::event("dev-big", seq)).collect();
+    events[1]["props"]["blob"] = serde_json::json!("x".repeat(2000));
+    let big = events[1]["id"].as_str().unwrap().to_string();
+    let small: HashSet<String> = events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .filter(|id| *id != big)
+        .collect();
+    let r = support::client()
+        .post(p.relays[0].collect_url())
+        .header("content-type", "text/plain")
+        .body(support::batch(&events))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["accepted"], 4,
+        "the relay takes it: only the log cannot"
+    );
+    // The three others reach the warehouse (seq 2 is missing there: a counted loss)...
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (stored, _) = p.store.stored();
+        if small.iter().all(|id| stored.contains_key(id)) {
+            assert!(!stored.contains_key(&big));
+            assert_eq!(stored.len(), 3);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the small events were not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and the large one is in the relay's dead letters, with the sink and the reason.
+    let spool = p.relays[0].spool_db();
+    let (reason, detail, sink): (String, String, String) = spool
+        .query_row(
+            "SELECT reason, detail, sink FROM dead_letter WHERE event_id = ?1",
+            [&big],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((reason.as_str(), sink.as_str()), ("too_large", "log"));
+    assert!(detail.contains("max_event_bytes 1000"), "{detail}");
 }

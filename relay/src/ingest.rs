@@ -303,8 +303,8 @@ pub(crate) struct Checked {
     results: Vec<Option<EventResult>>,
     /// The valid events (taken by [`store`]).
     pub(crate) fresh: Vec<NewEvent>,
-    /// The id and batch position of each valid event.
-    fresh_ids: Vec<(uuid::Uuid, usize)>,
+    /// The id, batch position and capture time of each valid event.
+    fresh_ids: Vec<(uuid::Uuid, usize, i64)>,
     dead: Vec<DeadLetter>,
 }
 
@@ -332,7 +332,7 @@ pub(crate) fn validate_batch(
                     site: site.to_string(),
                     body: raw.get().to_string(),
                 });
-                c.fresh_ids.push((event.id, i));
+                c.fresh_ids.push((event.id, i, event.ts));
             }
             Err(rej) => {
                 metrics::counter!("trueup_events_rejected_total", "reason" => rej.reason.as_str())
@@ -414,9 +414,14 @@ pub(crate) fn answer(
         fresh_ids,
         ..
     } = checked;
-    for ((id, i), adm) in fresh_ids.into_iter().zip(admissions) {
+    let now = now_ms();
+    let lag = metrics::histogram!("trueup_pipeline_lag_seconds", "stage" => "capture_to_accepted");
+    for ((id, i, ts), adm) in fresh_ids.into_iter().zip(admissions) {
         let status = match adm {
-            Admission::New => EventStatus::Accepted,
+            Admission::New => {
+                lag.record((now - ts).max(0) as f64 / 1000.0);
+                EventStatus::Accepted
+            }
             Admission::Duplicate => EventStatus::Duplicate,
         };
         results[i] = Some(EventResult {

@@ -173,6 +173,10 @@ fn describe_metrics() {
         "Scheduled reconciliations that failed (figures stale)."
     );
     describe_histogram!(
+        "trueup_pipeline_lag_seconds",
+        "Time between pipeline stages of the events, per stage (a summary: quantiles over the last minute): capture_to_accepted (capture in the page to the relay's acknowledgement), accepted_to_log (to the kafka sink's delivery report); the loader adds log_to_warehouse and capture_to_warehouse."
+    );
+    describe_histogram!(
         "trueup_request_duration_seconds",
         "Request latency on the public listener."
     );
