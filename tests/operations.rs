@@ -561,6 +561,26 @@ fn bad_configuration_is_refused_with_a_reason() {
             "topic does not apply to kind warehouse",
         ),
         (
+            "[[sinks]]\nname = \"n\"\nkind = \"nats\"\n",
+            "kind nats needs url",
+        ),
+        (
+            "[[sinks]]\nname = \"n\"\nkind = \"nats\"\nurl = \"http://127.0.0.1:4222\"\n",
+            "must be a nats:// (or tls://) URL",
+        ),
+        (
+            "[[sinks]]\nname = \"n\"\nkind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nsubject = \"a..b\"\n",
+            "subject \"a..b\" must be",
+        ),
+        (
+            "[[sinks]]\nname = \"n\"\nkind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nshards = 0\n",
+            "shards must be 1..=1024",
+        ),
+        (
+            "[[sinks]]\nname = \"n\"\nkind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nbrokers = \"b:1\"\n",
+            "brokers does not apply to kind nats",
+        ),
+        (
             "[[sinks]]\nname = \"a b\"\nkind = \"warehouse\"\n",
             "name must be",
         ),
@@ -632,6 +652,14 @@ fn bad_configuration_is_refused_with_a_reason() {
             "\"enable.auto.commit\" is set by trueup",
         ),
         ("[loader]\nfrom = \"redis\"\n", "unknown variant"),
+        (
+            "[loader]\nfrom = \"nats\"\n",
+            "from = \"nats\" needs url",
+        ),
+        (
+            "[loader]\nfrom = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nbrokers = \"b:1\"\n",
+            "apply to from = \"kafka\" only",
+        ),
     ];
     for (toml, want) in loader_cases {
         let file = tmp.path().join("bad-loader.toml");

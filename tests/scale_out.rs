@@ -1,14 +1,16 @@
 //! The distributed path, for real: two relays behind a round-robin balancer (written here),
-//! each producing to a Kafka-protocol broker (tansu, `TRUEUP_TANSU`, which `.ci/tansu`
-//! fetches) through its `kafka` sink, one loader (`trueup-relay load`) consuming the topic
-//! as a consumer group into the warehouse (PostgreSQL at `TRUEUP_TEST_POSTGRES` when set, a
+//! each writing to a log through its sink, one loader (`trueup-relay load`) consuming the log
+//! into the warehouse. Every scenario runs on both logs: a Kafka-protocol broker (tansu,
+//! `TRUEUP_TANSU`, which `.ci/tansu` fetches; `kafka` sinks, the loader in a consumer group)
+//! and NATS JetStream (Debian's `nats-server -js`; `nats` sinks, a durable pull consumer). The
+//! warehouse is (PostgreSQL at `TRUEUP_TEST_POSTGRES` when set, a
 //! schema of the test's own; else the SQLite warehouse). Agents send through the balancer
 //! and retry until answered; one fault per test. Each asserts that every acknowledged id is
 //! in the warehouse exactly once, nothing else is, no device has a `seq` gap, and the
 //! loader's counts add up (stored + duplicates absorbed = events it read).
 //!
-//! Without `TRUEUP_TANSU` the tests say so and pass (as the PostgreSQL ones do without their
-//! server); `.ci/run` sets it.
+//! Without `TRUEUP_TANSU` (or `nats-server` on the PATH) those tests say so and pass, as the
+//! PostgreSQL ones do without their server; `.ci/run` provides both.
 
 mod support;
 
@@ -34,13 +36,90 @@ fn tansu_bin() -> Option<PathBuf> {
     }
 }
 
-/// A tansu broker (in-memory storage) on loopback.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum LogKind {
+    Kafka,
+    Nats,
+}
+
+/// The log on loopback: a tansu broker (in-memory storage) or a NATS server with JetStream
+/// (file storage in the test's directory).
 struct Broker {
     child: Child,
     addr: SocketAddr,
+    kind: LogKind,
 }
 
 impl Broker {
+    fn start_kind(kind: LogKind, dir: &Path) -> Option<Broker> {
+        match kind {
+            LogKind::Kafka => Some(Broker::start(&tansu_bin()?, dir)),
+            LogKind::Nats => Broker::start_nats(dir),
+        }
+    }
+
+    /// `nats-server` binds port 0 (`-p -1`) and logs the port it got.
+    fn start_nats(dir: &Path) -> Option<Broker> {
+        let log_path = dir.join("nats.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+            .arg(dir.join("nats-store"))
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn();
+        let Ok(mut child) = child else {
+            eprintln!("nats-server not found (apt-get install nats-server): skipped");
+            return None;
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find_map(|l| l.split("Listening for client connections on ").nth(1))
+                .and_then(|a| a.trim().parse().ok())
+            {
+                return Some(Broker {
+                    child,
+                    addr,
+                    kind: LogKind::Nats,
+                });
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "nats-server exited:\n{text}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "nats-server not listening in 10 s:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The relays' `[[sinks]]` lines for this log.
+    fn sink_toml(&self) -> String {
+        match self.kind {
+            LogKind::Kafka => format!("kind = \"kafka\"\nbrokers = \"{}\"\n", self.addr),
+            LogKind::Nats => format!("kind = \"nats\"\nurl = \"nats://{}\"\n", self.addr),
+        }
+    }
+
+    /// The `[loader]` lines for this log.
+    fn loader_toml(&self) -> String {
+        match self.kind {
+            LogKind::Kafka => format!(
+                "brokers = \"{}\"\nproperties = {{ \"session.timeout.ms\" = \"6000\", \"max.poll.interval.ms\" = \"10000\" }}\n",
+                self.addr
+            ),
+            LogKind::Nats => format!(
+                "from = \"nats\"\nurl = \"nats://{}\"\nack_wait_secs = 5\n",
+                self.addr
+            ),
+        }
+    }
+
     /// Tansu takes its port on the command line and must advertise the same one, so it
     /// cannot report a port 0: it is started on a random port and, if that port is taken
     /// (it then exits), started again on another. Nothing is reserved ahead of time.
@@ -69,7 +148,11 @@ impl Broker {
                     break; // most likely the port was taken: another one
                 }
                 if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    return Broker { child, addr };
+                    return Broker {
+                        child,
+                        addr,
+                        kind: LogKind::Kafka,
+                    };
                 }
                 assert!(Instant::now() < deadline, "tansu not listening in 10 s");
                 std::thread::sleep(Duration::from_millis(20));
@@ -243,14 +326,15 @@ struct LoaderProc {
 }
 
 impl LoaderProc {
-    fn start(dir: &Path, broker: SocketAddr, store: &Store) -> LoaderProc {
+    fn start(dir: &Path, broker: &Broker, store: &Store) -> LoaderProc {
         let config = dir.join("loader.toml");
         std::fs::write(
             &config,
             format!(
-                "admin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[loader]\nbrokers = \"{broker}\"\nbatch_size = 500\nmax_wait_ms = 50\n{}properties = {{ \"session.timeout.ms\" = \"6000\", \"max.poll.interval.ms\" = \"10000\" }}\n",
+                "admin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[loader]\nbatch_size = 500\nmax_wait_ms = 50\n{}{}",
                 dir.join("loader-data").display(),
-                store.loader_toml(dir)
+                store.loader_toml(dir),
+                broker.loader_toml()
             ),
         )
         .unwrap();
@@ -337,9 +421,10 @@ impl Drop for LoaderProc {
 }
 
 /// The relays' sink: the broker's topic, small timeouts so that faults show quickly.
-fn relay_toml(broker: SocketAddr, sink_extra: &str) -> String {
+fn relay_toml(broker: &Broker, sink_extra: &str) -> String {
     format!(
-        "[forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n\n[[sinks]]\nname = \"log\"\nkind = \"kafka\"\nbrokers = \"{broker}\"\ntimeout_secs = 5\n{sink_extra}"
+        "[forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n\n[[sinks]]\nname = \"log\"\n{}timeout_secs = 5\n{sink_extra}",
+        broker.sink_toml()
     )
 }
 
@@ -353,24 +438,25 @@ struct Pipeline {
     url: String,
 }
 
-async fn pipeline(name: &str) -> Option<Pipeline> {
-    pipeline_with(name, "").await
+async fn pipeline(kind: LogKind, name: &str) -> Option<Pipeline> {
+    pipeline_with(kind, name, "").await
 }
 
-async fn pipeline_with(name: &str, sink_extra: &str) -> Option<Pipeline> {
-    let bin = tansu_bin()?;
+async fn pipeline_with(kind: LogKind, name: &str, sink_extra: &str) -> Option<Pipeline> {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(&bin, dir.path());
+    let broker = Broker::start_kind(kind, dir.path())?;
+    let name = format!("{}_{name}", format!("{kind:?}").to_lowercase());
+    let name = name.as_str();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
     let relays = [
-        RelayProc::start(&a, &relay_toml(broker.addr, sink_extra)),
-        RelayProc::start(&b, &relay_toml(broker.addr, sink_extra)),
+        RelayProc::start(&a, &relay_toml(&broker, sink_extra)),
+        RelayProc::start(&b, &relay_toml(&broker, sink_extra)),
     ];
     let lb = balancer(vec![relays[0].public, relays[1].public]).await;
     let store = Store::new(dir.path(), name);
-    let loader = LoaderProc::start(dir.path(), broker.addr, &store);
+    let loader = LoaderProc::start(dir.path(), &broker, &store);
     Some(Pipeline {
         url: format!("http://{lb}/_r/q"),
         _dir: dir,
@@ -443,9 +529,8 @@ fn acknowledged(logs: &[SenderLog]) -> HashSet<String> {
     ids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_relay_killed_mid_stream_loses_nothing_and_doubles_nothing() {
-    let Some(mut p) = pipeline("kill_relay").await else {
+async fn relay_killed(kind: LogKind) {
+    let Some(mut p) = pipeline(kind, "kill_relay").await else {
         return;
     };
     let agents = Agents::spawn(&p.url, 6);
@@ -466,9 +551,8 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_doubles_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_broker_down_for_ten_seconds_the_relays_keep_accepting_and_drain_after() {
-    let Some(p) = pipeline("broker_down").await else {
+async fn log_down(kind: LogKind) {
+    let Some(p) = pipeline(kind, "broker_down").await else {
         return;
     };
     let agents = Agents::spawn(&p.url, 4);
@@ -500,9 +584,8 @@ async fn the_broker_down_for_ten_seconds_the_relays_keep_accepting_and_drain_aft
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_loader_killed_mid_batch_stores_each_event_once() {
-    let Some(mut p) = pipeline("kill_loader").await else {
+async fn loader_killed(kind: LogKind) {
+    let Some(mut p) = pipeline(kind, "kill_loader").await else {
         return;
     };
     let agents = Agents::spawn(&p.url, 6);
@@ -529,9 +612,8 @@ async fn the_loader_killed_mid_batch_stores_each_event_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_retry_that_reaches_the_other_relay_is_stored_once_and_counted() {
-    let Some(p) = pipeline("retry_other").await else {
+async fn retry_to_the_other_relay(kind: LogKind) {
+    let Some(p) = pipeline(kind, "retry_other").await else {
         return;
     };
     let http = support::client();
@@ -565,16 +647,31 @@ async fn a_retry_that_reaches_the_other_relay_is_stored_once_and_counted() {
     // lost, balanced elsewhere): that relay has never seen it and accepts it.
     let second = send(p.relays[1].collect_url()).await;
     assert_eq!(second["accepted"], 50, "{second}");
+    // Kafka keeps both copies and the loader absorbs the second; JetStream drops it on
+    // `Nats-Msg-Id` within the stream's duplicate window (the other relay counts it).
+    let (who, metric, absorbed_by) = match kind {
+        LogKind::Kafka => ("loader", "trueup_loader_duplicates_total", &p.loader.admin),
+        LogKind::Nats => ("stream", "trueup_nats_duplicates_total", &p.relays[1].admin),
+    };
+    let count = |addr: &SocketAddr| -> f64 {
+        let (_, body) = http_get(*addr, "/metrics").unwrap_or_default();
+        body.lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(metric))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while p.loader.metric("trueup_loader_duplicates_total") < 50.0 {
+    while count(absorbed_by) < 50.0 {
         assert!(
             Instant::now() < deadline,
-            "the loader did not absorb the 50 duplicates:\n{}",
+            "the {who} did not absorb the 50 duplicates:\n{}",
             p.loader.log_text()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(p.check(&ids), 50);
+    assert_eq!(count(absorbed_by), 50.0);
+    let loader_dups = p.check(&ids);
+    assert_eq!(loader_dups, if kind == LogKind::Kafka { 50 } else { 0 });
     assert_eq!(p.loader.metric("trueup_loader_stored_total"), 50.0);
 
     // Freshness per stage, as p50/p95 over the last minute: the relays' stages and the
@@ -610,9 +707,8 @@ async fn a_retry_that_reaches_the_other_relay_is_stored_once_and_counted() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_event_too_large_for_the_log_is_dead_lettered_with_its_reason() {
-    let Some(p) = pipeline_with("too_large", "max_event_bytes = 1000\n").await else {
+async fn too_large(kind: LogKind) {
+    let Some(p) = pipeline_with(kind, "too_large", "max_event_bytes = 1000\n").await else {
         return;
     };
     let mut events: Vec<Value> = (1..=4).map(|seq| support::event("dev-big", seq)).collect();
@@ -662,4 +758,54 @@ async fn an_event_too_large_for_the_log_is_dead_lettered_with_its_reason() {
         .unwrap();
     assert_eq!((reason.as_str(), sink.as_str()), ("too_large", "log"));
     assert!(detail.contains("max_event_bytes 1000"), "{detail}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_a_relay_killed_mid_stream_loses_nothing_and_doubles_nothing() {
+    relay_killed(LogKind::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_a_relay_killed_mid_stream_loses_nothing_and_doubles_nothing() {
+    relay_killed(LogKind::Nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_the_broker_down_for_ten_seconds_the_relays_keep_accepting_and_drain_after() {
+    log_down(LogKind::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_the_broker_down_for_ten_seconds_the_relays_keep_accepting_and_drain_after() {
+    log_down(LogKind::Nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_the_loader_killed_mid_batch_stores_each_event_once() {
+    loader_killed(LogKind::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_the_loader_killed_mid_batch_stores_each_event_once() {
+    loader_killed(LogKind::Nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_a_retry_that_reaches_the_other_relay_is_stored_once_and_counted() {
+    retry_to_the_other_relay(LogKind::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_a_retry_that_reaches_the_other_relay_is_stored_once_and_counted() {
+    retry_to_the_other_relay(LogKind::Nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_an_event_too_large_for_the_log_is_dead_lettered_with_its_reason() {
+    too_large(LogKind::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_an_event_too_large_for_the_log_is_dead_lettered_with_its_reason() {
+    too_large(LogKind::Nats).await;
 }

@@ -206,6 +206,9 @@ pub enum SinkKind {
     /// A Kafka topic (or any broker speaking Kafka's protocol), through librdkafka: one
     /// message per record, acknowledged by every in-sync replica, idempotent producer.
     Kafka,
+    /// A NATS JetStream stream: one message per record, deduplicated by the server on
+    /// `Nats-Msg-Id` (the event id) within the stream's duplicate window.
+    Nats,
 }
 
 impl SinkKind {
@@ -219,6 +222,7 @@ impl SinkKind {
             SinkKind::Segment => "segment",
             SinkKind::Rudderstack => "rudderstack",
             SinkKind::Kafka => "kafka",
+            SinkKind::Nats => "nats",
         }
     }
 
@@ -234,6 +238,8 @@ impl SinkKind {
             SinkKind::Rudderstack => (2_500, 4 * 1000 * 1000, 32 * 1000),
             // Kafka's default `max.message.bytes` (1 MiB) per message; the producer batches.
             SinkKind::Kafka => (5_000, usize::MAX, 1024 * 1024),
+            // NATS's default `max_payload` (1 MiB), less room for the headers.
+            SinkKind::Nats => (5_000, usize::MAX, 1024 * 1024 - 4096),
         }
     }
 }
@@ -299,6 +305,57 @@ pub struct SinkConfig {
     /// `secret_file`) is set as `sasl.password`, never written here.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// `nats`: the JetStream stream (default `TRUEUP_EVENTS`), created if missing with the
+    /// subjects `<subject>.>`, file storage and `duplicate_window_secs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// `nats`: the subject prefix (default `trueup.events`); a record goes to
+    /// `<subject>.<shard>`, the shard a stable hash of its session (or device) modulo `shards`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// `nats`: how many session shards (default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
+    /// `nats`: the stream's duplicate window when the sink creates it (default 600 s). See
+    /// the README ("Scale out") for what it must cover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_window_secs: Option<u64>,
+}
+
+/// Checks a NATS URL, stream name and subject prefix.
+pub fn check_nats(url: Option<&str>, stream: &str, subject: &str) -> Result<(), String> {
+    let url = url.ok_or("kind nats needs url (nats://host:4222)")?;
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "nats" | "tls") && u.host().is_some() => {}
+        _ => {
+            return Err(format!(
+                "url {url:?} must be a nats:// (or tls://) URL with a host"
+            ));
+        }
+    }
+    if stream.is_empty()
+        || stream.len() > 64
+        || !stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "stream {stream:?} must be 1-64 letters, digits, '_' or '-'"
+        ));
+    }
+    if subject.is_empty()
+        || subject.split('.').any(|t| {
+            t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        })
+    {
+        return Err(format!(
+            "subject {subject:?} must be dot-separated tokens of letters, digits, '_' or '-'"
+        ));
+    }
+    Ok(())
 }
 
 /// librdkafka properties the Kafka sink and loader set themselves: changing any of them would
@@ -379,6 +436,10 @@ impl SinkConfig {
             brokers: None,
             topic: None,
             properties: Default::default(),
+            stream: None,
+            subject: None,
+            shards: None,
+            duplicate_window_secs: None,
         }
     }
 
@@ -400,6 +461,26 @@ impl SinkConfig {
     /// `kafka`: the topic.
     pub fn topic(&self) -> &str {
         self.topic.as_deref().unwrap_or("raw_events")
+    }
+
+    /// `nats`: the stream.
+    pub fn stream(&self) -> &str {
+        self.stream.as_deref().unwrap_or("TRUEUP_EVENTS")
+    }
+
+    /// `nats`: the subject prefix.
+    pub fn subject(&self) -> &str {
+        self.subject.as_deref().unwrap_or("trueup.events")
+    }
+
+    /// `nats`: the session shards.
+    pub fn shards(&self) -> u32 {
+        self.shards.unwrap_or(16)
+    }
+
+    /// `nats`: the duplicate window of a stream the sink creates.
+    pub fn duplicate_window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.duplicate_window_secs.unwrap_or(600))
     }
 
     /// The per-request timeout.
@@ -445,13 +526,14 @@ impl SinkConfig {
         let (max_batch, max_bytes, max_event) = kind.limits();
         let http = !matches!(
             kind,
-            SinkKind::Warehouse | SinkKind::Postgres | SinkKind::Kafka
+            SinkKind::Warehouse | SinkKind::Postgres | SinkKind::Kafka | SinkKind::Nats
         );
+        let nats = kind == SinkKind::Nats;
         let secret = kind != SinkKind::Warehouse;
         let kafka = kind == SinkKind::Kafka;
         let applies = [
             ("path", self.path.is_some(), kind == SinkKind::Warehouse),
-            ("url", self.url.is_some(), http),
+            ("url", self.url.is_some(), http || nats),
             ("secret_env", self.secret_env.is_some(), secret),
             ("secret_file", self.secret_file.is_some(), secret),
             (
@@ -463,7 +545,15 @@ impl SinkConfig {
             (
                 "max_event_bytes",
                 self.max_event_bytes.is_some(),
-                http || kafka,
+                http || kafka || nats,
+            ),
+            ("stream", self.stream.is_some(), nats),
+            ("subject", self.subject.is_some(), nats),
+            ("shards", self.shards.is_some(), nats),
+            (
+                "duplicate_window_secs",
+                self.duplicate_window_secs.is_some(),
+                nats,
             ),
             ("brokers", self.brokers.is_some(), kafka),
             ("topic", self.topic.is_some(), kafka),
@@ -479,6 +569,18 @@ impl SinkConfig {
         }
         match kind {
             SinkKind::Warehouse | SinkKind::Postgres => {}
+            SinkKind::Nats => {
+                if let Err(m) = check_nats(self.url.as_deref(), self.stream(), self.subject()) {
+                    return bad(m);
+                }
+                if !(1..=1024).contains(&self.shards()) {
+                    return bad("shards must be 1..=1024".into());
+                }
+                let w = self.duplicate_window().as_secs();
+                if !(1..=7 * 24 * 3600).contains(&w) {
+                    return bad("duplicate_window_secs must be 1..=604800".into());
+                }
+            }
             SinkKind::Kafka => {
                 if let Err(m) = check_kafka(self.brokers.as_deref(), self.topic(), &self.properties)
                 {
@@ -496,14 +598,16 @@ impl SinkConfig {
                 }
             }
         }
-        // Kafka's secret is optional (a SASL password, for brokers that ask for one).
-        if secret && !kafka && self.secret_env.is_none() && self.secret_file.is_none() {
+        // Kafka's and NATS's secrets are optional (a SASL password; a NATS token).
+        if secret && !kafka && !nats && self.secret_env.is_none() && self.secret_file.is_none() {
             return bad(format!(
                 "kind {} needs its key (postgres: its connection URL) in secret_env or secret_file",
                 kind.as_str()
             ));
         }
-        if let Some(url) = &self.url {
+        if let Some(url) = &self.url
+            && !nats
+        {
             match reqwest::Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
                 _ => return bad(format!("url {url:?} must be an http(s) URL with a host")),
@@ -661,6 +765,8 @@ impl Default for ForwarderConfig {
 pub enum LoaderSource {
     /// A Kafka topic, as a member of a consumer group.
     Kafka,
+    /// A NATS JetStream stream, through a durable pull consumer.
+    Nats,
 }
 
 /// Where the loader writes.
@@ -686,9 +792,18 @@ pub struct LoaderConfig {
     pub brokers: Option<String>,
     /// `kafka`: the topic the relays produce to.
     pub topic: String,
-    /// `kafka`: the consumer group; every loader of one warehouse uses the same one, and
-    /// the partitions are shared among them.
+    /// `kafka`: the consumer group; `nats`: the durable consumer's name. Every loader of one
+    /// warehouse uses the same one, and they share the work.
     pub group: String,
+    /// `nats`: the server, `nats://host:4222`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `nats`: the stream the relays' `nats` sinks publish to.
+    pub stream: String,
+    /// `nats`: how long a message fetched by a loader that then died waits before it is
+    /// delivered again (the consumer's `ack_wait`, when the loader creates it). Longer than
+    /// a warehouse write takes; a redelivery is stored once anyway.
+    pub ack_wait_secs: u64,
     /// `kafka`: more librdkafka properties (as the sink's `properties`).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub properties: std::collections::BTreeMap<String, String>,
@@ -716,6 +831,9 @@ impl Default for LoaderConfig {
             brokers: None,
             topic: "raw_events".into(),
             group: "trueup-loader".into(),
+            url: None,
+            stream: "TRUEUP_EVENTS".into(),
+            ack_wait_secs: 30,
             properties: Default::default(),
             to: LoaderTarget::Warehouse,
             path: None,
@@ -739,6 +857,34 @@ impl LoaderConfig {
                 }
                 if self.group.is_empty() || self.group.len() > 255 {
                     return bad("group must be 1-255 characters".into());
+                }
+                if self.url.is_some() {
+                    return bad("url applies to from = \"nats\" only (kafka: brokers)".into());
+                }
+            }
+            LoaderSource::Nats => {
+                if let Err(m) = check_nats(self.url.as_deref(), &self.stream, "trueup") {
+                    return bad(m.replace("kind nats", "from = \"nats\""));
+                }
+                if self.brokers.is_some() || !self.properties.is_empty() {
+                    return bad(
+                        "brokers and properties apply to from = \"kafka\" only (nats: url)".into(),
+                    );
+                }
+                if self.group.is_empty()
+                    || self.group.len() > 64
+                    || !self
+                        .group
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    return bad(
+                        "group (the durable consumer) must be 1-64 letters, digits, '_' or '-'"
+                            .into(),
+                    );
+                }
+                if !(1..=3600).contains(&self.ack_wait_secs) {
+                    return bad("ack_wait_secs must be 1..=3600".into());
                 }
             }
         }

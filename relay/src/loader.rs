@@ -36,9 +36,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use trueup_warehouse::Warehouse;
 
-use crate::config::{Config, LoaderTarget};
+use crate::config::{Config, LoaderSource, LoaderTarget};
 use crate::spool::{Record, RecordKind};
 use crate::time::now_ms;
+use futures_util::future::join_all;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -98,27 +99,12 @@ impl Loader {
         let db = open_warehouse(&cfg).await?;
         state.healthy.store(true, Ordering::Relaxed);
 
-        let mut kc = crate::sinks::kafka::client_config(
-            lc.brokers.as_deref().unwrap_or_default(),
-            None,
-            &lc.properties,
-        );
-        // A loader that died leaves the group after this long, and its partitions move on
-        // (librdkafka's default is 45 s); `properties` may say otherwise.
-        if !lc.properties.contains_key("session.timeout.ms") {
-            kc.set("session.timeout.ms", "10000");
-        }
-        let consumer: StreamConsumer = kc
-            .set("group.id", &lc.group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .context("cannot create the Kafka consumer")?;
-        consumer
-            .subscribe(&[&lc.topic])
-            .with_context(|| format!("cannot subscribe to {}", lc.topic))?;
-        let consumer = Arc::new(consumer);
+        let source = match lc.from {
+            LoaderSource::Kafka => Source::Kafka(kafka_consumer(lc)?),
+            LoaderSource::Nats => Source::Nats(
+                crate::sinks::nats::connect(lc.url.as_deref().unwrap_or_default(), None).await?,
+            ),
+        };
 
         let admin_addr = self.admin.local_addr()?;
         let admin_stop = CancellationToken::new();
@@ -141,7 +127,10 @@ impl Loader {
             "loader running"
         );
 
-        let result = consume(&consumer, db, &cfg, &state, &shutdown).await;
+        let result = match source {
+            Source::Kafka(consumer) => consume(&consumer, db, &cfg, &state, &shutdown).await,
+            Source::Nats(client) => consume_nats(client, db, &cfg, &state, &shutdown).await,
+        };
         admin_stop.cancel();
         let _ = admin.await;
         if let Some(path) = &cfg.ready_file {
@@ -201,6 +190,180 @@ async fn open_warehouse(cfg: &Config) -> anyhow::Result<Warehouse> {
     .await?
 }
 
+/// The log, connected.
+enum Source {
+    Kafka(Arc<StreamConsumer>),
+    Nats(async_nats::Client),
+}
+
+/// A consumer-group member subscribed to the topic, committing offsets by hand.
+fn kafka_consumer(lc: &crate::config::LoaderConfig) -> anyhow::Result<Arc<StreamConsumer>> {
+    let mut kc = crate::sinks::kafka::client_config(
+        lc.brokers.as_deref().unwrap_or_default(),
+        None,
+        &lc.properties,
+    );
+    // A loader that died leaves the group after this long, and its partitions move on
+    // (librdkafka's default is 45 s); `properties` may say otherwise.
+    if !lc.properties.contains_key("session.timeout.ms") {
+        kc.set("session.timeout.ms", "10000");
+    }
+    let consumer: StreamConsumer = kc
+        .set("group.id", &lc.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .context("cannot create the Kafka consumer")?;
+    consumer
+        .subscribe(&[&lc.topic])
+        .with_context(|| format!("cannot subscribe to {}", lc.topic))?;
+    Ok(Arc::new(consumer))
+}
+
+/// Reads batches from the durable pull consumer `group` of the stream, writes them, and
+/// acknowledges each message only after the warehouse transaction; until shutdown. The
+/// consumer is created if missing (explicit acks, everything from the stream's start); the
+/// stream is the relays' to create: until it exists, the loader waits.
+async fn consume_nats(
+    client: async_nats::Client,
+    db: Warehouse,
+    cfg: &Config,
+    state: &LoaderState,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+    use futures_util::StreamExt as _;
+    let lc = &cfg.loader;
+    let js = async_nats::jetstream::new(client);
+    let mut db = Some(db);
+    let consumer = loop {
+        state.last_beat_ms.store(now_ms(), Ordering::Relaxed);
+        let found = async {
+            let stream = js.get_stream(&lc.stream).await?;
+            let c: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_or_create_consumer(
+                    &lc.group,
+                    pull::Config {
+                        durable_name: Some(lc.group.clone()),
+                        ack_policy: AckPolicy::Explicit,
+                        deliver_policy: DeliverPolicy::All,
+                        ack_wait: Duration::from_secs(lc.ack_wait_secs),
+                        max_ack_pending: (lc.batch_size * 4) as i64,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            Ok::<_, async_nats::Error>(c)
+        }
+        .await;
+        match found {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(stream = %lc.stream, error = %e, "the stream or its consumer is not there yet; waiting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    loop {
+        state.last_beat_ms.store(now_ms(), Ordering::Relaxed);
+        let fetched = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            f = consumer
+                .fetch()
+                .max_messages(lc.batch_size)
+                .expires(Duration::from_millis(lc.max_wait_ms.max(100)))
+                .messages() => f,
+        };
+        let mut messages = match fetched {
+            Ok(m) => m,
+            Err(e) => {
+                metrics::counter!("trueup_loader_consumer_errors_total").increment(1);
+                tracing::warn!(error = %e, "cannot fetch from the stream; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut held = Vec::new();
+        let mut batch = Vec::new();
+        while let Some(m) = messages.next().await {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    metrics::counter!("trueup_loader_consumer_errors_total").increment(1);
+                    tracing::warn!(error = %e, "the stream consumer reported an error");
+                    break;
+                }
+            };
+            let (seq, logged_at) = m
+                .info()
+                .map(|i| {
+                    (
+                        i.stream_sequence as i64,
+                        Some((i.published.unix_timestamp_nanos() / 1_000_000) as i64),
+                    )
+                })
+                .unwrap_or((0, None));
+            let header = |k: &str| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get(k))
+                    .map(|v| v.as_str().to_string())
+            };
+            let record = record_from(
+                header("trueup-kind").as_deref(),
+                header("trueup-site"),
+                header("trueup-received-at").and_then(|v| v.parse().ok()),
+                std::str::from_utf8(&m.payload).ok(),
+                batch.len() as i64,
+            );
+            match record {
+                Ok(record) => batch.push(Loaded {
+                    record,
+                    partition: 0,
+                    offset: seq,
+                    logged_at,
+                }),
+                Err(reason) => {
+                    tracing::warn!(
+                        sequence = seq,
+                        reason,
+                        "skipping a message that is not a trueup record"
+                    );
+                    metrics::counter!("trueup_loader_rejected_total", "reason" => reason)
+                        .increment(1);
+                }
+            }
+            held.push(m);
+        }
+        if held.is_empty() {
+            continue;
+        }
+        if !store_batch(&mut db, Arc::new(batch), cfg, state, shutdown).await? {
+            return Ok(());
+        }
+        // Only now: the warehouse holds them.
+        let mut failed = 0u64;
+        for r in join_all(held.iter().map(|m| m.ack())).await {
+            if r.is_err() {
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            // Redelivered after ack_wait, and stored once.
+            metrics::counter!("trueup_loader_commit_errors_total").increment(failed);
+            tracing::warn!(
+                failed,
+                "cannot acknowledge messages (redelivered later, stored once)"
+            );
+        }
+        metrics::counter!("trueup_loader_messages_total").increment(held.len() as u64);
+    }
+}
+
 /// One message, as the warehouse write takes it.
 struct Loaded {
     record: Record,
@@ -210,7 +373,7 @@ struct Loaded {
     logged_at: Option<i64>,
 }
 
-/// The record a message carries, or why it cannot be one.
+/// The record a Kafka message carries, or why it cannot be one.
 fn record_of(m: &BorrowedMessage<'_>, pos: i64) -> Result<Record, &'static str> {
     let mut kind = None;
     let mut site = None;
@@ -220,12 +383,24 @@ fn record_of(m: &BorrowedMessage<'_>, pos: i64) -> Result<Record, &'static str> 
             let v = h.value.and_then(|v| std::str::from_utf8(v).ok());
             match h.key {
                 "trueup-kind" => kind = v,
-                "trueup-site" => site = v,
+                "trueup-site" => site = v.map(str::to_string),
                 "trueup-received-at" => received_at = v.and_then(|v| v.parse::<i64>().ok()),
                 _ => {}
             }
         }
     }
+    let body = m.payload_view::<str>().and_then(Result::ok);
+    record_from(kind, site, received_at, body, pos)
+}
+
+/// The record from a message's trueup headers and payload, or why it cannot be one.
+fn record_from(
+    kind: Option<&str>,
+    site: Option<String>,
+    received_at: Option<i64>,
+    body: Option<&str>,
+    pos: i64,
+) -> Result<Record, &'static str> {
     let kind = match kind {
         Some("event") => RecordKind::Event,
         Some("counters") => RecordKind::Counters,
@@ -233,14 +408,11 @@ fn record_of(m: &BorrowedMessage<'_>, pos: i64) -> Result<Record, &'static str> 
     };
     let site = site.ok_or("no_trueup_site")?;
     let received_at = received_at.ok_or("no_trueup_received_at")?;
-    let body = m
-        .payload_view::<str>()
-        .and_then(Result::ok)
-        .ok_or("payload_not_utf8")?;
+    let body = body.ok_or("payload_not_utf8")?;
     Ok(Record {
         pos,
         kind,
-        site: site.to_string(),
+        site,
         received_at,
         body: body.to_string(),
     })
@@ -321,70 +493,8 @@ async fn consume(
 
         // The warehouse transaction, retried until it commits (or shutdown).
         let messages = batch.len() + rejected.len();
-        let mut backoff = Duration::from_millis(200);
-        let batch = Arc::new(batch);
-        loop {
-            let conn = db
-                .take()
-                .expect("the warehouse connection is back after each write");
-            let b = batch.clone();
-            let (conn, result) = tokio::task::spawn_blocking(move || {
-                let mut conn = conn;
-                let records: Vec<Record> = b.iter().map(|l| l.record.clone()).collect();
-                let r = crate::sinks::warehouse::write_counted(&mut conn, &records);
-                (conn, r)
-            })
-            .await
-            .context("the warehouse write task failed")?;
-            db = Some(conn);
-            match result {
-                Ok((delivery, new)) => {
-                    state.healthy.store(true, Ordering::Relaxed);
-                    let events = batch
-                        .iter()
-                        .filter(|l| l.record.kind == RecordKind::Event)
-                        .count() as u64;
-                    let unreadable = delivery.rejected.len() as u64;
-                    for (pos, reason) in &delivery.rejected {
-                        let l = &batch[*pos as usize];
-                        tracing::warn!(
-                            partition = l.partition,
-                            offset = l.offset,
-                            reason = %reason,
-                            "skipping a message the warehouse cannot read"
-                        );
-                        metrics::counter!("trueup_loader_rejected_total", "reason" => "unreadable")
-                            .increment(1);
-                    }
-                    metrics::counter!("trueup_loader_stored_total").increment(new);
-                    metrics::counter!("trueup_loader_duplicates_total")
-                        .increment(events.saturating_sub(new + unreadable));
-                    record_lags(&batch);
-                    break;
-                }
-                Err(e) => {
-                    state.healthy.store(false, Ordering::Relaxed);
-                    metrics::counter!("trueup_loader_write_errors_total").increment(1);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "warehouse write failed; retrying the batch");
-                    // A broken PostgreSQL connection is replaced before the next attempt.
-                    if let Some(Warehouse::Postgres(c)) = &db
-                        && c.is_closed()
-                    {
-                        match open_warehouse(cfg).await {
-                            Ok(fresh) => db = Some(fresh),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot reconnect to the warehouse")
-                            }
-                        }
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    state.last_beat_ms.store(now_ms(), Ordering::Relaxed);
-                }
-            }
+        if !store_batch(&mut db, Arc::new(batch), cfg, state, shutdown).await? {
+            return Ok(());
         }
 
         // Only now: the offsets past what the warehouse holds.
@@ -404,6 +514,80 @@ async fn consume(
             Err(e) => {
                 metrics::counter!("trueup_loader_commit_errors_total").increment(1);
                 tracing::warn!(error = %e, "cannot commit offsets (re-read later, stored once)");
+            }
+        }
+    }
+}
+
+/// Writes one batch in one warehouse transaction, retried (backoff up to 10 s) until it
+/// commits; then counts what was new and what was a duplicate. `false`: shutdown came first
+/// (nothing of the batch may be acknowledged to the log then).
+async fn store_batch(
+    db: &mut Option<Warehouse>,
+    batch: Arc<Vec<Loaded>>,
+    cfg: &Config,
+    state: &LoaderState,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let conn = db
+            .take()
+            .expect("the warehouse connection is back after each write");
+        let b = batch.clone();
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let mut conn = conn;
+            let records: Vec<Record> = b.iter().map(|l| l.record.clone()).collect();
+            let r = crate::sinks::warehouse::write_counted(&mut conn, &records);
+            (conn, r)
+        })
+        .await
+        .context("the warehouse write task failed")?;
+        *db = Some(conn);
+        match result {
+            Ok((delivery, new)) => {
+                state.healthy.store(true, Ordering::Relaxed);
+                let events = batch
+                    .iter()
+                    .filter(|l| l.record.kind == RecordKind::Event)
+                    .count() as u64;
+                let unreadable = delivery.rejected.len() as u64;
+                for (pos, reason) in &delivery.rejected {
+                    let l = &batch[*pos as usize];
+                    tracing::warn!(
+                        partition = l.partition,
+                        offset = l.offset,
+                        reason = %reason,
+                        "skipping a message the warehouse cannot read"
+                    );
+                    metrics::counter!("trueup_loader_rejected_total", "reason" => "unreadable")
+                        .increment(1);
+                }
+                metrics::counter!("trueup_loader_stored_total").increment(new);
+                metrics::counter!("trueup_loader_duplicates_total")
+                    .increment(events.saturating_sub(new + unreadable));
+                record_lags(&batch);
+                return Ok(true);
+            }
+            Err(e) => {
+                state.healthy.store(false, Ordering::Relaxed);
+                metrics::counter!("trueup_loader_write_errors_total").increment(1);
+                tracing::warn!(error = %e, retry_in = ?backoff, "warehouse write failed; retrying the batch");
+                // A broken PostgreSQL connection is replaced before the next attempt.
+                if let Some(Warehouse::Postgres(c)) = &*db
+                    && c.is_closed()
+                {
+                    match open_warehouse(cfg).await {
+                        Ok(fresh) => *db = Some(fresh),
+                        Err(e) => tracing::warn!(error = %e, "cannot reconnect to the warehouse"),
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                state.last_beat_ms.store(now_ms(), Ordering::Relaxed);
             }
         }
     }

@@ -9,6 +9,7 @@
 pub(crate) mod form;
 pub mod http;
 pub mod kafka;
+pub mod nats;
 pub mod posthog;
 pub mod segment;
 pub mod warehouse;
@@ -75,6 +76,11 @@ pub async fn open(cfg: &Config, sink: &SinkConfig) -> anyhow::Result<Arc<dyn Sin
         SinkKind::Segment | SinkKind::Rudderstack => {
             Arc::new(segment::SegmentSink::new(sink, secret()?)?)
         }
+        SinkKind::Nats => Arc::new(
+            nats::NatsSink::new(sink, sink.secret()?)
+                .await
+                .with_context(|| format!("{}: cannot connect", what()))?,
+        ),
         SinkKind::Kafka => Arc::new(
             kafka::KafkaSink::new(sink, sink.secret()?)
                 .with_context(|| format!("{}: cannot create the producer", what()))?,
