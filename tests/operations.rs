@@ -652,10 +652,7 @@ fn bad_configuration_is_refused_with_a_reason() {
             "\"enable.auto.commit\" is set by trueup",
         ),
         ("[loader]\nfrom = \"redis\"\n", "unknown variant"),
-        (
-            "[loader]\nfrom = \"nats\"\n",
-            "from = \"nats\" needs url",
-        ),
+        ("[loader]\nfrom = \"nats\"\n", "from = \"nats\" needs url"),
         (
             "[loader]\nfrom = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nbrokers = \"b:1\"\n",
             "apply to from = \"kafka\" only",

@@ -302,6 +302,24 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Events whose stage times are missing or out of order.
+    fn out_of_order_stages(&self) -> i64 {
+        let sql = "SELECT count(*) FROM events WHERE logged_at IS NULL OR stored_at IS NULL \
+                   OR NOT (ts <= received_at AND received_at <= logged_at AND logged_at <= stored_at)";
+        match self {
+            Store::Postgres { url, .. } => off_runtime(|| {
+                let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+                c.query_one(sql, &[]).unwrap().get(0)
+            }),
+            Store::Sqlite(path) => rusqlite::Connection::open(path)
+                .unwrap()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap(),
+        }
+    }
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
         if let Store::Postgres { schema, .. } = self
@@ -673,6 +691,9 @@ async fn retry_to_the_other_relay(kind: LogKind) {
     let loader_dups = p.check(&ids);
     assert_eq!(loader_dups, if kind == LogKind::Kafka { 50 } else { 0 });
     assert_eq!(p.loader.metric("trueup_loader_stored_total"), 50.0);
+    // Each stage's time is stored with the event, in order: captured, received by the relay,
+    // taken by the log, stored by the loader.
+    assert_eq!(p.store.out_of_order_stages(), 0);
 
     // Freshness per stage, as p50/p95 over the last minute: the relays' stages and the
     // loader's.

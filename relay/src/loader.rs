@@ -538,7 +538,7 @@ async fn store_batch(
         let (conn, result) = tokio::task::spawn_blocking(move || {
             let mut conn = conn;
             let records: Vec<Record> = b.iter().map(|l| l.record.clone()).collect();
-            let r = crate::sinks::warehouse::write_counted(&mut conn, &records);
+            let r = crate::sinks::warehouse::write_logged(&mut conn, &records, |i| b[i].logged_at);
             (conn, r)
         })
         .await

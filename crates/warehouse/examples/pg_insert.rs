@@ -54,6 +54,7 @@ fn row(e: &Owned, i: usize) -> EventRow<'_> {
         seq: Some(i as i64),
         props: &e.props,
         context: &e.context,
+        logged_at: None,
     }
 }
 

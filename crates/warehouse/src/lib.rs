@@ -19,6 +19,8 @@
 //! | `seq` | INTEGER | BIGINT | per-device sequence number (client events) |
 //! | `props` | TEXT (JSON) | JSONB | properties |
 //! | `context` | TEXT (JSON) | JSONB | url, referrer, title, attribution |
+//! | `logged_at` | INTEGER | BIGINT | when the log took it (loader writes only), ms; else NULL |
+//! | `stored_at` | INTEGER | BIGINT | when the warehouse write stored it, ms since the Unix epoch |
 //!
 //! `agent_counters`, the latest counters each device reported (`device_id` primary key,
 //! `site`, `received_at`, `enqueued`, `sent`, `acked`, `retried`, `pending`, `dropped` as a
@@ -75,6 +77,9 @@ pub struct EventRow<'a> {
     pub props: &'a str,
     /// A JSON object.
     pub context: &'a str,
+    /// When the log (Kafka, JetStream) took it, ms since the epoch; `None` when it came
+    /// straight from a relay.
+    pub logged_at: Option<i64>,
 }
 
 /// One device's counters.
@@ -120,7 +125,9 @@ CREATE TABLE IF NOT EXISTS events (
     device_id TEXT,
     seq INTEGER,
     props TEXT NOT NULL,
-    context TEXT NOT NULL
+    context TEXT NOT NULL,
+    logged_at INTEGER,
+    stored_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_name_ts ON events (name, ts);
 CREATE TABLE IF NOT EXISTS agent_counters (
@@ -152,8 +159,13 @@ CREATE TABLE IF NOT EXISTS events (
     device_id TEXT,
     seq BIGINT,
     props JSONB NOT NULL,
-    context JSONB NOT NULL
+    context JSONB NOT NULL,
+    logged_at BIGINT,
+    stored_at BIGINT
 );
+-- Warehouses created before the pipeline timestamps existed.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS logged_at BIGINT;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS stored_at BIGINT;
 CREATE INDEX IF NOT EXISTS events_name_ts ON events (name, ts);
 CREATE TABLE IF NOT EXISTS agent_counters (
     device_id TEXT PRIMARY KEY,
@@ -176,12 +188,12 @@ const EVENTS_IN: &str = "
 CREATE TEMPORARY TABLE IF NOT EXISTS events_in (
     id TEXT, name TEXT, schema TEXT, source TEXT, site TEXT, ts BIGINT, received_at BIGINT,
     anon_id TEXT, user_id TEXT, session_id TEXT, device_id TEXT, seq BIGINT,
-    props TEXT, context TEXT
+    props TEXT, context TEXT, logged_at BIGINT
 ) ON COMMIT DELETE ROWS;
 ";
 
 /// `events_in`'s column types, in order, for the binary `COPY`.
-const EVENTS_IN_TYPES: [Type; 14] = [
+const EVENTS_IN_TYPES: [Type; 15] = [
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
@@ -196,6 +208,7 @@ const EVENTS_IN_TYPES: [Type; 14] = [
     Type::INT8,
     Type::TEXT,
     Type::TEXT,
+    Type::INT8,
 ];
 
 /// An open warehouse.
@@ -213,6 +226,18 @@ impl Warehouse {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SQLITE_SCHEMA)?;
+        // Warehouses created before the pipeline timestamps existed.
+        let has: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('events') WHERE name = 'stored_at'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch(
+                "ALTER TABLE events ADD COLUMN logged_at INTEGER;
+                 ALTER TABLE events ADD COLUMN stored_at INTEGER;",
+            )?;
+        }
         Ok(Warehouse::Sqlite(conn))
     }
 
@@ -387,11 +412,12 @@ fn write_sqlite(
 ) -> Result<u64, WarehouseError> {
     let tx = conn.transaction()?;
     let mut new = 0;
+    let stored_at = now_ms();
     {
         let mut ev = tx.prepare_cached(
             "INSERT INTO events
-             (id, name, schema, source, site, ts, received_at, anon_id, user_id, session_id, device_id, seq, props, context)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             (id, name, schema, source, site, ts, received_at, anon_id, user_id, session_id, device_id, seq, props, context, logged_at, stored_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
              ON CONFLICT (id) DO NOTHING",
         )?;
         for e in events {
@@ -409,7 +435,9 @@ fn write_sqlite(
                 e.device_id,
                 e.seq,
                 e.props,
-                e.context
+                e.context,
+                e.logged_at,
+                stored_at
             ])? as u64;
         }
         let mut up = tx.prepare_cached(
@@ -467,17 +495,18 @@ fn write_postgres(
                 &e.seq,
                 &e.props,
                 &e.context,
+                &e.logged_at,
             ])?;
         }
         w.finish()?;
         new = tx.execute(
             "INSERT INTO events
-             (id, name, schema, source, site, ts, received_at, anon_id, user_id, session_id, device_id, seq, props, context)
+             (id, name, schema, source, site, ts, received_at, anon_id, user_id, session_id, device_id, seq, props, context, logged_at, stored_at)
              SELECT id, name, schema, source, site, ts, received_at, anon_id, user_id, session_id, device_id, seq,
-                    props::jsonb, context::jsonb
+                    props::jsonb, context::jsonb, logged_at, $1::BIGINT
              FROM events_in
              ON CONFLICT (id) DO NOTHING",
-            &[],
+            &[&now_ms()],
         )?;
     }
     for c in counters {
@@ -508,6 +537,13 @@ fn write_postgres(
     Ok(new)
 }
 
+/// Milliseconds since the Unix epoch (the `stored_at` of a write).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,6 +564,7 @@ mod tests {
             seq: Some(seq),
             props: r#"{"k":1}"#,
             context: "{}",
+            logged_at: None,
         }
     }
 
@@ -544,6 +581,50 @@ mod tests {
             dropped: r#"{"queue_full":2}"#,
             degraded: None,
         }
+    }
+
+    /// A warehouse file from before the stage times gets the columns, keeps its rows, and
+    /// new writes carry `logged_at` (when given) and `stored_at`.
+    #[test]
+    fn an_older_sqlite_warehouse_gets_the_stage_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        let old = rusqlite::Connection::open(&path).unwrap();
+        let old_schema =
+            SQLITE_SCHEMA.replace(",\n    logged_at INTEGER,\n    stored_at INTEGER", "");
+        assert_ne!(old_schema, SQLITE_SCHEMA);
+        old.execute_batch(&old_schema).unwrap();
+        old.execute_batch(
+            "INSERT INTO events (id, name, schema, source, site, ts, received_at, anon_id, props, context) \
+             VALUES ('old', 'n', 'event/1', 'client', 's', 1, 2, 'a', '{}', '{}');",
+        )
+        .unwrap();
+        assert!(
+            old.prepare("SELECT stored_at FROM events").is_err(),
+            "the old shape"
+        );
+        drop(old);
+        let mut w = Warehouse::open_sqlite(&path).unwrap();
+        let mut e = ev("new", "d1", 1, 10);
+        e.logged_at = Some(20);
+        let before = now_ms();
+        assert_eq!(w.write(&[e], &[]).unwrap(), 1);
+        let Warehouse::Sqlite(c) = &w else {
+            unreachable!()
+        };
+        let rows: Vec<(String, Option<i64>, Option<i64>)> = c
+            .prepare("SELECT id, logged_at, stored_at FROM events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(rows[1], ("old".to_string(), None, None));
+        assert_eq!((rows[0].0.as_str(), rows[0].1), ("new", Some(20)));
+        assert!(rows[0].2.unwrap() >= before);
+        // Opening it again changes nothing.
+        drop(w);
+        Warehouse::open_sqlite(&path).unwrap();
     }
 
     /// The same writes and reads on either database give the same answers.

@@ -129,13 +129,22 @@ pub(crate) fn write_counted(
     db: &mut Warehouse,
     records: &[Record],
 ) -> Result<(Delivery, u64), WarehouseError> {
+    write_logged(db, records, |_| None)
+}
+
+/// [`write_counted`], with when the log took each record (by its position in `records`).
+pub(crate) fn write_logged(
+    db: &mut Warehouse,
+    records: &[Record],
+    logged_at: impl Fn(usize) -> Option<i64>,
+) -> Result<(Delivery, u64), WarehouseError> {
     let mut delivery = Delivery::default();
     let mut parsed = Vec::with_capacity(records.len());
     let mut counters = Vec::new();
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         match r.kind {
             RecordKind::Event => match serde_json::from_str::<Event>(&r.body) {
-                Ok(e) => parsed.push((r, e)),
+                Ok(e) => parsed.push((r, e, logged_at(i))),
                 Err(err) => delivery
                     .rejected
                     .push((r.pos, format!("unreadable_event: {err}"))),
@@ -152,7 +161,7 @@ pub(crate) fn write_counted(
     }
     let events: Vec<EventRow> = parsed
         .iter()
-        .map(|(r, e)| EventRow {
+        .map(|(r, e, logged_at)| EventRow {
             id: &e.id,
             name: &e.name,
             schema: &e.schema,
@@ -167,6 +176,7 @@ pub(crate) fn write_counted(
             seq: e.seq.map(|s| s.min(i64::MAX as u64) as i64),
             props: e.props.map_or("{}", RawValue::get),
             context: e.context.map_or("{}", RawValue::get),
+            logged_at: *logged_at,
         })
         .collect();
     let dropped: Vec<String> = counters
