@@ -299,3 +299,166 @@ impl Sink for KafkaSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Broker faults that are hard to cause on a real broker, on librdkafka's own mock
+    //! cluster (`rdkafka::mocking`): request errors on produce, a partition's leader moving,
+    //! a broker going down; and the dead-lettering of what can never be written.
+    use std::collections::HashMap;
+
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::message::{Headers as _, Message as _};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaApiKey;
+    use rdkafka::types::RDKafkaRespErr;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    use super::*;
+
+    const TOPIC: &str = "raw_events";
+
+    fn sink(brokers: String, timeout_secs: u64, extra: &str) -> KafkaSink {
+        let cfg: SinkConfig = toml::from_str(&format!(
+            "name = \"log\"\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntimeout_secs = {timeout_secs}\n{extra}"
+        ))
+        .unwrap();
+        KafkaSink::new(&cfg, None).unwrap()
+    }
+
+    fn records(n: usize, from: usize) -> Arc<Vec<Record>> {
+        Arc::new(
+            (from..from + n)
+                .map(|i| Record {
+                    pos: i as i64,
+                    kind: RecordKind::Event,
+                    site: "demo".into(),
+                    received_at: 1_790_000_000_000 + i as i64,
+                    body: format!(
+                        r#"{{"id":"0196a1b2-c3d4-7e5f-8a9b-{i:012x}","name":"e","schema":"event/1","ts":1,"source":"client","anon_id":"a","session_id":"s{}","device_id":"d","seq":{i}}}"#,
+                        i % 7
+                    ),
+                })
+                .collect(),
+        )
+    }
+
+    /// Every message of the topic: its `trueup-id` header → how many times it is there.
+    fn read_all(
+        cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        partitions: i32,
+        want: usize,
+    ) -> HashMap<String, usize> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "read-all")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(TOPIC, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut seen = HashMap::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while seen.values().sum::<usize>() < want && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                let id = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "trueup-id"))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .expect("every message has its trueup-id");
+                *seen.entry(id).or_default() += 1;
+            }
+        }
+        // Anything more (a duplicate) would arrive within a moment.
+        let quiet = std::time::Instant::now() + Duration::from_millis(500);
+        while std::time::Instant::now() < quiet {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                let id = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "trueup-id"))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap();
+                *seen.entry(id).or_default() += 1;
+            }
+        }
+        seen
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn produce_errors_and_a_moving_leader_are_retried_without_duplicates() {
+        let cluster = MockCluster::new(3).unwrap();
+        cluster.create_topic(TOPIC, 3, 3).unwrap();
+        let s = sink(cluster.bootstrap_servers(), 20, "");
+        // Transient answers to the next produce requests: the idempotent producer retries
+        // them itself, and its sequence numbers keep the retries from being written twice.
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+            ],
+        );
+        let d = s
+            .deliver(records(200, 0))
+            .await
+            .expect("delivered despite the errors");
+        assert!(d.rejected.is_empty());
+        // Every partition's leader moves off broker 1, which then goes down.
+        for p in 0..3 {
+            cluster.partition_leader(TOPIC, p, Some(2 + p % 2)).unwrap();
+        }
+        cluster.broker_down(1).unwrap();
+        let d = s
+            .deliver(records(200, 200))
+            .await
+            .expect("delivered after the leader moved");
+        assert!(d.rejected.is_empty());
+        cluster.broker_up(1).unwrap();
+        let seen = read_all(&cluster, 3, 400);
+        assert_eq!(seen.len(), 400, "every record is in the topic");
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "written twice: {twice:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_delivery_is_an_error_and_a_record_too_large_is_dead_lettered() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let s = sink(cluster.bootstrap_servers(), 2, "max_event_bytes = 300\n");
+        // A body over max_event_bytes is never sent: dead-lettered with the reason.
+        let mut rs = (*records(3, 0)).clone();
+        rs[1].body = rs[1].body.replace(
+            "\"name\":\"e\"",
+            &format!("\"name\":\"{}\"", "x".repeat(400)),
+        );
+        let d = s.deliver(Arc::new(rs)).await.unwrap();
+        assert_eq!(d.rejected.len(), 1);
+        assert_eq!(d.rejected[0].0, 1);
+        assert!(
+            d.rejected[0].1.starts_with("too_large: "),
+            "{}",
+            d.rejected[0].1
+        );
+        // The broker refuses every attempt for longer than the sink's timeout: the delivery
+        // fails as a whole (the forwarder keeps the records and retries), it is not "taken".
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 5000],
+        );
+        let err = s.deliver(records(5, 10)).await.expect_err("not delivered");
+        assert!(err.message.contains("delivery failed"), "{}", err.message);
+        cluster.clear_request_errors(RDKafkaApiKey::Produce);
+        // The same records again (as the forwarder does) go through, once each.
+        s.deliver(records(5, 10)).await.expect("delivered on retry");
+        let seen = read_all(&cluster, 1, 7);
+        assert_eq!(seen.len(), 7);
+    }
+}
