@@ -419,6 +419,26 @@ impl LoaderProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, and its exit status (within 20 s).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "loader did not exit 20 s after SIGTERM:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// One counter's value (summed over its labels), 0 when absent.
     fn metric(&self, name: &str) -> f64 {
         let Ok((_, body)) = http_get(self.admin, "/metrics") else {
@@ -631,7 +651,7 @@ async fn loader_killed(kind: LogKind) {
 }
 
 async fn retry_to_the_other_relay(kind: LogKind) {
-    let Some(p) = pipeline(kind, "retry_other").await else {
+    let Some(mut p) = pipeline(kind, "retry_other").await else {
         return;
     };
     let http = support::client();
@@ -726,6 +746,13 @@ async fn retry_to_the_other_relay(kind: LogKind) {
             q[1]
         );
     }
+    // Stopped the way an orchestrator stops it: it finishes, and exits cleanly.
+    let status = p.loader.terminate();
+    assert!(
+        status.success(),
+        "loader exit on SIGTERM: {status}\n{}",
+        p.loader.log_text()
+    );
 }
 
 async fn too_large(kind: LogKind) {

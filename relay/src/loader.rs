@@ -96,15 +96,15 @@ impl Loader {
             metrics: crate::server::metrics_handle(),
             token: cfg.admin_token.as_deref().map(Arc::from),
         };
-        let db = open_warehouse(&cfg).await?;
-        state.healthy.store(true, Ordering::Relaxed);
-
         let source = match lc.from {
             LoaderSource::Kafka => Source::Kafka(kafka_consumer(lc)?),
             LoaderSource::Nats => Source::Nats(
                 crate::sinks::nats::connect(lc.url.as_deref().unwrap_or_default(), None).await?,
             ),
         };
+        // From here on, every way out drops the connection off the async threads.
+        let mut db = Some(open_warehouse(&cfg).await?);
+        state.healthy.store(true, Ordering::Relaxed);
 
         let admin_addr = self.admin.local_addr()?;
         let admin_stop = CancellationToken::new();
@@ -115,9 +115,14 @@ impl Loader {
                 "pid": std::process::id(),
             });
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, format!("{body}\n"))
-                .and_then(|()| std::fs::rename(&tmp, path))
-                .with_context(|| format!("cannot write the ready file {}", path.display()))?;
+            if let Err(e) =
+                std::fs::write(&tmp, format!("{body}\n")).and_then(|()| std::fs::rename(&tmp, path))
+            {
+                drop_off_runtime(db).await;
+                admin_stop.cancel();
+                return Err(e)
+                    .with_context(|| format!("cannot write the ready file {}", path.display()));
+            }
         }
         tracing::info!(
             admin = %admin_addr,
@@ -128,9 +133,10 @@ impl Loader {
         );
 
         let result = match source {
-            Source::Kafka(consumer) => consume(&consumer, db, &cfg, &state, &shutdown).await,
-            Source::Nats(client) => consume_nats(client, db, &cfg, &state, &shutdown).await,
+            Source::Kafka(consumer) => consume(&consumer, &mut db, &cfg, &state, &shutdown).await,
+            Source::Nats(client) => consume_nats(client, &mut db, &cfg, &state, &shutdown).await,
         };
+        drop_off_runtime(db).await;
         admin_stop.cancel();
         let _ = admin.await;
         if let Some(path) = &cfg.ready_file {
@@ -190,6 +196,14 @@ async fn open_warehouse(cfg: &Config) -> anyhow::Result<Warehouse> {
     .await?
 }
 
+/// Drops a warehouse connection on a blocking thread: the PostgreSQL client blocks (on a
+/// runtime of its own) when it closes, which may not happen on an async worker.
+async fn drop_off_runtime(db: Option<Warehouse>) {
+    if let Some(db) = db {
+        let _ = tokio::task::spawn_blocking(move || drop(db)).await;
+    }
+}
+
 /// The log, connected.
 enum Source {
     Kafka(Arc<StreamConsumer>),
@@ -227,7 +241,7 @@ fn kafka_consumer(lc: &crate::config::LoaderConfig) -> anyhow::Result<Arc<Stream
 /// stream is the relays' to create: until it exists, the loader waits.
 async fn consume_nats(
     client: async_nats::Client,
-    db: Warehouse,
+    db: &mut Option<Warehouse>,
     cfg: &Config,
     state: &LoaderState,
     shutdown: &CancellationToken,
@@ -236,7 +250,6 @@ async fn consume_nats(
     use futures_util::StreamExt as _;
     let lc = &cfg.loader;
     let js = async_nats::jetstream::new(client);
-    let mut db = Some(db);
     let consumer = loop {
         state.last_beat_ms.store(now_ms(), Ordering::Relaxed);
         let found = async {
@@ -342,7 +355,7 @@ async fn consume_nats(
         if held.is_empty() {
             continue;
         }
-        if !store_batch(&mut db, Arc::new(batch), cfg, state, shutdown).await? {
+        if !store_batch(db, Arc::new(batch), cfg, state, shutdown).await? {
             return Ok(());
         }
         // Only now: the warehouse holds them.
@@ -421,13 +434,12 @@ fn record_from(
 /// Reads batches, writes them, commits; until shutdown.
 async fn consume(
     consumer: &Arc<StreamConsumer>,
-    db: Warehouse,
+    db: &mut Option<Warehouse>,
     cfg: &Config,
     state: &LoaderState,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let lc = &cfg.loader;
-    let mut db = Some(db);
     loop {
         state.last_beat_ms.store(now_ms(), Ordering::Relaxed);
         // The first message of a batch: wait for it (or for shutdown).
@@ -493,7 +505,7 @@ async fn consume(
 
         // The warehouse transaction, retried until it commits (or shutdown).
         let messages = batch.len() + rejected.len();
-        if !store_batch(&mut db, Arc::new(batch), cfg, state, shutdown).await? {
+        if !store_batch(db, Arc::new(batch), cfg, state, shutdown).await? {
             return Ok(());
         }
 
@@ -578,7 +590,7 @@ async fn store_batch(
                     && c.is_closed()
                 {
                     match open_warehouse(cfg).await {
-                        Ok(fresh) => *db = Some(fresh),
+                        Ok(fresh) => drop_off_runtime(db.replace(fresh)).await,
                         Err(e) => tracing::warn!(error = %e, "cannot reconnect to the warehouse"),
                     }
                 }

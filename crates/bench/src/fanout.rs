@@ -66,6 +66,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::load::{self, Expect, Load, PhaseResult, Target};
+use crate::pg::{PgScratch, cpu_between};
 use crate::procs::{self, RelayProc, RelaySetup, SinkStatus};
 use crate::receiver::{Mode, Receiver};
 use crate::{COLLECT_PATH, READY_TIMEOUT, cpu_line, phase_json, phase_line, with_cpu};
@@ -272,81 +273,8 @@ fn note_errors(r: &PhaseResult, what: &str, problems: &mut Vec<String>) {
     }
 }
 
-/// A schema of its own in the PostgreSQL under test, for the `postgres` sink: created empty,
-/// dropped at the end; the sink's connection URL (scoped to it by `search_path`, and named
-/// by `application_name` so that its server process can be found) is in a secret file.
-struct PgScratch {
-    client: tokio_postgres::Client,
-    schema: String,
-    url_file: std::path::PathBuf,
-}
-
-/// `application_name` of the sink's connection.
+/// `application_name` of the `postgres` sink's connections.
 const PG_APP: &str = "trueup-bench-sink";
-
-impl PgScratch {
-    async fn create(url: &str, dir: &Path) -> anyhow::Result<PgScratch> {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL ({url}): {e}"))?;
-        tokio::spawn(conn);
-        let schema = format!("trueup_bench_{}", std::process::id());
-        client
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-            ))
-            .await?;
-        let sep = if url.contains('?') { '&' } else { '?' };
-        let url_file = dir.join("postgres-url");
-        std::fs::write(
-            &url_file,
-            format!("{url}{sep}options=-csearch_path%3D{schema}&application_name={PG_APP}\n"),
-        )?;
-        Ok(PgScratch {
-            client,
-            schema,
-            url_file,
-        })
-    }
-
-    async fn rows(&self) -> anyhow::Result<u64> {
-        let row = self
-            .client
-            .query_one(&format!("SELECT count(*) FROM {}.events", self.schema), &[])
-            .await?;
-        Ok(row.get::<_, i64>(0) as u64)
-    }
-
-    /// The server processes of the sink's connections (one per delivery in flight).
-    async fn backend_pids(&self) -> Vec<u32> {
-        let rows = self
-            .client
-            .query(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-                &[&PG_APP],
-            )
-            .await
-            .unwrap_or_default();
-        rows.iter()
-            .filter_map(|r| u32::try_from(r.get::<_, i32>(0)).ok())
-            .collect()
-    }
-
-    /// The CPU time each of those processes has used so far.
-    async fn backend_cpu(&self) -> Vec<(u32, Duration)> {
-        let pids = self.backend_pids().await;
-        pids.into_iter()
-            .filter_map(|p| Some((p, procs::cpu_time(p)?)))
-            .collect()
-    }
-
-    async fn drop_schema(self) -> anyhow::Result<()> {
-        self.client
-            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
-            .await?;
-        Ok(())
-    }
-}
 
 /// Runs the whole fan-out part; `postgres`: the database for the `postgres` sink's figure.
 pub async fn run(s: Settings, relay_bin: &Path, postgres: Option<&str>) -> anyhow::Result<Report> {
@@ -364,7 +292,7 @@ pub async fn run(s: Settings, relay_bin: &Path, postgres: Option<&str>) -> anyho
     }
     let postgres = match postgres {
         Some(url) => {
-            let pg = PgScratch::create(url, secrets.path()).await?;
+            let pg = PgScratch::create(url, secrets.path(), "sink", PG_APP).await?;
             let f = forward(
                 s,
                 relay_bin,
@@ -652,16 +580,7 @@ async fn forward(
     let window = t0.elapsed();
     let relay_cpu = delta(procs::cpu_time(relay.pid()), relay_before);
     let receiver_cpu = match pg {
-        Some(pg) => Some(
-            pg.backend_cpu()
-                .await
-                .into_iter()
-                .map(|(pid, after)| {
-                    let before = pg_before.iter().find(|(p, _)| *p == pid);
-                    after.saturating_sub(before.map_or(Duration::ZERO, |b| b.1))
-                })
-                .sum(),
-        ),
+        Some(pg) => Some(cpu_between(&pg_before, &pg.backend_cpu().await)),
         None => delta(
             receiver.as_ref().and_then(|r| r.cpu_time()),
             receiver_before,

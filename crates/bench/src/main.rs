@@ -6,7 +6,13 @@
 //! cargo run -p trueup-bench --release -- [--seconds 10] [--connections 32] \
 //!     [--events-per-batch 20] [--rate-fraction 0.5] [--no-fanout] [--fanout-events 200000] \
 //!     [--fanout-concurrency 1] [--postgres URL] [--json FILE]
+//! cargo run -p trueup-bench --release -- --pipeline kafka|nats [--rate 20000[,10000]] \
+//!     [--seconds 10] [--batch 20] [--tansu PATH | --nats-server PATH] [--postgres URL] [--json FILE]
 //! ```
+//!
+//! `--pipeline` replaces the steps below with the scale-out path (relay -> Kafka-protocol
+//! broker or NATS JetStream -> `trueup-relay load` -> PostgreSQL or SQLite): its sustained
+//! throughput and its tracked-to-warehouse latency at fixed rates; see `pipeline`.
 //!
 //! What it does, in order:
 //!
@@ -50,6 +56,8 @@
 mod batch;
 mod fanout;
 mod load;
+mod pg;
+mod pipeline;
 mod procs;
 mod receiver;
 mod soak;
@@ -84,7 +92,7 @@ struct Args {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
     connections: u64,
     /// Events per batch (the relay's default limit is 500).
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=500))]
+    #[arg(long, visible_alias = "batch", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=500))]
     events_per_batch: u64,
     /// Rate of the open-loop phase, as a fraction of the closed loop's events/s.
     #[arg(long, default_value_t = 0.5)]
@@ -135,6 +143,22 @@ struct Args {
     /// The soak's window: latency, RSS and spool depth are reported per window.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
     soak_window: u64,
+    /// Run the pipeline part instead of the usual phases: relay -> this log -> loader ->
+    /// warehouse (PostgreSQL from --postgres or TRUEUP_TEST_POSTGRES, else SQLite); see
+    /// `pipeline`.
+    #[arg(long, value_enum)]
+    pipeline: Option<procs::LogKind>,
+    /// `--pipeline`: offered rate of the fixed-rate open loop, events/s; repeat it (or give a
+    /// comma-separated list) to measure several, each on a fresh pipeline.
+    #[arg(long, value_delimiter = ',', default_value = "20000",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    rate: Vec<u64>,
+    /// `--pipeline kafka`: the tansu binary (default: TRUEUP_TANSU; `.ci/tansu` fetches it).
+    #[arg(long)]
+    tansu: Option<PathBuf>,
+    /// `--pipeline nats`: the nats-server binary (default: nats-server on PATH or in sbin).
+    #[arg(long)]
+    nats_server: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -169,6 +193,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(log) = args.pipeline {
+        return run_pipeline(&args, log, relay_bin, &runtime);
+    }
     if args.soak_seconds > 0 {
         let settings = soak::Settings {
             connections: args.connections as usize,
@@ -222,6 +249,78 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The pipeline part (`--pipeline`): finds the log's server, runs, prints, writes the JSON.
+fn run_pipeline(
+    args: &Args,
+    log: procs::LogKind,
+    relay_bin: PathBuf,
+    runtime: &tokio::runtime::Runtime,
+) -> ExitCode {
+    let log_bin = match log {
+        procs::LogKind::Kafka => args
+            .tansu
+            .clone()
+            .or_else(|| std::env::var_os("TRUEUP_TANSU").map(PathBuf::from)),
+        procs::LogKind::Nats => args
+            .nats_server
+            .clone()
+            .or_else(|| procs::find_binary("nats-server", &[])),
+    };
+    let Some(log_bin) = log_bin.filter(|p| p.is_file()) else {
+        eprintln!(
+            "trueup-bench: {}",
+            match log {
+                procs::LogKind::Kafka =>
+                    "no tansu binary: export TRUEUP_TANSU=$(.ci/tansu), or --tansu PATH",
+                procs::LogKind::Nats =>
+                    "no nats-server: apt-get install nats-server, or --nats-server PATH",
+            }
+        );
+        return ExitCode::from(2);
+    };
+    let settings = pipeline::Settings {
+        log,
+        log_bin,
+        relay_bin,
+        postgres: postgres_url(args),
+        connections: args.connections as usize,
+        events_per_batch: args.events_per_batch as usize,
+        seconds: args.seconds,
+        warmup_seconds: args.warmup_seconds,
+        rates: args.rate.clone(),
+        client_threads: args.client_threads,
+    };
+    match runtime.block_on(pipeline::run(settings)) {
+        Ok(report) => {
+            print!("{}", report.text());
+            if let Some(path) = &args.json {
+                let json = serde_json::to_string_pretty(&report.json()).expect("valid JSON");
+                if let Err(e) = std::fs::write(path, json + "\n") {
+                    eprintln!("trueup-bench: cannot write {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("trueup-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `--postgres`, else `TRUEUP_TEST_POSTGRES` (empty: none).
+fn postgres_url(args: &Args) -> Option<String> {
+    args.postgres
+        .clone()
+        .or_else(|| std::env::var("TRUEUP_TEST_POSTGRES").ok())
+        .filter(|u| !u.is_empty())
 }
 
 /// The relay binary, absolute (the relay runs in its temporary directory): the path as
@@ -398,11 +497,7 @@ async fn run(args: &Args, relay_bin: &Path) -> anyhow::Result<Report> {
                 .map(|c| Duration::from_secs_f64(c.as_secs_f64() / relay_max.events as f64)),
             concurrency: args.fanout_concurrency,
         };
-        let postgres = args
-            .postgres
-            .clone()
-            .or_else(|| std::env::var("TRUEUP_TEST_POSTGRES").ok())
-            .filter(|u| !u.is_empty());
+        let postgres = postgres_url(args);
         Fanout::Measured(Box::new(
             fanout::run(settings, relay_bin, postgres.as_deref()).await?,
         ))

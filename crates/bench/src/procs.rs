@@ -1,5 +1,6 @@
 //! The servers under test, run as child processes on loopback: the relay (fresh data
-//! directory, rate limits off) and the nginx baseline. Each lives in its own temporary
+//! directory, rate limits off), the nginx baseline, and for the pipeline part the log (tansu
+//! or nats-server) and the loader (`trueup-relay load`). Each lives in a temporary
 //! directory, and is killed if the benchmark stops early.
 
 use std::fs::File;
@@ -16,14 +17,15 @@ use tokio::time::Instant;
 
 use crate::load;
 
-/// Waits for the relay's ready file (`{"listen": …, "admin_listen": …}`: it binds port 0 and
-/// says which ports it got) and returns (public, admin).
+/// Waits for a ready file (the relay's `{"listen": …, "admin_listen": …}`, the loader's
+/// `{"admin_listen": …, "pid": …}`: they bind port 0 and say which ports they got) and returns
+/// its JSON.
 async fn wait_ready_file(
     child: &mut ChildGuard,
     path: &Path,
     timeout: Duration,
     log: &Path,
-) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+) -> anyhow::Result<serde_json::Value> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.exited() {
@@ -34,15 +36,7 @@ async fn wait_ready_file(
             );
         }
         if let Ok(text) = std::fs::read_to_string(path) {
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("ready file {text:?}"))?;
-            let addr = |key: &str| -> anyhow::Result<SocketAddr> {
-                v[key]
-                    .as_str()
-                    .and_then(|a| a.parse().ok())
-                    .with_context(|| format!("ready file {text:?}: no {key}"))
-            };
-            return Ok((addr("listen")?, addr("admin_listen")?));
+            return serde_json::from_str(&text).with_context(|| format!("ready file {text:?}"));
         }
         if Instant::now() > deadline {
             bail!(
@@ -53,6 +47,14 @@ async fn wait_ready_file(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// An address from a ready file.
+fn ready_addr(v: &serde_json::Value, key: &str) -> anyhow::Result<SocketAddr> {
+    v[key]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("ready file {v}: no {key}"))
 }
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
@@ -77,18 +79,107 @@ fn stat_cpu_time(path: &str) -> Option<Duration> {
     (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
+/// CPU time the whole machine has been busy (every CPU, anything but idle and I/O wait)
+/// since boot, from `/proc/stat`.
+pub fn machine_busy_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is within user).
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| fields.get(i))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(busy as f64 / hz as f64))
+}
+
 /// CPU time of a process and its direct children (nginx's master and its workers).
 pub fn tree_cpu_time(pid: u32) -> Option<Duration> {
     let own = cpu_time(pid)?;
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     Some(
-        children
-            .split_whitespace()
-            .filter_map(|c| c.parse().ok())
+        child_pids(pid)
+            .into_iter()
             .filter_map(cpu_time)
             .fold(own, |total, c| total + c),
     )
+}
+
+/// The direct children of a process (those of its main thread).
+pub fn child_pids(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+/// The parent of a process, from `/proc/<pid>/stat`.
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the name: state, then the parent's pid.
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A binary on `PATH`, else in the usual sbin and local folders (often not on a user's
+/// `PATH`), else in `extra`.
+pub fn find_binary(name: &str, extra: &[&str]) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(
+            ["/usr/sbin", "/usr/local/sbin", "/usr/local/bin"]
+                .iter()
+                .chain(extra)
+                .map(PathBuf::from),
+        )
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The value of a series in Prometheus' text format, summed over every series of that name
+/// whose labels include `labels` (`None`: no such series).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (series, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once('}') {
+                Some((l, v)) => (l, v),
+                None => continue,
+            },
+            None if rest.starts_with(' ') => ("", rest),
+            None => continue, // a longer name
+        };
+        let has = |(k, v): &(&str, &str)| {
+            series.split(',').any(|kv| {
+                kv.split_once('=').is_some_and(|(key, quoted)| {
+                    key == *k
+                        && quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"')) == Some(*v)
+                })
+            })
+        };
+        if labels.iter().all(has)
+            && let Ok(v) = value.trim().parse::<f64>()
+        {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
 }
 
 /// A child process that is stopped if dropped while still running.
@@ -301,7 +392,11 @@ impl RelayProc {
             child,
             name: "trueup-relay",
         };
-        let (addr, admin) = wait_ready_file(&mut child, &ready_file, ready_timeout, &log).await?;
+        let ready = wait_ready_file(&mut child, &ready_file, ready_timeout, &log).await?;
+        let (addr, admin) = (
+            ready_addr(&ready, "listen")?,
+            ready_addr(&ready, "admin_listen")?,
+        );
         let mut relay = RelayProc {
             child,
             dir,
@@ -346,19 +441,15 @@ impl RelayProc {
         tail(&self.log(), lines)
     }
 
+    /// The admin `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        get_metrics(self.admin).await
+    }
+
     /// `trueup_spool_depth` from the admin `/metrics`.
     pub async fn spool_depth(&self) -> anyhow::Result<u64> {
-        let (status, body) = load::get(self.admin, "/metrics").await?;
-        anyhow::ensure!(status == StatusCode::OK, "GET /metrics answered {status}");
-        let text = String::from_utf8_lossy(&body);
-        let value = text
-            .lines()
-            .find_map(|l| l.strip_prefix("trueup_spool_depth "))
+        let depth = metric(&self.metrics().await?, "trueup_spool_depth", &[])
             .context("/metrics has no trueup_spool_depth")?;
-        let depth: f64 = value
-            .trim()
-            .parse()
-            .with_context(|| format!("trueup_spool_depth {value:?} is not a number"))?;
         Ok(depth as u64)
     }
 
@@ -440,6 +531,304 @@ impl RelayProc {
     }
 }
 
+/// `GET /metrics` on an admin listener, as text.
+pub async fn get_metrics(admin: SocketAddr) -> anyhow::Result<String> {
+    let (status, body) = load::get(admin, "/metrics").await?;
+    anyhow::ensure!(status == StatusCode::OK, "GET /metrics answered {status}");
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Which log the pipeline part runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogKind {
+    /// A Kafka-protocol broker: tansu (in-memory storage).
+    Kafka,
+    /// NATS JetStream: `nats-server -js` (file storage).
+    Nats,
+}
+
+impl LogKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogKind::Kafka => "kafka",
+            LogKind::Nats => "nats",
+        }
+    }
+}
+
+/// The log under test on loopback, in the caller's directory.
+pub struct LogProc {
+    child: ChildGuard,
+    log: PathBuf,
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// What `--version` printed.
+    pub version: String,
+}
+
+/// How many random ports tansu is tried on.
+const TANSU_ATTEMPTS: usize = 20;
+
+impl LogProc {
+    /// Starts tansu (`bin`) with in-memory storage. Tansu takes its port on the command line
+    /// and must advertise the same one, so it cannot be given port 0: it is started on a
+    /// random port and, if that port turns out to be taken (it then exits), on another.
+    pub async fn start_tansu(bin: &Path, dir: &Path, timeout: Duration) -> anyhow::Result<Self> {
+        let version = version_of(bin);
+        for attempt in 0..TANSU_ATTEMPTS {
+            let port = 20_000 + (random_u64() % 40_000) as u16;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            // Skips a port that is plainly in use; nothing is held for tansu.
+            if TcpListener::bind(addr).is_err() {
+                continue;
+            }
+            let log = dir.join(format!("tansu-{attempt}.log"));
+            let out = File::create(&log).context("cannot create the tansu log")?;
+            let url = format!("tcp://{addr}");
+            let child = Command::new(bin)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ])
+                .env("RUST_LOG", "warn")
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()
+                .with_context(|| format!("cannot start {}", bin.display()))?;
+            let mut child = ChildGuard {
+                child,
+                name: "tansu",
+            };
+            let deadline = Instant::now() + timeout;
+            let up = loop {
+                if child.exited().is_some() {
+                    break false; // most likely the port was taken: another one
+                }
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    // Another program on that port would answer too: tansu must still run.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break child.exited().is_none();
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "tansu not listening on {addr} after {timeout:?}:\n{}",
+                        tail(&log, 20)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if up {
+                return Ok(LogProc {
+                    child,
+                    log,
+                    addr,
+                    version,
+                });
+            }
+        }
+        bail!("tansu did not start on any of {TANSU_ATTEMPTS} random ports")
+    }
+
+    /// Starts `nats-server -js` on a port of the kernel's choosing (`-p -1`), storing the
+    /// streams under `dir`; the port is read from its log.
+    pub async fn start_nats(bin: &Path, dir: &Path, timeout: Duration) -> anyhow::Result<Self> {
+        let version = version_of(bin);
+        let log = dir.join("nats-server.log");
+        let out = File::create(&log).context("cannot create the nats-server log")?;
+        let child = Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+            .arg(dir.join("nats-store"))
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut child = ChildGuard {
+            child,
+            name: "nats-server",
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find_map(|l| l.split("Listening for client connections on ").nth(1))
+                .and_then(|a| a.trim().parse().ok())
+            {
+                return Ok(LogProc {
+                    child,
+                    log,
+                    addr,
+                    version,
+                });
+            }
+            if let Some(status) = child.exited() {
+                bail!(
+                    "nats-server exited during start ({status}):\n{}",
+                    tail(&log, 20)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "nats-server not listening after {timeout:?}:\n{}",
+                    tail(&log, 20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Whether it is still running (and if not, how it ended).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.exited()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+
+    /// SIGTERM, then waits up to `grace` (SIGKILL after).
+    pub fn stop(&mut self, grace: Duration) -> anyhow::Result<(ExitStatus, bool)> {
+        self.child.terminate(grace)
+    }
+}
+
+/// The first line `bin --version` prints (`?` if it cannot be run).
+fn version_of(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned()
+                + &String::from_utf8_lossy(&o.stderr);
+            text.lines().next().map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Random enough for picking a port: the standard library's per-process random hash keys.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// The loader under test (`trueup-relay load`), with its config and log in the caller's
+/// directory.
+pub struct LoaderProc {
+    child: ChildGuard,
+    log: PathBuf,
+    /// Its admin listener (`/readyz`, `/metrics`).
+    pub admin: SocketAddr,
+}
+
+impl LoaderProc {
+    /// Writes `config` (which must set `admin_listen = "127.0.0.1:0"`), starts `bin load` on
+    /// it and waits until `/readyz` answers 200.
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        config: &str,
+        ready_timeout: Duration,
+    ) -> anyhow::Result<LoaderProc> {
+        let config_path = dir.join("loader.toml");
+        std::fs::write(&config_path, config).context("cannot write the loader config")?;
+        let log = dir.join("loader.log");
+        let out = File::create(&log).context("cannot create the loader log")?;
+        let ready_file = dir.join("loader.ready.json");
+        let _ = std::fs::remove_file(&ready_file);
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("--ready-file")
+            .arg(&ready_file)
+            .arg("load")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("TRUEUP_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("NO_COLOR", "1");
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {} load", bin.display()))?;
+        let mut child = ChildGuard {
+            child,
+            name: "trueup-relay load",
+        };
+        let ready = wait_ready_file(&mut child, &ready_file, ready_timeout, &log).await?;
+        anyhow::ensure!(
+            ready["pid"].as_u64() == Some(u64::from(child.pid())),
+            "the loader's ready file {ready} names another process"
+        );
+        let admin = ready_addr(&ready, "admin_listen")?;
+        let mut loader = LoaderProc { child, log, admin };
+        wait_for(
+            &mut loader.child,
+            admin,
+            "/readyz",
+            StatusCode::OK,
+            ready_timeout,
+            &loader.log,
+        )
+        .await?;
+        Ok(loader)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Whether it is still running (and if not, how it ended).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.exited()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+
+    /// The admin `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        get_metrics(self.admin).await
+    }
+
+    /// `trueup_loader_stored_total`: events stored that were not in the warehouse yet (0
+    /// before the first write).
+    pub async fn stored(&self) -> anyhow::Result<u64> {
+        Ok(metric(&self.metrics().await?, "trueup_loader_stored_total", &[]).unwrap_or(0.0) as u64)
+    }
+
+    /// SIGTERM (it finishes the batch being written), then waits up to `grace` (SIGKILL
+    /// after).
+    pub fn stop(&mut self, grace: Duration) -> anyhow::Result<(ExitStatus, bool)> {
+        self.child.terminate(grace)
+    }
+}
+
 /// nginx answering `204` to everything, the baseline.
 pub struct NginxProc {
     child: ChildGuard,
@@ -451,14 +840,7 @@ pub struct NginxProc {
 impl NginxProc {
     /// nginx on `PATH`, else in the usual sbin folders (often not on a user's `PATH`).
     pub fn find() -> Option<PathBuf> {
-        let on_path = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-            .unwrap_or_default();
-        on_path
-            .into_iter()
-            .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"].map(PathBuf::from))
-            .map(|d| d.join("nginx"))
-            .find(|p| p.is_file())
+        find_binary("nginx", &["/usr/local/nginx/sbin"])
     }
 
     /// Starts nginx (in the foreground, one worker per CPU, access log off) and waits until
@@ -567,5 +949,26 @@ http {{
     /// SIGTERM (fast shutdown), SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) -> anyhow::Result<(ExitStatus, bool)> {
         self.child.terminate(grace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sums_the_matching_series() {
+        let text = "# HELP trueup_loader_stored_total x\n\
+            trueup_loader_stored_total 120\n\
+            trueup_loader_stored_total_extra 5\n\
+            trueup_loader_rejected_total{reason=\"a\"} 2\n\
+            trueup_loader_rejected_total{reason=\"b\"} 3\n";
+        assert_eq!(metric(text, "trueup_loader_stored_total", &[]), Some(120.0));
+        assert_eq!(metric(text, "trueup_loader_rejected_total", &[]), Some(5.0));
+        assert_eq!(
+            metric(text, "trueup_loader_rejected_total", &[("reason", "b")]),
+            Some(3.0)
+        );
+        assert_eq!(metric(text, "trueup_loader_duplicates_total", &[]), None);
     }
 }
