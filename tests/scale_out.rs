@@ -481,6 +481,16 @@ async fn pipeline(kind: LogKind, name: &str) -> Option<Pipeline> {
 }
 
 async fn pipeline_with(kind: LogKind, name: &str, sink_extra: &str) -> Option<Pipeline> {
+    pipeline_on(kind, name, sink_extra, false).await
+}
+
+/// `sqlite`: the loader writes the SQLite warehouse even when PostgreSQL is there.
+async fn pipeline_on(
+    kind: LogKind,
+    name: &str,
+    sink_extra: &str,
+    sqlite: bool,
+) -> Option<Pipeline> {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start_kind(kind, dir.path())?;
     let name = format!("{}_{name}", format!("{kind:?}").to_lowercase());
@@ -493,7 +503,11 @@ async fn pipeline_with(kind: LogKind, name: &str, sink_extra: &str) -> Option<Pi
         RelayProc::start(&b, &relay_toml(&broker, sink_extra)),
     ];
     let lb = balancer(vec![relays[0].public, relays[1].public]).await;
-    let store = Store::new(dir.path(), name);
+    let store = if sqlite {
+        Store::Sqlite(dir.path().join("loader-data/warehouse.sqlite"))
+    } else {
+        Store::new(dir.path(), name)
+    };
     let loader = LoaderProc::start(dir.path(), &broker, &store);
     Some(Pipeline {
         url: format!("http://{lb}/_r/q"),
@@ -865,6 +879,65 @@ async fn kafka_server_facts_from_the_emitter_are_stored_once_while_a_relay_dies(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_server_facts_from_the_emitter_are_stored_once_while_a_relay_dies() {
     emitter_through_the_balancer(LogKind::Nats).await;
+}
+
+/// The warehouse unavailable for 8 s (another writer holds its lock): the loader's writes
+/// fail, it says so on /readyz, holds its batch and commits nothing; after, every event is
+/// stored once.
+async fn warehouse_unavailable(kind: LogKind) {
+    let Some(p) = pipeline_on(kind, "wh_down", "", true).await else {
+        return;
+    };
+    let Store::Sqlite(path) = &p.store else {
+        unreachable!()
+    };
+    let agents = Agents::spawn(&p.url, 4);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.loader.metric("trueup_loader_stored_total") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing stored:\n{}",
+            p.loader.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lock = rusqlite::Connection::open(path).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let locked = Instant::now();
+    let mut saw_unready = false;
+    // Longer than the SQLite busy timeout (5 s), so writes fail rather than only wait.
+    while locked.elapsed() < Duration::from_secs(8) {
+        if http_get(p.loader.admin, "/readyz").is_ok_and(|(s, _)| s == 503) {
+            saw_unready = true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let errors = p.loader.metric("trueup_loader_write_errors_total");
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    let logs = agents.finish().await;
+    assert!(
+        errors > 0.0,
+        "the loader's writes failed while the warehouse was locked"
+    );
+    assert!(saw_unready, "/readyz said so");
+    let ids = acknowledged(&logs);
+    let dups = p.check(&ids);
+    assert_eq!(http_get(p.loader.admin, "/readyz").unwrap().0, 200);
+    eprintln!(
+        "warehouse locked 8 s: {} events, {errors} failed writes retried, {dups} duplicates",
+        ids.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_the_warehouse_unavailable_holds_the_batch_and_commits_nothing() {
+    warehouse_unavailable(LogKind::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_the_warehouse_unavailable_holds_the_batch_and_commits_nothing() {
+    warehouse_unavailable(LogKind::Nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
