@@ -23,7 +23,6 @@
 //! than `max_event_bytes`, or refused by the broker as too large, is dead-lettered with the
 //! reason.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,11 +31,11 @@ use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use serde::Deserialize;
 
+use super::log::LogMessage;
 use super::{Delivery, Sink, SinkError};
 use crate::config::SinkConfig;
-use crate::spool::{Record, RecordKind};
+use crate::spool::Record;
 use crate::time::now_ms;
 
 /// The Kafka sink.
@@ -48,23 +47,6 @@ pub struct KafkaSink {
     replace: std::sync::atomic::AtomicBool,
     topic: String,
     max_event_bytes: usize,
-}
-
-/// What the key and headers are made of, borrowed from the record's JSON.
-#[derive(Deserialize)]
-struct Fields<'a> {
-    #[serde(default, borrow)]
-    id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    schema: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    source: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    session_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    anon_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    device_id: Option<Cow<'a, str>>,
 }
 
 /// The librdkafka settings both the sink and the loader start from.
@@ -189,59 +171,25 @@ impl Sink for KafkaSink {
         let mut delivery = Delivery::default();
         let mut pending = Vec::with_capacity(records.len());
         for r in records.iter() {
-            if r.body.len() > self.max_event_bytes {
-                delivery.rejected.push((
-                    r.pos,
-                    format!(
-                        "too_large: {} bytes, max_event_bytes {}",
-                        r.body.len(),
-                        self.max_event_bytes
-                    ),
-                ));
-                continue;
-            }
-            let f: Fields = serde_json::from_str(&r.body).unwrap_or(Fields {
-                id: None,
-                schema: None,
-                source: None,
-                session_id: None,
-                anon_id: None,
-                device_id: None,
-            });
-            let (kind, key) = match r.kind {
-                RecordKind::Event => ("event", f.session_id.as_deref().or(f.anon_id.as_deref())),
-                RecordKind::Counters => ("counters", f.device_id.as_deref()),
-            };
-            let received_at = r.received_at.to_string();
-            let mut headers = OwnedHeaders::new_with_capacity(6)
-                .insert(Header {
-                    key: "trueup-kind",
-                    value: Some(kind),
-                })
-                .insert(Header {
-                    key: "trueup-site",
-                    value: Some(r.site.as_str()),
-                })
-                .insert(Header {
-                    key: "trueup-received-at",
-                    value: Some(received_at.as_str()),
-                });
-            for (name, v) in [
-                ("trueup-id", &f.id),
-                ("trueup-schema", &f.schema),
-                ("trueup-source", &f.source),
-            ] {
-                if let Some(v) = v.as_deref() {
-                    headers = headers.insert(Header {
-                        key: name,
-                        value: Some(v),
-                    });
+            let m = match LogMessage::of(r, self.max_event_bytes) {
+                Ok(m) => m,
+                Err(reason) => {
+                    delivery.rejected.push((r.pos, reason));
+                    continue;
                 }
-            }
+            };
+            let headers = m
+                .headers()
+                .fold(OwnedHeaders::new_with_capacity(6), |h, (key, v)| {
+                    h.insert(Header {
+                        key,
+                        value: Some(v),
+                    })
+                });
             let mut record = FutureRecord::to(&self.topic)
                 .payload(r.body.as_str())
                 .headers(headers);
-            if let Some(key) = key {
+            if let Some(key) = m.key() {
                 record = record.key(key);
             }
             // A full local queue is back-pressure: wait for room, never drop.
@@ -315,6 +263,7 @@ mod tests {
     use rdkafka::{Offset, TopicPartitionList};
 
     use super::*;
+    use crate::spool::RecordKind;
 
     const TOPIC: &str = "raw_events";
 

@@ -9,6 +9,7 @@
 pub(crate) mod form;
 pub mod http;
 pub mod kafka;
+mod log;
 pub mod nats;
 pub mod posthog;
 pub mod segment;

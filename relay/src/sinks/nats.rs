@@ -20,17 +20,16 @@
 //! subjects `<subject>.>`, the configured duplicate window); an existing stream is used as it
 //! is.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures_util::future::join_all;
-use serde::Deserialize;
 
+use super::log::LogMessage;
 use super::{Delivery, Sink, SinkError};
 use crate::config::SinkConfig;
-use crate::spool::{Record, RecordKind};
+use crate::spool::Record;
 use crate::time::now_ms;
 
 /// The NATS JetStream sink.
@@ -42,22 +41,6 @@ pub struct NatsSink {
     subject: String,
     shards: u32,
     max_event_bytes: usize,
-}
-
-#[derive(Deserialize)]
-struct Fields<'a> {
-    #[serde(default, borrow)]
-    id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    schema: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    source: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    session_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    anon_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    device_id: Option<Cow<'a, str>>,
 }
 
 /// FNV-1a: a hash that never changes between versions or machines, so a session's shard
@@ -131,52 +114,19 @@ impl Sink for NatsSink {
         let mut delivery = Delivery::default();
         let mut acks = Vec::with_capacity(records.len());
         for r in records.iter() {
-            if r.body.len() > self.max_event_bytes {
-                delivery.rejected.push((
-                    r.pos,
-                    format!(
-                        "too_large: {} bytes, max_event_bytes {}",
-                        r.body.len(),
-                        self.max_event_bytes
-                    ),
-                ));
-                continue;
-            }
-            let f: Fields = serde_json::from_str(&r.body).unwrap_or(Fields {
-                id: None,
-                schema: None,
-                source: None,
-                session_id: None,
-                anon_id: None,
-                device_id: None,
-            });
-            let (kind, key) = match r.kind {
-                RecordKind::Event => ("event", f.session_id.as_deref().or(f.anon_id.as_deref())),
-                RecordKind::Counters => ("counters", f.device_id.as_deref()),
-            };
-            let msg_id = match (r.kind, f.id.as_deref()) {
-                (RecordKind::Event, Some(id)) => id.to_string(),
-                _ => format!(
-                    "counters:{}:{}",
-                    f.device_id.as_deref().unwrap_or(""),
-                    r.received_at
-                ),
+            let m = match LogMessage::of(r, self.max_event_bytes) {
+                Ok(m) => m,
+                Err(reason) => {
+                    delivery.rejected.push((r.pos, reason));
+                    continue;
+                }
             };
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", msg_id.as_str());
-            headers.insert("trueup-kind", kind);
-            headers.insert("trueup-site", r.site.as_str());
-            headers.insert("trueup-received-at", r.received_at.to_string().as_str());
-            for (name, v) in [
-                ("trueup-id", &f.id),
-                ("trueup-schema", &f.schema),
-                ("trueup-source", &f.source),
-            ] {
-                if let Some(v) = v.as_deref() {
-                    headers.insert(name, v);
-                }
+            headers.insert("Nats-Msg-Id", m.dedupe_id().as_str());
+            for (name, v) in m.headers() {
+                headers.insert(name, v);
             }
-            let shard = key.map_or(0, fnv1a) % self.shards;
+            let shard = m.key().map_or(0, fnv1a) % self.shards;
             let subject = format!("{}.{shard}", self.subject);
             let ack = match self
                 .js
