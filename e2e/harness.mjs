@@ -51,10 +51,11 @@ export class Relay {
    * site accepts pages of the relay's own origin (or of a proxy in front of it that keeps
    * the Host header) through `allow_same_origin`.
    */
-  static async start({ site = join(ROOT, "www"), toml = "", assets = join(ROOT, "dist") } = {}) {
+  static async start({ site = join(ROOT, "www"), toml = "", assets = join(ROOT, "dist"), token = null } = {}) {
     if (!existsSync(RELAY)) throw new Error(`${RELAY} is missing: run cargo build -p trueup-relay`);
     if (!existsSync(join(assets, "loader.js"))) throw new Error(`${assets} is missing: run npm run build`);
     const r = new Relay();
+    r.token = token;
     r.dir = mkdtempSync(join(tmpdir(), "trueup-e2e-"));
     r.config = join(r.dir, "relay.toml");
     writeFileSync(
@@ -65,6 +66,7 @@ export class Relay {
         `data_dir = "${join(r.dir, "data")}"`,
         `asset_dir = "${assets}"`,
         `www_dir = "${site}"`,
+        token ? `admin_token = "${token}"` : "",
         toml,
         toml.includes("[rate_limit]") ? "" : "[rate_limit]\nper_ip_per_sec = 0\nper_site_per_sec = 0",
         toml.includes("[[sites]]") ? "" : `[[sites]]\nkey = "demo"\nallow_same_origin = true`,
@@ -109,7 +111,8 @@ export class Relay {
   }
 
   async metric(name) {
-    const text = await (await fetch(`http://127.0.0.1:${this.adminPort}/metrics`)).text();
+    const headers = this.token ? { authorization: `Bearer ${this.token}` } : {};
+    const text = await (await fetch(`http://127.0.0.1:${this.adminPort}/metrics`, { headers })).text();
     return text
       .split("\n")
       .filter((l) => l.startsWith(name + " ") || l.startsWith(name + "{"))

@@ -23,7 +23,6 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 
 use crate::forwarder::ForwarderHealth;
 use crate::spool::{SinkProgress, Spool};
@@ -60,6 +59,8 @@ pub struct AdminState {
     pub metrics: PrometheusHandle,
     /// The admin token, when one is configured.
     pub token: Option<Arc<str>>,
+    /// The configuration (the dashboards read its stores and metrics).
+    pub cfg: Arc<crate::Config>,
 }
 
 /// `GET /healthz`: 200 when the spool writer and every forwarder are alive.
@@ -95,36 +96,36 @@ pub async fn readyz(State(st): State<AdminState>) -> impl IntoResponse {
     answer(problems)
 }
 
-/// Whether a request presents the admin token (always, when none is configured).
-fn authorized(token: Option<&str>, headers: &axum::http::HeaderMap) -> bool {
-    let Some(token) = token else {
-        return true;
-    };
-    headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .is_some_and(|presented| bool::from(presented.ct_eq(token.as_bytes())))
-}
-
 /// The admin listener's guard (see the module docs).
 pub async fn require_token(
     State(st): State<AdminState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    guard(st.token.as_deref(), req, next).await
+    guard(st.token.as_deref(), true, req, next).await
 }
 
 /// The guard of an admin listener with `token` (the relay's and the loader's).
+/// `dashboards`: it serves them (`/login`, `/dash/…`: an HTML sign-in page instead of 401 JSON).
 pub(crate) async fn guard(
     token: Option<&str>,
+    dashboards: bool,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if authorized(token, req.headers()) {
+    let path = req.uri().path();
+    // The sign-in page and its stylesheet (no data in either) are open.
+    let open = dashboards && matches!(path, "/login" | "/dash/dash.css");
+    if open || crate::dash::authorized(token, req.headers()) {
         return next.run(req).await;
     }
-    let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
+    if dashboards && (path == "/dash" || path.starts_with("/dash/")) {
+        return crate::dash::login_page(
+            StatusCode::UNAUTHORIZED,
+            "The dashboards need the relay's admin token: sign in.",
+        );
+    }
+    let probe = matches!(path, "/healthz" | "/readyz");
     if probe {
         let status = next.run(req).await.status();
         let body = if status.is_success() {
@@ -142,7 +143,7 @@ pub(crate) async fn guard(
         )],
         Json(serde_json::json!({
             "error": "unauthorized",
-            "message": "the admin endpoints need the admin token: Authorization: Bearer <token>",
+            "message": "the admin endpoints need the admin token: Authorization: Bearer <token> (or sign in at /login)",
         })),
     )
         .into_response()
@@ -158,7 +159,7 @@ pub(crate) fn answer(problems: Vec<String>) -> (StatusCode, String) {
 
 /// One sink in `GET /sinks`.
 #[derive(Serialize)]
-struct SinkView {
+pub(crate) struct SinkView {
     name: String,
     kind: &'static str,
     /// The last spool position the sink has taken.
@@ -177,8 +178,12 @@ struct SinkView {
 
 /// `GET /sinks`: per sink, its cursor, backlog, lag, failure state and counts since start.
 pub async fn sinks(State(st): State<AdminState>) -> impl IntoResponse {
-    let views: Vec<SinkView> = st
-        .sinks
+    Json(serde_json::json!({ "sinks": sink_views(&st) }))
+}
+
+/// The sinks as `/sinks` and the dashboards show them.
+pub(crate) fn sink_views(st: &AdminState) -> Vec<SinkView> {
+    st.sinks
         .iter()
         .map(|s| {
             let failing = s.health.failing_since_ms.load(Ordering::Relaxed);
@@ -200,8 +205,7 @@ pub async fn sinks(State(st): State<AdminState>) -> impl IntoResponse {
                 dead_lettered: s.health.dead_lettered.load(Ordering::Relaxed),
             }
         })
-        .collect();
-    Json(serde_json::json!({ "sinks": views }))
+        .collect()
 }
 
 /// `GET /metrics`: Prometheus text format.

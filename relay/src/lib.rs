@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dash;
 pub mod forwarder;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -645,7 +645,7 @@ async fn guard(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    crate::health::guard(st.token.as_deref(), req, next).await
+    crate::health::guard(st.token.as_deref(), false, req, next).await
 }
 
 async fn healthz(State(st): State<LoaderState>) -> impl IntoResponse {

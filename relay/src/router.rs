@@ -18,6 +18,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::dash;
 use crate::health::{AdminState, healthz, metrics_text, readyz, require_token, sinks};
 use crate::ingest::{AppState, collect, server_events};
 
@@ -69,7 +70,8 @@ pub fn public_router(st: AppState) -> Router {
         .layer(CatchPanicLayer::new())
 }
 
-/// The admin router: `/healthz`, `/readyz`, `/sinks`, `/metrics`.
+/// The admin router: `/healthz`, `/readyz`, `/sinks`, `/metrics`, and the dashboards
+/// (`/dash/…`, `/api/v1/…`, `/login`; see `dash`).
 /// Behind the admin token when one is configured (see `health`).
 pub fn admin_router(st: AdminState) -> Router {
     Router::new()
@@ -77,6 +79,12 @@ pub fn admin_router(st: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/sinks", get(sinks))
         .route("/metrics", get(metrics_text))
+        .route("/login", get(dash::login_form).post(dash::login))
+        .route("/logout", post(dash::logout))
+        .route("/dash", get(dash::index))
+        .route("/dash/", get(dash::index))
+        .route("/dash/{*file}", get(dash::file))
+        .route("/api/v1/quality", get(dash::quality_api))
         .layer(middleware::from_fn_with_state(st.clone(), require_token))
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,

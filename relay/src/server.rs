@@ -306,6 +306,7 @@ impl Relay {
             shutting_down: shutting_down.clone(),
             metrics: metrics_handle(),
             token: cfg.admin_token.as_deref().map(Arc::from),
+            cfg: cfg.clone(),
         };
 
         let forwarder_stop = CancellationToken::new();

@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 
 pub mod day;
+pub mod quality;
 pub mod truth;
 
 use std::collections::BTreeMap;

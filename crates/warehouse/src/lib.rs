@@ -400,6 +400,102 @@ impl Warehouse {
     }
 }
 
+/// The pipeline stages whose lag [`Warehouse::lag_counts`] measures, from the event's stamps:
+/// capture (`ts`, the browser's or the backend's clock), accepted by a relay (`received_at`),
+/// in the log (`logged_at`, scale-out only) and stored (`stored_at`).
+pub const LAG_STAGES: [(&str, &str); 5] = [
+    ("capture_to_accepted", "received_at - ts"),
+    ("accepted_to_log", "logged_at - received_at"),
+    ("log_to_warehouse", "stored_at - logged_at"),
+    ("accepted_to_warehouse", "stored_at - received_at"),
+    ("capture_to_warehouse", "stored_at - ts"),
+];
+
+impl Warehouse {
+    /// Per UTC day of capture since `from_ms`: the `seq` numbers missing before each client
+    /// event in its device's stream (the gap before the first event counts from 1), each
+    /// gap capped at a million (one forged seq cannot drown the figure). Summed over all days
+    /// it is [`Warehouse::seq_gaps`] when the window covers every event.
+    pub fn seq_gaps_per_day(
+        &mut self,
+        site: Option<&str>,
+        from_ms: i64,
+    ) -> Result<BTreeMap<String, u64>, WarehouseError> {
+        let rows: Vec<(String, i64)> = match self {
+            Warehouse::Sqlite(conn) => {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day,
+                            sum(min(seq - coalesce(prev, 0) - 1, 1000000))
+                     FROM (SELECT ts, seq, lag(seq) OVER (PARTITION BY device_id ORDER BY seq) AS prev
+                           FROM (SELECT device_id, seq, min(ts) AS ts FROM events
+                                 WHERE source = 'client' AND seq >= 1 AND seq <= 1000000000
+                                       AND (?1 IS NULL OR site = ?1)
+                                 GROUP BY device_id, seq))
+                     WHERE ts >= ?2 GROUP BY day",
+                )?;
+                stmt.query_map(params![site, from_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?
+            }
+            Warehouse::Postgres(client) => client
+                .query(
+                    "SELECT to_char(to_timestamp(ts / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day,
+                            sum(least(seq - coalesce(prev, 0) - 1, 1000000))::bigint
+                     FROM (SELECT ts, seq, lag(seq) OVER (PARTITION BY device_id ORDER BY seq) AS prev
+                           FROM (SELECT device_id, seq, min(ts) AS ts FROM events
+                                 WHERE source = 'client' AND seq >= 1 AND seq <= 1000000000
+                                       AND ($1::text IS NULL OR site = $1)
+                                 GROUP BY device_id, seq) AS distinct_seqs) AS streams
+                     WHERE ts >= $2 GROUP BY day",
+                    &[&site, &from_ms],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        };
+        Ok(rows.into_iter().map(|(d, n)| (d, count(n))).collect())
+    }
+
+    /// For one of [`LAG_STAGES`], over the events captured since `from_ms`: how many events
+    /// had each lag (ms), ascending — an exact distribution that stays small (lags repeat),
+    /// from which any percentile follows. Events without the stage's stamps are left out.
+    pub fn lag_counts(
+        &mut self,
+        stage: &str,
+        site: Option<&str>,
+        from_ms: i64,
+    ) -> Result<Vec<(i64, u64)>, WarehouseError> {
+        let expr = LAG_STAGES
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .map(|(_, e)| *e)
+            .ok_or_else(|| WarehouseError::Config(format!("unknown lag stage {stage}")))?;
+        let rows: Vec<(i64, i64)> = match self {
+            Warehouse::Sqlite(conn) => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {expr} AS lag, count(*) FROM events
+                     WHERE ts >= ?2 AND (?1 IS NULL OR site = ?1) AND ({expr}) IS NOT NULL
+                     GROUP BY lag ORDER BY lag"
+                ))?;
+                stmt.query_map(params![site, from_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?
+            }
+            Warehouse::Postgres(client) => client
+                .query(
+                    &format!(
+                        "SELECT ({expr})::bigint AS lag, count(*) FROM events
+                         WHERE ts >= $2 AND ($1::text IS NULL OR site = $1) AND ({expr}) IS NOT NULL
+                         GROUP BY lag ORDER BY lag"
+                    ),
+                    &[&site, &from_ms],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        };
+        Ok(rows.into_iter().map(|(l, n)| (l, count(n))).collect())
+    }
+}
+
 /// A count read back (signed in both databases; negative means corrupt: 0).
 fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)

@@ -1,0 +1,278 @@
+//! The dashboards on the real relay over HTTP: who may see them (the admin token, as a bearer
+//! header or as the cookie the login sets; never on the public listener), and the quality
+//! API's figures against data put there (loss by stage, drops by reason, seq gaps per day,
+//! rejects with redacted samples, freshness, the sinks), including a truth database that
+//! cannot be reached: that section says so and the rest is still reported.
+//! The pages themselves are tested in Chromium (`e2e/dashboards.test.mjs`).
+
+mod support;
+
+use serde_json::{Value, json};
+use support::*;
+
+const TOKEN: &str = "dash-test-admin-token-0123456789";
+
+fn relay(dir: &std::path::Path, truth: &str) -> RelayProc {
+    RelayProc::start(
+        dir,
+        &format!(
+            "admin_token = \"{TOKEN}\"\n\n[reconcile]\ntruth = \"{truth}\"\ninterval_secs = 0\n\n\
+             [[reconcile.metrics]]\nname = \"signups\"\nevent = \"signup_completed\"\n\
+             truth_sql = \"SELECT '2000-01-01' AS day, 0 AS actual\"\n"
+        ),
+    )
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn only_the_admin_token_opens_the_dashboards_and_never_on_the_public_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let truth = dir.path().join("truth.sqlite");
+    rusqlite::Connection::open(&truth).unwrap();
+    let relay = relay(dir.path(), &format!("sqlite:{}", truth.display()));
+    let admin = |p: &str| format!("http://{}{p}", relay.admin);
+    let http = no_redirects();
+
+    // No token, a wrong one: 401, JSON for the API, the sign-in page for a page.
+    for auth in [
+        None,
+        Some("Bearer wrong-token-wrong-token-00"),
+        Some("Bearer "),
+    ] {
+        let mut req = http.get(admin("/api/v1/quality"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{auth:?}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "unauthorized");
+    }
+    let page = http.get(admin("/dash/quality")).send().await.unwrap();
+    assert_eq!(page.status(), 401);
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("<form method=\"post\" action=\"/login\"")
+    );
+    let wrong_cookie = http
+        .get(admin("/api/v1/quality"))
+        .header("cookie", "trueup_admin=00ff")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_cookie.status(), 401);
+
+    // The bearer token opens the API.
+    let ok = http
+        .get(admin("/api/v1/quality?days=7"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+
+    // The login: a wrong token is 401 with the form; the right one sets the cookie.
+    let bad = http
+        .post(admin("/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=not-the-token-not-the-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    assert!(bad.headers().get("set-cookie").is_none());
+    let good = http
+        .post(admin("/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(good.status(), 303);
+    let cookie = good.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains(TOKEN),
+        "the cookie holds the token hex-encoded: {cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    for path in ["/dash/quality", "/dash/dash.js", "/api/v1/quality?days=30"] {
+        let resp = http
+            .get(admin(path))
+            .header("cookie", &session)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        if path.starts_with("/dash/") {
+            let csp = resp.headers()["content-security-policy"].to_str().unwrap();
+            assert!(csp.contains("default-src 'self'"), "{csp}");
+        }
+    }
+    // Metrics and sinks take the session too (the pages may read them).
+    let sinks = http
+        .get(admin("/sinks"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sinks.status(), 200);
+
+    // Bad input: a clear 400.
+    let bad_days = http
+        .get(admin("/api/v1/quality?days=8"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_days.status(), 400);
+    let body: Value = bad_days.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_query");
+    assert!(body["message"].as_str().unwrap().contains("[1, 7, 30]"));
+
+    // The public listener serves none of it, with or without the token.
+    for path in [
+        "/dash/quality",
+        "/api/v1/quality",
+        "/login",
+        "/dash/dash.js",
+    ] {
+        let resp = http
+            .get(relay.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{path} on the public listener");
+    }
+}
+
+#[tokio::test]
+async fn the_quality_api_reports_what_was_put_there_and_says_which_store_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    // A truth database that cannot be reached (nothing listens on port 1).
+    let relay = relay(dir.path(), "postgres://trueup:pw@127.0.0.1:1/none");
+    let http = client();
+    let now = now_ms();
+
+    // Device dev-q: seqs 1, 2, 5 (two missing) today; a retry of the same batch (3
+    // duplicates); its counters with drops by reason; an event with a bad schema whose
+    // props hold an e-mail address.
+    let events: Vec<Value> = [1, 2, 5].map(|s| event("dev-q", s)).into();
+    let mut with_bad = events.clone();
+    with_bad.push(
+        json!({"id": new_id(), "name": "signup", "schema": "nope/9", "ts": now,
+        "source": "client", "anon_id": "a", "device_id": "dev-q", "seq": 6,
+        "props": {"email": "person@private.example"}}),
+    );
+    let body = json!({"v": 1, "site": "demo", "events": with_bad, "counters": {
+        "device_id": "dev-q", "enqueued": 12, "sent": 10, "acked": 8, "retried": 1,
+        "pending": 1, "dropped": {"queue_full": 2, "consent": 1}}});
+    for _ in 0..2 {
+        let resp = http
+            .post(relay.collect_url())
+            .header("origin", "https://shop.example")
+            .header("content-type", "text/plain")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.status());
+    }
+    relay.wait_drained();
+
+    // Drained means stored; the sink's backlog figure follows on its forwarder's next turn.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let q = loop {
+        let q: Value = http
+            .get(format!("http://{}/api/v1/quality?days=1", relay.admin))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if q["sinks"][0]["backlog_rows"] == 0 && q["loss"]["devices"] == 1 {
+            break q;
+        }
+        assert!(std::time::Instant::now() < deadline, "never settled: {q:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // The truth database's failure is the gap section's, said plainly; the rest is there.
+    let errors = q["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{q:#}");
+    assert_eq!(errors[0]["section"], "gap");
+    let message = errors[0]["message"].as_str().unwrap();
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    assert!(
+        !message.contains("pw"),
+        "the password is redacted: {message}"
+    );
+    assert_eq!(q["gap"], json!([]));
+    assert_eq!(q["days"], 1);
+    assert_eq!(q["day_list"], json!([trueup_reconcile::day::of_ms(now)]));
+
+    let loss = &q["loss"];
+    assert_eq!(loss["devices"], 1);
+    assert_eq!(loss["created"], 12);
+    assert_eq!(loss["stored"], 11, "created minus the consent drop: {loss}");
+    assert_eq!(loss["sent"], 9);
+    assert_eq!(loss["acked"], 8);
+    assert_eq!(loss["accepted_by_relay"], 3);
+    assert_eq!(loss["in_warehouse"], 3);
+    assert_eq!(loss["duplicates_removed"], 3);
+    assert_eq!(
+        loss["rejected_by_relay"], 2,
+        "the bad event, in both sends: {loss}"
+    );
+    assert_eq!(loss["dropped"], json!({"consent": 1, "queue_full": 2}));
+    assert_eq!(loss["seq_gaps"], 2);
+    assert_eq!(q["seq_gaps"], json!([{"day": q["day_list"][0], "gaps": 2}]));
+
+    let rejects = q["rejects"].as_array().unwrap();
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert_eq!(rejects[0]["stage"], "ingest");
+    assert_eq!(rejects[0]["count"], 2);
+    let samples = rejects[0]["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 2);
+    let raw = samples[0]["raw"].as_str().unwrap();
+    assert!(!raw.contains("person@private.example"), "{raw}");
+    assert!(raw.contains("<redacted: 22 chars>"), "{raw}");
+
+    // Freshness: the three events were captured now and stored by the embedded warehouse.
+    let stages: Vec<&str> = q["freshness"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "capture_to_accepted",
+            "accepted_to_warehouse",
+            "capture_to_warehouse"
+        ]
+    );
+    for f in q["freshness"].as_array().unwrap() {
+        assert_eq!(f["events"], 3, "{f}");
+        let (p50, p95) = (f["p50_ms"].as_i64().unwrap(), f["p95_ms"].as_i64().unwrap());
+        assert!((0..60_000).contains(&p50) && p50 <= p95, "{f}");
+    }
+    let sinks = q["sinks"].as_array().unwrap();
+    assert_eq!(sinks.len(), 1);
+    assert_eq!(sinks[0]["name"], "warehouse");
+    assert_eq!(sinks[0]["backlog_rows"], 0);
+}
