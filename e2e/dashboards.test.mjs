@@ -45,6 +45,18 @@ const COUNTERS = [
   { device_id: "dev-c", enqueued: 4, sent: 0, acked: 0, retried: 0, pending: 0, dropped: { consent: 4 } },
 ];
 const REJECTED = 3; // events with an unknown schema, their props an e-mail address
+// Behaviour: each day 5 sessions, session k with k + 1 page views (15 a day); today the
+// funnel page_view → product_viewed → added_to_cart: sessions 0-2 view a product after their
+// page view, session 0 then adds to cart, session 1 adds to cart before viewing (not through).
+const VIEW_SESSIONS = 5;
+const FUNNEL = ["page_view", "product_viewed", "added_to_cart"];
+// Orders (yesterday 3 × 12.50, today 2 × 20.00), each by a known user.
+const ORDERS = [
+  { back: 1, n: 3, cents: 1250 },
+  { back: 0, n: 2, cents: 2000 },
+];
+/** A known signup's first-touch source: alternately google and direct. */
+const sourceOf = (u) => (u % 2 === 0 ? "google" : "direct");
 const SECRET_EMAIL = "someone@private.example";
 
 /** The generator's truth, as the quality page must show it. */
@@ -59,7 +71,16 @@ function truth(now) {
     gaps: d.seqGaps?.length || 0,
   }));
   const sum = (f) => COUNTERS.reduce((a, c) => a + f(c), 0);
-  const tracked = DAYS.reduce((a, d) => a + d.tracked, 0);
+  const signupsTracked = DAYS.reduce((a, d) => a + d.tracked, 0);
+  const viewsPerDay = (VIEW_SESSIONS * (VIEW_SESSIONS + 1)) / 2;
+  const funnelEvents = 3 + 2; // product_viewed × 3, added_to_cart × 2 (today)
+  const tracked = signupsTracked + 7 * viewsPerDay + funnelEvents;
+  const attribution = { google: 0, direct: 0, unknown: 0 };
+  for (const d of DAYS) {
+    for (let u = 0; u < d.actual; u++) attribution[u < d.unknown ? "unknown" : sourceOf(u)]++;
+  }
+  const orderDays = Object.fromEntries(ORDERS.map((o) => [dayOf(now - o.back * DAY_MS), o]));
+  const actualSignups = DAYS.reduce((a, d) => a + d.actual, 0);
   const dropped = {};
   for (const c of COUNTERS) for (const [r, n] of Object.entries(c.dropped)) dropped[r] = (dropped[r] || 0) + n;
   return {
@@ -79,6 +100,24 @@ function truth(now) {
       identity_violations: 0,
     },
     dropped,
+    business: {
+      signups: days.map((d) => ({ day: d.day, actual: d.actual, server: d.actual, value: null })),
+      orders: days.map((d) => {
+        const o = orderDays[d.day];
+        return { day: d.day, actual: o?.n || 0, server: o?.n || 0, value: o ? (o.n * o.cents) / 100 : null };
+      }),
+      attribution,
+      revenue: ORDERS.reduce((a, o) => a + (o.n * o.cents) / 100, 0),
+    },
+    behaviour: {
+      pageViews: viewsPerDay,
+      sessionsPerDay: VIEW_SESSIONS + 1, // the view sessions and the signup tab
+      top: { page_view: 7 * viewsPerDay, signup_completed: signupsTracked, product_viewed: 3, added_to_cart: 2 },
+      funnel: [7 * VIEW_SESSIONS, 3, 1], // every view session of the week did step 1
+      missingPct: ((actualSignups - signupsTracked) / actualSignups) * 100,
+      actual: actualSignups,
+      tracked: signupsTracked,
+    },
   };
 }
 
@@ -113,7 +152,10 @@ async function generate(relay, truthPath, now) {
     const back = 6 - i;
     const ts = tsOf(now, back);
     const stamp = new Date(ts).toISOString();
-    for (let u = 0; u < d.actual; u++) users.push(`('${stamp}', ${u < d.unknown ? 0 : 1})`);
+    for (let u = 0; u < d.actual; u++) {
+      const known = u >= d.unknown;
+      users.push(`('u-${i}-${u}', '${stamp}', ${known ? 1 : 0}, ${known ? `'${sourceOf(u)}'` : "NULL"})`);
+    }
     // The pages' tracked signups: one tab stream per day, seqs skipping the day's gaps.
     const device = `dev-${back}`;
     const seqs = [];
@@ -127,6 +169,7 @@ async function generate(relay, truthPath, now) {
       anon_id: `anon-${device}`,
       device_id: device,
       seq,
+      session_id: `s-${back}-signup`,
       props: {},
       context: { url: "https://shop.example/signup" },
     }));
@@ -144,6 +187,20 @@ async function generate(relay, truthPath, now) {
       const again = await post(relay, "/_r/q", batch);
       assert.equal(again.duplicate, d.tracked, JSON.stringify(again));
     }
+    // Page views (and today the funnel): session k on device view-<back>-<k>, in order.
+    const views = [];
+    for (let k = 0; k < VIEW_SESSIONS; k++) {
+      const device = `view-${back}-${k}`;
+      const steps = Array.from({ length: k + 1 }, () => "page_view");
+      if (back === 0 && k <= 2) steps.push("product_viewed");
+      if (back === 0 && k === 0) steps.push("added_to_cart");
+      if (back === 0 && k === 1) steps.splice(0, 0, "added_to_cart"); // before its page view
+      steps.forEach((name, n) =>
+        views.push({ id: uuid7(ts), name, schema: "event/1", ts: ts - 60000 + k * 1000 + n, source: "client",
+          anon_id: `anon-${device}`, device_id: device, seq: n + 1, session_id: `s-${back}-${k}`, props: {} }),
+      );
+    }
+    await post(relay, "/_r/q", { v: 1, site: "demo", events: views });
     // The system of record's own events, once per signup.
     const server = Array.from({ length: d.actual }, (_, u) => ({
       id: uuid7(ts), name: "signup_completed", schema: "event/1", ts, source: "server",
@@ -154,12 +211,29 @@ async function generate(relay, truthPath, now) {
       authorization: "Bearer e2e-dashboards-server-secret",
     });
   }
+  // Orders, by known users of the day before, with their server events.
+  const orders = [];
+  for (const o of ORDERS) {
+    const ts = tsOf(now, o.back);
+    const server = [];
+    for (let k = 0; k < o.n; k++) {
+      orders.push(`('o-${o.back}-${k}', 'u-0-${DAYS[0].unknown + k}', ${o.cents}, '${new Date(ts).toISOString()}')`);
+      server.push({ id: uuid7(ts), name: "order_paid", schema: "event/1", ts, source: "server",
+        anon_id: `buyer-${k}`, user_id: `u-0-${k}`, props: {} });
+    }
+    await post(relay, "/_r/s", { v: 1, site: "demo", events: server }, {
+      "content-type": "application/json",
+      authorization: "Bearer e2e-dashboards-server-secret",
+    });
+  }
   execFileSync("sqlite3", [truthPath,
-    `CREATE TABLE users (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, attribution_known INTEGER NOT NULL);
-     INSERT INTO users (created_at, attribution_known) VALUES ${users.join(",")};`]);
+    `CREATE TABLE users (id TEXT PRIMARY KEY, created_at TEXT NOT NULL, attribution_known INTEGER NOT NULL, ft_source TEXT);
+     INSERT INTO users (id, created_at, attribution_known, ft_source) VALUES ${users.join(",")};
+     CREATE TABLE orders (id TEXT PRIMARY KEY, user_id TEXT NOT NULL, amount_cents INTEGER NOT NULL, created_at TEXT NOT NULL);
+     INSERT INTO orders VALUES ${orders.join(",")};`]);
   await relay.drained();
   // Drained is stored; the API is asked until the warehouse shows all of it.
-  const tracked = DAYS.reduce((a, d) => a + d.tracked, 0);
+  const tracked = truth(now).loss.in_warehouse;
   await until("the warehouse to hold the data set", async () => {
     const q = await (await fetch(`http://127.0.0.1:${relay.adminPort}/api/v1/quality`, { headers: { authorization: `Bearer ${TOKEN}` } })).json();
     return q.loss?.in_warehouse === tracked && q.loss?.devices === COUNTERS.length && q.sinks?.[0]?.backlog_rows === 0;
@@ -181,6 +255,21 @@ truth_sql = """
 SELECT substr(created_at, 1, 10) AS day, count(*) AS actual,
        sum(attribution_known = 0) AS unknown_attribution
 FROM users GROUP BY 1"""
+attribution_sql = """
+SELECT substr(created_at, 1, 10) AS day, count(*) AS conversions,
+       CASE WHEN attribution_known = 0 THEN NULL ELSE ft_source END AS source
+FROM users GROUP BY 1, 3"""
+
+[[reconcile.metrics]]
+name = "orders"
+event = "order_paid"
+truth_sql = """
+SELECT substr(created_at, 1, 10) AS day, count(*) AS actual, sum(amount_cents) / 100.0 AS value
+FROM orders GROUP BY 1"""
+value_label = "revenue (USD)"
+
+[dashboard]
+funnel = ${JSON.stringify(FUNNEL)}
 
 [[sites]]
 key = "demo"
@@ -301,8 +390,51 @@ test("the quality page shows the generator's truth and the reconciliation report
       `dashboards quality: ${rows.length} days, moved ${want.days[MOVED].day}, loss ${JSON.stringify(want.loss)} as generated`,
     );
 
+    // Business: exact, from the system of record; unknown attribution its own row.
+    await page.goto(`http://127.0.0.1:${relay.adminPort}/dash/business`);
+    await ready(page);
+    for (const metric of ["signups", "orders"]) {
+      for (const d of want.business[metric]) {
+        const cells = await page.$$eval(`tr[data-metric=${metric}][data-day="${d.day}"] td[data-col]`, (tds) =>
+          Object.fromEntries(tds.map((td) => [td.dataset.col, td.dataset.value])),
+        );
+        assert.equal(num(cells.actual), d.actual, `${metric} ${d.day} actual`);
+        assert.equal(num(cells.server), d.server, `${metric} ${d.day} server`);
+        assert.equal(num(cells.value), d.value, `${metric} ${d.day} value`);
+      }
+    }
+    assert.equal(num(await page.getAttribute("[data-total='orders/value']", "data-value")), want.business.revenue);
+    assert.equal(num(await page.getAttribute("[data-total='signups/actual']", "data-value")), want.behaviour.actual);
+    const sources = await values(page, "data-attribution");
+    assert.deepEqual(
+      Object.fromEntries(Object.entries(sources).map(([k, v]) => [k, Number(v)])),
+      Object.fromEntries(Object.entries(want.business.attribution).map(([k, v]) => [`signups/${k}`, v])),
+    );
+    if (SHOTS) await page.screenshot({ path: join(ROOT, SHOTS, "dash-business.png"), fullPage: true });
+
+    // Behaviour: lossy, and every chart says by how much.
+    await page.goto(`http://127.0.0.1:${relay.adminPort}/dash/behaviour`);
+    await ready(page);
+    const banner = await page.getAttribute("[data-loss-banner]", "data-value");
+    assert.ok(Math.abs(num(banner) - want.behaviour.missingPct) < 1e-9, `missing ${banner}`);
+    const labels = await page.$$eval("[data-loss-label]", (els) => els.map((e) => e.textContent));
+    assert.ok(labels.length >= 4, `a loss label on every chart: ${labels.length}`);
+    for (const l of labels) assert.match(l, /36\.2 % missing/);
+    const views = await values(page, "data-page-views-day");
+    const sessions = await values(page, "data-sessions-day");
+    for (const d of want.days) {
+      assert.equal(num(views[d.day]), want.behaviour.pageViews, `page views ${d.day}`);
+      assert.equal(num(sessions[d.day]), want.behaviour.sessionsPerDay, `sessions ${d.day}`);
+    }
+    const top = await values(page, "data-top-event");
+    assert.deepEqual(Object.fromEntries(Object.entries(top).map(([k, v]) => [k, Number(v)])), want.behaviour.top);
+    const steps = await values(page, "data-funnel-step");
+    assert.deepEqual(FUNNEL.map((e) => num(steps[e])), want.behaviour.funnel);
+    if (SHOTS) await page.screenshot({ path: join(ROOT, SHOTS, "dash-behaviour.png"), fullPage: true });
+    assert.deepEqual(problems, []);
+
     // The public listener serves none of it.
-    for (const path of ["/dash/quality", "/api/v1/quality", "/login"]) {
+    for (const path of ["/dash/quality", "/dash/business", "/api/v1/quality", "/api/v1/business", "/api/v1/behaviour", "/login"]) {
       const pub = await fetch(`${relay.origin}${path}`, { headers: { authorization: `Bearer ${TOKEN}` } });
       assert.equal(pub.status, 404, `${path} on the public listener`);
     }

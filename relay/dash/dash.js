@@ -56,6 +56,29 @@ export const errorNote = (sectionId, message) =>
 export const emptyNote = (sectionId, message) =>
   el("p", { class: "empty", "data-empty": sectionId }, message);
 
+/** section → its error messages (`errors` of an API answer), joined with "; ". */
+export function errorsBySection(errors) {
+  const bySection = new Map();
+  for (const { section: id, message } of errors ?? []) {
+    bySection.set(id, bySection.has(id) ? `${bySection.get(id)}; ${message}` : message);
+  }
+  return bySection;
+}
+
+/** The line above the cards: which site, which UTC days. */
+export function scopeLine(data) {
+  const days = data.day_list ?? [];
+  const span = days.length ? `${fmt.day(days[0])}${days.length > 1 ? ` – ${fmt.day(days.at(-1))} (UTC days)` : " (UTC day)"}` : "";
+  return el("p", { class: "scope wide" }, `${data.site == null ? "all sites" : `site ${data.site}`} · ${span}`);
+}
+
+/** A horizontal bar, `value / max` of its track's width (for a table cell or a list). */
+export function hbar(value, max, className = "") {
+  const share = max > 0 && value > 0 ? Math.min(100, (value / max) * 100) : 0;
+  return el("span", { class: "hbar-track", "aria-hidden": "true" },
+    el("span", { class: className ? `hbar ${className}` : "hbar", style: `width:${share.toFixed(2)}%` }));
+}
+
 /** A table. `columns`: {key, label, num?, text?(row), value?(row)}; every cell gets
  *  `data-col=key` and `data-value` (the raw API value: `value(row)`, by default `row[key]`).
  *  `rowAttrs(row)` gives the `<tr>`'s attributes. */
@@ -165,8 +188,9 @@ let pendingCharts = []; // placeholders created by dayChart(), drawn once they a
 let liveCharts = []; // {plot, observer}
 
 /** A chart over `days` (x = day index). `series`: {label, values, color, format, dash?,
- *  bars?, pointsOnly?}; `yLabel` names the y axis with its unit; `formatY` labels its ticks;
- *  `integer` keeps ticks on whole numbers.
+ *  bars?, pointsOnly?, scale?}; `yLabel` names the y axis with its unit; `formatY` labels its
+ *  ticks; `integer` keeps ticks on whole numbers. A series with `scale: "y2"` goes on a second
+ *  axis, on the right (`y2Label`, `formatY2`).
  *  Returns a placeholder; the chart is drawn when the page shows it (uPlot needs a width). */
 export function dayChart(spec) {
   const slot = el("div", { class: "chart", style: `min-height:${(spec.height ?? 220) + 40}px` });
@@ -201,6 +225,7 @@ const chartData = (spec) => [spec.days.map((_, i) => i), ...spec.series.map((s) 
 function chartOptions(spec, width, height) {
   const { days } = spec;
   const grid = { stroke: "#e5e7eb", width: 1 };
+  const y2 = spec.series.some((s) => s.scale === "y2");
   return {
     width,
     height,
@@ -208,10 +233,12 @@ function chartOptions(spec, width, height) {
     scales: {
       x: { time: false, range: () => [-0.5, days.length - 0.5] },
       y: { range: (u, min, max) => yRange(min, max, spec.bars) },
+      ...(y2 ? { y2: { range: (u, min, max) => yRange(min, max, false) } } : {}),
     },
     axes: [
       { label: "day (UTC)", grid, incrs: [1, 2, 3, 7, 14], space: 48, values: (u, ticks) => ticks.map((i) => (days[i] ? fmt.day(days[i]) : "")) },
       { label: spec.yLabel, grid, size: 64, incrs: spec.integer ? INTEGER_STEPS : undefined, values: (u, ticks) => ticks.map(spec.formatY ?? String) },
+      ...(y2 ? [{ scale: "y2", side: 1, label: spec.y2Label, grid: { show: false }, size: 72, values: (u, ticks) => ticks.map(spec.formatY2 ?? String) }] : []),
     ],
     series: [{ label: "day", value: (u, i) => (i == null ? DASH : days[i] ?? "") }, ...spec.series.map(seriesOptions)],
   };
@@ -222,6 +249,7 @@ const INTEGER_STEPS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6, 
 
 function seriesOptions(s) {
   const base = { label: s.label, stroke: s.color, width: 2, dash: s.dash, spanGaps: false, value: (u, v) => (v == null ? DASH : s.format(v)) };
+  if (s.scale) base.scale = s.scale; // only when given: an undefined one would unset uPlot's "y"
   if (s.bars) return { ...base, fill: s.color + "99", paths: window.uPlot.paths.bars({ size: [0.6, 48] }), points: { show: false } };
   if (s.pointsOnly) return { ...base, paths: () => null, points: { show: true, size: 13, width: 2, fill: s.color, stroke: "#fff" } };
   return { ...base, points: { show: true, size: 6, width: 2, fill: "#fff" } };

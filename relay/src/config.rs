@@ -80,6 +80,9 @@ pub struct Config {
     /// Reconciliation of client analytics against the system of record: the truth database,
     /// the metrics, and the schedule on which the relay publishes the gaps as gauges.
     pub reconcile: trueup_reconcile::ReconcileConfig,
+    /// What the behaviour dashboard shows (page views' event, the funnel, the metric the
+    /// client events' loss is measured against).
+    pub dashboard: trueup_reconcile::DashboardConfig,
     /// The loader (`trueup-relay load`): from the log that the relays' `kafka` sinks write,
     /// into the warehouse. Unused by the relay itself.
     pub loader: LoaderConfig,
@@ -699,6 +702,7 @@ impl Default for Config {
             request_timeout_secs: 30,
             log_format: "text".into(),
             reconcile: trueup_reconcile::ReconcileConfig::default(),
+            dashboard: trueup_reconcile::DashboardConfig::default(),
             loader: LoaderConfig::default(),
         }
     }
@@ -1091,6 +1095,9 @@ impl Config {
         }
         self.reconcile
             .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.dashboard
+            .validate(&self.reconcile)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format must be \"text\" or \"json\"".into());

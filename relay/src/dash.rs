@@ -17,6 +17,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use trueup_reconcile::dashboards;
 use trueup_reconcile::quality::{self, WINDOWS};
 
 use crate::health::{AdminState, sink_views};
@@ -29,37 +30,34 @@ pub const COOKIE: &str = "trueup_admin";
 const CSP: &str = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
                    frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
 
+const HTML: &str = "text/html; charset=utf-8";
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
 /// The dashboards' files, compiled in: (name under /dash/, MIME type, bytes).
 const FILES: &[(&str, &str, &[u8])] = &[
-    (
-        "quality",
-        "text/html; charset=utf-8",
-        include_bytes!("../dash/quality.html"),
-    ),
-    (
-        "dash.js",
-        "text/javascript; charset=utf-8",
-        include_bytes!("../dash/dash.js"),
-    ),
-    (
-        "quality.js",
-        "text/javascript; charset=utf-8",
-        include_bytes!("../dash/quality.js"),
-    ),
-    (
-        "dash.css",
-        "text/css; charset=utf-8",
-        include_bytes!("../dash/dash.css"),
-    ),
+    ("quality", HTML, include_bytes!("../dash/quality.html")),
+    ("business", HTML, include_bytes!("../dash/business.html")),
+    ("behaviour", HTML, include_bytes!("../dash/behaviour.html")),
+    ("dash.js", JS, include_bytes!("../dash/dash.js")),
+    ("quality.js", JS, include_bytes!("../dash/quality.js")),
+    ("business.js", JS, include_bytes!("../dash/business.js")),
+    ("behaviour.js", JS, include_bytes!("../dash/behaviour.js")),
+    ("dash.css", CSS, include_bytes!("../dash/dash.css")),
     (
         "vendor/uPlot.iife.min.js",
-        "text/javascript; charset=utf-8",
+        JS,
         include_bytes!("../dash/vendor/uPlot.iife.min.js"),
     ),
     (
         "vendor/uPlot.min.css",
-        "text/css; charset=utf-8",
+        CSS,
         include_bytes!("../dash/vendor/uPlot.min.css"),
+    ),
+    (
+        "vendor/LICENSE",
+        "text/plain; charset=utf-8",
+        include_bytes!("../dash/vendor/LICENSE"),
     ),
 ];
 
@@ -148,24 +146,72 @@ pub async fn quality_api(State(st): State<AdminState>, Query(w): Query<Window>) 
         Ok(d) => d,
         Err(m) => return api_error(StatusCode::BAD_REQUEST, "invalid_query", &m),
     };
-    let cfg = st.cfg.clone();
-    let report = tokio::task::spawn_blocking(move || {
-        let stores = cfg.reconcile_stores().map_err(|e| e.to_string())?;
-        Ok::<_, String>(quality::quality(&cfg.reconcile, &stores, days, now_ms()))
+    match report(&st, move |cfg, stores| {
+        quality::quality(&cfg.reconcile, stores, days, now_ms())
     })
-    .await;
-    match report {
-        Ok(Ok(q)) => {
-            let mut body = serde_json::to_value(&q).unwrap_or_default();
+    .await
+    {
+        Ok(mut body) => {
             body["sinks"] = serde_json::to_value(sink_views(&st)).unwrap_or_default();
             axum::Json(body).into_response()
         }
-        Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "config", &e),
-        Err(e) => api_error(
+        Err(r) => r,
+    }
+}
+
+/// Runs a report on the blocking pool (they read databases) and answers it as JSON.
+async fn report<T: serde::Serialize + Send + 'static>(
+    st: &AdminState,
+    f: impl FnOnce(&crate::Config, &trueup_reconcile::Stores) -> T + Send + 'static,
+) -> Result<serde_json::Value, Response> {
+    let cfg = st.cfg.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let stores = cfg.reconcile_stores().map_err(|e| e.to_string())?;
+        serde_json::to_value(f(&cfg, &stores)).map_err(|e| e.to_string())
+    })
+    .await;
+    match outcome {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(api_error(StatusCode::INTERNAL_SERVER_ERROR, "config", &e)),
+        Err(e) => Err(api_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             &format!("the report failed: {e}"),
-        ),
+        )),
+    }
+}
+
+/// `GET /api/v1/business?days=1|7|30`: the business report (see
+/// [`trueup_reconcile::dashboards::business`]).
+pub async fn business_api(State(st): State<AdminState>, Query(w): Query<Window>) -> Response {
+    let days = match window(&w) {
+        Ok(d) => d,
+        Err(m) => return api_error(StatusCode::BAD_REQUEST, "invalid_query", &m),
+    };
+    match report(&st, move |cfg, stores| {
+        dashboards::business(&cfg.reconcile, stores, days, now_ms())
+    })
+    .await
+    {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `GET /api/v1/behaviour?days=1|7|30`: the behaviour report with its measured loss (see
+/// [`trueup_reconcile::dashboards::behaviour`]).
+pub async fn behaviour_api(State(st): State<AdminState>, Query(w): Query<Window>) -> Response {
+    let days = match window(&w) {
+        Ok(d) => d,
+        Err(m) => return api_error(StatusCode::BAD_REQUEST, "invalid_query", &m),
+    };
+    match report(&st, move |cfg, stores| {
+        dashboards::behaviour(&cfg.reconcile, &cfg.dashboard, stores, days, now_ms())
+    })
+    .await
+    {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(r) => r,
     }
 }
 

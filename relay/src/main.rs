@@ -12,7 +12,7 @@ use trueup_relay::{Config, Relay};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// TOML configuration file (every field optional; see relay/trueup.example.toml).
+    /// TOML configuration file (every field optional; see the README, "Configure it").
     #[arg(long, env = "TRUEUP_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Public address (collection endpoint, agent files, demo site).

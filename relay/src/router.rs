@@ -85,6 +85,8 @@ pub fn admin_router(st: AdminState) -> Router {
         .route("/dash/", get(dash::index))
         .route("/dash/{*file}", get(dash::file))
         .route("/api/v1/quality", get(dash::quality_api))
+        .route("/api/v1/business", get(dash::business_api))
+        .route("/api/v1/behaviour", get(dash::behaviour_api))
         .layer(middleware::from_fn_with_state(st.clone(), require_token))
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,

@@ -110,6 +110,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         db = %args.db.display(),
         "demo shop listening"
     );
+    if let Some(r) = &relay {
+        tracing::info!(
+            url = %format!("http://{}/dash/", r.admin),
+            "dashboards on the relay's admin address (sign in with its admin token)"
+        );
+    }
 
     let (died_tx, mut died_rx) = tokio::sync::oneshot::channel::<String>();
     let stop = async move {

@@ -29,6 +29,7 @@
 
 #![deny(missing_docs)]
 
+pub mod dashboards;
 pub mod day;
 pub mod quality;
 pub mod truth;
@@ -118,8 +119,73 @@ pub struct MetricConfig {
     /// The event name the page tracks for it, e.g. `signup_completed`.
     pub event: String,
     /// SQL run on the truth database, returning one row per UTC day with columns `day`
-    /// (`YYYY-MM-DD` text), `actual` (integer) and optionally `unknown_attribution` (integer).
+    /// (`YYYY-MM-DD` text), `actual` (integer) and optionally `unknown_attribution` (integer)
+    /// and `value` (a number, e.g. the day's revenue).
     pub truth_sql: String,
+    /// What `value` is, for the business dashboard (e.g. `revenue (USD)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_label: Option<String>,
+    /// SQL returning the conversions by attribution source: columns `day`, `source` (text,
+    /// NULL when unknown) and `conversions` (integer), for the business dashboard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution_sql: Option<String>,
+}
+
+/// The `[dashboard]` section: what the behaviour dashboard shows.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// The client event counted as a page view.
+    pub page_event: String,
+    /// The funnel's steps, in order (client event names); empty: no funnel.
+    pub funnel: Vec<String>,
+    /// The business metric the client events' loss is measured against (default: the first
+    /// metric in `[[reconcile.metrics]]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_reference: Option<String>,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        DashboardConfig {
+            page_event: "page_view".into(),
+            funnel: Vec::new(),
+            loss_reference: None,
+        }
+    }
+}
+
+/// The most steps a funnel may have.
+pub const MAX_FUNNEL_STEPS: usize = 10;
+
+impl DashboardConfig {
+    /// Checks it against the metrics; the error names the field to fix.
+    pub fn validate(&self, reconcile: &ReconcileConfig) -> Result<(), ReconcileError> {
+        if self.page_event.is_empty() {
+            return Err(ReconcileError::Config(
+                "dashboard.page_event must not be empty".into(),
+            ));
+        }
+        if self.funnel.len() == 1 || self.funnel.len() > MAX_FUNNEL_STEPS {
+            return Err(ReconcileError::Config(format!(
+                "dashboard.funnel needs 2 to {MAX_FUNNEL_STEPS} events (or none), it has {}",
+                self.funnel.len()
+            )));
+        }
+        if let Some(bad) = self.funnel.iter().find(|e| e.is_empty()) {
+            return Err(ReconcileError::Config(format!(
+                "dashboard.funnel: empty event name {bad:?}"
+            )));
+        }
+        if let Some(r) = &self.loss_reference
+            && !reconcile.metrics.iter().any(|m| &m.name == r)
+        {
+            return Err(ReconcileError::Config(format!(
+                "dashboard.loss_reference = {r:?} is not a metric in [[reconcile.metrics]]"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl ReconcileConfig {

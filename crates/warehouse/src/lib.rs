@@ -496,6 +496,126 @@ impl Warehouse {
     }
 }
 
+const SQLITE_DAY: &str = "strftime('%Y-%m-%d', ts / 1000, 'unixepoch')";
+const PG_DAY: &str = "to_char(to_timestamp(ts / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')";
+
+impl Warehouse {
+    /// Distinct sessions with a client event, per UTC day since `from_ms`.
+    pub fn sessions_per_day(
+        &mut self,
+        site: Option<&str>,
+        from_ms: i64,
+    ) -> Result<BTreeMap<String, u64>, WarehouseError> {
+        self.day_counts("count(DISTINCT session_id)", site, from_ms)
+    }
+
+    fn day_counts(
+        &mut self,
+        what: &str,
+        site: Option<&str>,
+        from_ms: i64,
+    ) -> Result<BTreeMap<String, u64>, WarehouseError> {
+        let rows: Vec<(String, i64)> = match self {
+            Warehouse::Sqlite(conn) => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {SQLITE_DAY} AS day, {what} FROM events
+                     WHERE source = 'client' AND ts >= ?2 AND (?1 IS NULL OR site = ?1) GROUP BY day"
+                ))?;
+                stmt.query_map(params![site, from_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?
+            }
+            Warehouse::Postgres(client) => client
+                .query(
+                    &format!(
+                        "SELECT {PG_DAY} AS day, {what} FROM events
+                         WHERE source = 'client' AND ts >= $2 AND ($1::text IS NULL OR site = $1) GROUP BY day"
+                    ),
+                    &[&site, &from_ms],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        };
+        Ok(rows.into_iter().map(|(d, n)| (d, count(n))).collect())
+    }
+
+    /// The `limit` most frequent client event names since `from_ms`, most frequent first.
+    pub fn top_events(
+        &mut self,
+        site: Option<&str>,
+        from_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, u64)>, WarehouseError> {
+        let limit = i64::from(limit);
+        let rows: Vec<(String, i64)> = match self {
+            Warehouse::Sqlite(conn) => {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT name, count(*) AS n FROM events
+                     WHERE source = 'client' AND ts >= ?2 AND (?1 IS NULL OR site = ?1)
+                     GROUP BY name ORDER BY n DESC, name LIMIT ?3",
+                )?;
+                stmt.query_map(params![site, from_ms, limit], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<Result<_, _>>()?
+            }
+            Warehouse::Postgres(client) => client
+                .query(
+                    "SELECT name, count(*) AS n FROM events
+                     WHERE source = 'client' AND ts >= $2 AND ($1::text IS NULL OR site = $1)
+                     GROUP BY name ORDER BY n DESC, name LIMIT $3",
+                    &[&site, &from_ms, &limit],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        };
+        Ok(rows.into_iter().map(|(n, c)| (n, count(c))).collect())
+    }
+
+    /// For the funnel: each session's first time (ms) of each of `events` since `from_ms`,
+    /// as (session, event, first ts). Client events with a session only.
+    pub fn first_times(
+        &mut self,
+        site: Option<&str>,
+        from_ms: i64,
+        events: &[String],
+    ) -> Result<Vec<(String, String, i64)>, WarehouseError> {
+        Ok(match self {
+            Warehouse::Sqlite(conn) => {
+                let marks = vec!["?"; events.len()].join(", ");
+                let mut stmt = conn.prepare(&format!(
+                    "SELECT session_id, name, min(ts) FROM events
+                     WHERE source = 'client' AND session_id IS NOT NULL AND ts >= ?
+                       AND (? IS NULL OR site = ?) AND name IN ({marks})
+                     GROUP BY session_id, name"
+                ))?;
+                let mut values: Vec<rusqlite::types::Value> = vec![
+                    from_ms.into(),
+                    site.map(str::to_string).into(),
+                    site.map(str::to_string).into(),
+                ];
+                values.extend(events.iter().map(|e| e.clone().into()));
+                stmt.query_map(rusqlite::params_from_iter(values), |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<_, _>>()?
+            }
+            Warehouse::Postgres(client) => client
+                .query(
+                    "SELECT session_id, name, min(ts) FROM events
+                     WHERE source = 'client' AND session_id IS NOT NULL AND ts >= $2
+                       AND ($1::text IS NULL OR site = $1) AND name = ANY($3)
+                     GROUP BY session_id, name",
+                    &[&site, &from_ms, &events],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect(),
+        })
+    }
+}
+
 /// A count read back (signed in both databases; negative means corrupt: 0).
 fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
