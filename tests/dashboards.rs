@@ -276,3 +276,114 @@ async fn the_quality_api_reports_what_was_put_there_and_says_which_store_failed(
     assert_eq!(sinks[0]["name"], "warehouse");
     assert_eq!(sinks[0]["backlog_rows"], 0);
 }
+
+/// Every series the Grafana dashboard (`relay/grafana/trueup.json`) queries is one the relay
+/// or the loader exports: named in their source, and, for the reconciliation and loss
+/// figures, present on a real relay's `/metrics` after a reconciliation ran.
+#[tokio::test]
+async fn the_grafana_dashboard_queries_series_the_relay_exports() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("relay/grafana/trueup.json")).unwrap(),
+    )
+    .unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("trueup_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name)
+                    .to_string();
+                used.insert(base);
+            }
+        }
+    }
+    assert!(used.len() >= 20, "{used:?}");
+    let mut source = String::new();
+    let mut dirs = vec![root.join("relay/src")];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|e| e == "rs") {
+                source.push_str(&std::fs::read_to_string(p).unwrap());
+            }
+        }
+    }
+    for name in &used {
+        assert!(
+            source.contains(&format!("\"{name}\"")),
+            "the dashboard queries {name}, which the relay does not export"
+        );
+    }
+
+    // A relay with a reconciliation every second: its figures are on /metrics.
+    let dir = tempfile::tempdir().unwrap();
+    let truth = dir.path().join("truth.sqlite");
+    rusqlite::Connection::open(&truth)
+        .unwrap()
+        .execute_batch("CREATE TABLE users (created_at TEXT); INSERT INTO users VALUES ('2026-01-01T00:00:00Z');")
+        .unwrap();
+    let relay = RelayProc::start(
+        dir.path(),
+        &format!(
+            "admin_token = \"{TOKEN}\"\n\n[reconcile]\ntruth = \"sqlite:{}\"\ninterval_secs = 1\n\n\
+             [[reconcile.metrics]]\nname = \"signups\"\nevent = \"signup_completed\"\n\
+             truth_sql = \"SELECT substr(created_at, 1, 10) AS day, count(*) AS actual FROM users GROUP BY 1\"\n",
+            truth.display()
+        ),
+    );
+    let body = json!({"v": 1, "site": "demo", "events": [event("dev-g", 1)]});
+    let resp = client()
+        .post(relay.collect_url())
+        .header("origin", "https://shop.example")
+        .header("content-type", "text/plain")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        let text = client()
+            .get(format!("http://{}/metrics", relay.admin))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("trueup_reconcile_last_success_timestamp_seconds ") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconciliation in 20 s:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    for name in used.iter().filter(|n| {
+        n.starts_with("trueup_reconcile_")
+            || n.starts_with("trueup_loss_stage")
+            || n.starts_with("trueup_events_accepted")
+            || n.starts_with("trueup_spool_depth")
+            || n.starts_with("trueup_sink_backlog")
+            || n.starts_with("trueup_pipeline_lag")
+    }) {
+        assert!(
+            text.contains(name.as_str()),
+            "{name} is not on /metrics:\n{text}"
+        );
+    }
+}
