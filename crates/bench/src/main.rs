@@ -8,11 +8,16 @@
 //!     [--fanout-concurrency 1] [--postgres URL] [--json FILE]
 //! cargo run -p trueup-bench --release -- --pipeline kafka|nats [--rate 20000[,10000]] \
 //!     [--seconds 10] [--batch 20] [--tansu PATH | --nats-server PATH] [--postgres URL] [--json FILE]
+//! cargo run -p trueup-bench --release -- --dashboards [--events 1000000] [--days 30] [--runs 7] \
+//!     [--keep-data] [--json FILE]
 //! ```
 //!
 //! `--pipeline` replaces the steps below with the scale-out path (relay -> Kafka-protocol
 //! broker or NATS JetStream -> `trueup-relay load` -> PostgreSQL or SQLite): its sustained
 //! throughput and its tracked-to-warehouse latency at fixed rates; see `pipeline`.
+//!
+//! `--dashboards` replaces them with the dashboards' JSON API on a generated warehouse of
+//! `--events` events: each call's median and max time against a 300 ms goal; see `dashboards`.
 //!
 //! What it does, in order:
 //!
@@ -54,6 +59,7 @@
 //! benchmark could not run.
 
 mod batch;
+mod dashboards;
 mod fanout;
 mod load;
 mod pg;
@@ -116,7 +122,7 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Keep the relay's temporary directory (config, log, spool, warehouse) and print its path.
-    #[arg(long)]
+    #[arg(long, visible_alias = "keep")]
     keep_data: bool,
     /// Run the fan-out part (the default): ingest with three sinks, forwarding per sink kind.
     #[arg(long, overrides_with = "no_fanout")]
@@ -159,6 +165,21 @@ struct Args {
     /// `--pipeline nats`: the nats-server binary (default: nats-server on PATH or in sbin).
     #[arg(long)]
     nats_server: Option<PathBuf>,
+    /// Run the dashboards' benchmark instead of the usual phases: a generated warehouse of
+    /// --events events over --days days, then each dashboard API call --runs times (see
+    /// `dashboards`).
+    #[arg(long)]
+    dashboards: bool,
+    /// `--dashboards`: events in the generated warehouse.
+    #[arg(long, default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=100_000_000))]
+    events: u64,
+    /// `--dashboards`: days the generated events span, ending now.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=366))]
+    days: u32,
+    /// `--dashboards`: timed calls per endpoint and window (after one warm-up call).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    runs: u32,
 }
 
 fn main() -> ExitCode {
@@ -195,6 +216,9 @@ fn main() -> ExitCode {
     };
     if let Some(log) = args.pipeline {
         return run_pipeline(&args, log, relay_bin, &runtime);
+    }
+    if args.dashboards {
+        return run_dashboards(&args, relay_bin, &runtime);
     }
     if args.soak_seconds > 0 {
         let settings = soak::Settings {
@@ -293,6 +317,39 @@ fn run_pipeline(
         client_threads: args.client_threads,
     };
     match runtime.block_on(pipeline::run(settings)) {
+        Ok(report) => {
+            print!("{}", report.text());
+            if let Some(path) = &args.json {
+                let json = serde_json::to_string_pretty(&report.json()).expect("valid JSON");
+                if let Err(e) = std::fs::write(path, json + "\n") {
+                    eprintln!("trueup-bench: cannot write {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("trueup-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The dashboards' benchmark (`--dashboards`): runs, prints, writes the JSON. Fails only on
+/// wrong answers, never on slow ones.
+fn run_dashboards(args: &Args, relay_bin: PathBuf, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let settings = dashboards::Settings {
+        relay_bin,
+        events: args.events,
+        days: args.days,
+        runs: args.runs,
+        keep_data: args.keep_data,
+    };
+    match dashboards::run(settings, runtime) {
         Ok(report) => {
             print!("{}", report.text());
             if let Some(path) = &args.json {
