@@ -955,13 +955,7 @@ impl RelayChild {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        // The user's own TRUEUP_* settings must not change what is measured.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("TRUEUP_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("NO_COLOR", "1");
+        crate::procs::measured_env(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;

@@ -377,14 +377,7 @@ impl RelayProc {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        // The user's own TRUEUP_* settings must not change what is measured.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("TRUEUP_") {
-                cmd.env_remove(key);
-            }
-        }
-        // Its log is a file: no colour codes.
-        cmd.env("NO_COLOR", "1");
+        measured_env(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
@@ -950,6 +943,17 @@ http {{
     pub fn stop(&mut self, grace: Duration) -> anyhow::Result<(ExitStatus, bool)> {
         self.child.terminate(grace)
     }
+}
+
+/// The environment of a measured child: without the user's own TRUEUP_* settings (they must
+/// not change what is measured), and without colour codes (its log is a file).
+pub(crate) fn measured_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TRUEUP_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("NO_COLOR", "1");
 }
 
 #[cfg(test)]
