@@ -6,17 +6,24 @@
 //! The pages themselves are tested in Chromium (`e2e/dashboards.test.mjs`).
 
 mod support;
+#[path = "support/upstream.rs"]
+mod upstream;
 
 use serde_json::{Value, json};
 use support::*;
+use upstream::{Flavor, Upstream};
 
 const TOKEN: &str = "dash-test-admin-token-0123456789";
 
 fn relay(dir: &std::path::Path, truth: &str) -> RelayProc {
+    relay_with(dir, truth, "")
+}
+
+fn relay_with(dir: &std::path::Path, truth: &str, extra: &str) -> RelayProc {
     RelayProc::start(
         dir,
         &format!(
-            "admin_token = \"{TOKEN}\"\n\n[reconcile]\ntruth = \"{truth}\"\ninterval_secs = 0\n\n\
+            "admin_token = \"{TOKEN}\"\n{extra}\n[reconcile]\ntruth = \"{truth}\"\ninterval_secs = 0\n\n\
              [[reconcile.metrics]]\nname = \"signups\"\nevent = \"signup_completed\"\n\
              truth_sql = \"SELECT '2000-01-01' AS day, 0 AS actual\"\n"
         ),
@@ -280,6 +287,89 @@ async fn the_quality_api_reports_what_was_put_there_and_says_which_store_failed(
 /// Every series the Grafana dashboard (`relay/grafana/trueup.json`) queries is one the relay
 /// or the loader exports: named in their source, and, for the reconciliation and loss
 /// figures, present on a real relay's `/metrics` after a reconciliation ran.
+/// A record a sink refuses for good is a dead letter of stage `sink`: counted on the quality
+/// page under the sink's reason, with a redacted sample naming the sink and the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sinks_dead_letters_are_on_the_quality_page_with_redacted_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::start(Flavor::Posthog {
+        api_key: "phc_dash_key".into(),
+    })
+    .await;
+    let secret = dir.path().join("ph.secret");
+    std::fs::write(&secret, "phc_dash_key\n").unwrap();
+    let relay = relay_with(
+        dir.path(),
+        "postgres://trueup:pw@127.0.0.1:1/none",
+        &format!(
+            "\n[forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 400\n\n\
+             [[sinks]]\nname = \"ph\"\nkind = \"posthog\"\nurl = \"{}\"\nsecret_file = \"{}\"\n",
+            up.url(),
+            secret.display()
+        ),
+    );
+    let http = client();
+    // PostHog refuses a batch holding a poisoned event: the relay splits it down to that one
+    // event and dead-letters it; its neighbour is delivered.
+    let mut bad = event("dev-dl", 2);
+    bad["props"] = json!({"poison": true, "email": "someone@private.example"});
+    let bad_id = bad["id"].as_str().unwrap().to_string();
+    let body = json!({"v": 1, "site": "demo", "events": [event("dev-dl", 1), bad]});
+    let resp = http
+        .post(relay.collect_url())
+        .header("origin", "https://shop.example")
+        .header("content-type", "text/plain")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let q = loop {
+        let q: Value = http
+            .get(format!("http://{}/api/v1/quality?days=1", relay.admin))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let settled = q["sinks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["backlog_rows"] == 0);
+        if settled && !q["rejects"].as_array().unwrap().is_empty() {
+            break q;
+        }
+        assert!(std::time::Instant::now() < deadline, "never settled: {q:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let rejects = q["rejects"].as_array().unwrap();
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    let r = &rejects[0];
+    assert_eq!(r["stage"], "sink");
+    assert_eq!(r["reason"], "rejected_400");
+    assert_eq!(r["count"], 1);
+    let samples = r["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 1);
+    assert_eq!(samples[0]["sink"], "ph");
+    assert_eq!(samples[0]["event_id"], bad_id.as_str());
+    let raw = samples[0]["raw"].as_str().unwrap();
+    assert!(!raw.contains("someone@private.example"), "{raw}");
+    assert!(raw.contains("<redacted: 23 chars>"), "{raw}");
+    let ph = q["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "ph")
+        .unwrap();
+    assert_eq!(ph["dead_lettered"], 1, "{ph}");
+    assert_eq!(ph["delivered"], 1, "{ph}");
+}
+
 #[tokio::test]
 async fn the_grafana_dashboard_queries_series_the_relay_exports() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -12,7 +12,7 @@
 //!
 //! As in [`crate::quality`], each section fails on its own and says why.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 use trueup_warehouse::Warehouse;
@@ -422,32 +422,14 @@ fn behaviour_sections(
         .map(|(name, count)| EventCount { name, count })
         .collect();
     if !dash.funnel.is_empty() {
-        let firsts = wh.first_times(site, first, &dash.funnel)?;
-        b.funnel = Some(funnel(&dash.funnel, firsts));
+        let reached = wh.funnel(site, first, &dash.funnel)?;
+        b.funnel = Some(funnel(&dash.funnel, reached));
     }
     Ok(())
 }
 
-/// Sessions through each step: a session reaches step k when it did step k no earlier than
-/// it reached step k − 1 (first times; step 1 is any time in the window).
-fn funnel(steps: &[String], firsts: Vec<(String, String, i64)>) -> Funnel {
-    let mut by_session: HashMap<String, HashMap<String, i64>> = HashMap::new();
-    for (session, name, ts) in firsts {
-        by_session.entry(session).or_default().insert(name, ts);
-    }
-    let mut reached = vec![0u64; steps.len()];
-    for times in by_session.values() {
-        let mut at = i64::MIN;
-        for (k, step) in steps.iter().enumerate() {
-            match times.get(step) {
-                Some(&t) if t >= at => {
-                    reached[k] += 1;
-                    at = t;
-                }
-                _ => break,
-            }
-        }
-    }
+/// The funnel's steps with the sessions that reached each (see [`Warehouse::funnel`]).
+fn funnel(steps: &[String], reached: Vec<u64>) -> Funnel {
     let first = reached.first().copied().unwrap_or(0);
     Funnel {
         steps: steps
@@ -566,24 +548,9 @@ mod tests {
     }
 
     #[test]
-    fn a_funnel_step_counts_sessions_that_did_every_earlier_step_first() {
+    fn a_funnel_step_is_a_share_of_the_first() {
         let steps: Vec<String> = ["view", "start", "done"].map(String::from).into();
-        let t = |s: &str, e: &str, ts: i64| (s.to_string(), e.to_string(), ts);
-        let f = funnel(
-            &steps,
-            vec![
-                t("a", "view", 1),
-                t("a", "start", 2),
-                t("a", "done", 3),
-                t("b", "view", 1),
-                t("b", "start", 5),
-                t("c", "view", 9),
-                t("c", "start", 4), // started before it viewed: not through step 2
-                t("d", "start", 1), // never viewed
-                t("e", "view", 2),
-                t("e", "done", 3), // skipped a step
-            ],
-        );
+        let f = funnel(&steps, vec![4, 2, 1]);
         let got: Vec<u64> = f.steps.iter().map(|s| s.sessions).collect();
         assert_eq!(got, [4, 2, 1]);
         assert_eq!(f.steps[1].pct_of_first, 50.0);

@@ -32,17 +32,33 @@
 //! NOTHING` (a re-delivery after a crash stores nothing twice), counters upserted when newer.
 //! On PostgreSQL the events of a batch go by binary `COPY` into a temporary table and from
 //! there into `events` with one `INSERT … SELECT … ON CONFLICT (id) DO NOTHING`: a few round
-//! trips per batch, not one per row. That is 1.07–1.22× the rate of the one-statement
-//! `unnest` insert it replaced at 2,000–10,000 events per batch (even at 500); measure with
+//! trips per batch, not one per row. That was 1.07–1.22× the rate of the one-statement
+//! `unnest` insert it replaced at 2,000–10,000 events per batch (even at 500); with the daily
+//! rollups' step (below) a write is 0.79× that insert, which keeps no rollups; measure with
 //! `cargo run --release -p trueup-warehouse --example pg_insert`. SQLite commits with
 //! `synchronous = FULL`.
+//!
+//! The same transaction updates the daily rollups from the events that were new (see
+//! `src/rollup.rs`; its `rollup_*` tables are the warehouse's own, not part of the contract
+//! above): every read below comes from them, so a dashboard's 30 days cost the days'
+//! rows, not the events'. A warehouse from before them has them built from its events when
+//! first opened for writing; opened read-only before that, it says so.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod rollup;
+
+pub use rollup::lag_bucket;
+use rollup::{Delta, STORED_COLUMNS, Stored, day_name, day_of};
+
+#[cfg(test)]
+mod oracle;
+
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::Type;
 use rusqlite::{OpenFlags, params};
+use rustc_hash::FxHashMap;
 
 /// The warehouse failed; nothing of the batch was stored.
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +254,8 @@ impl Warehouse {
                  ALTER TABLE events ADD COLUMN stored_at INTEGER;",
             )?;
         }
+        let mut conn = conn;
+        rollup::ensure_sqlite(&mut conn)?;
         Ok(Warehouse::Sqlite(conn))
     }
 
@@ -245,6 +263,13 @@ impl Warehouse {
     pub fn open_sqlite_read_only(path: &Path) -> Result<Warehouse, WarehouseError> {
         let conn = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        if !rollup::sqlite_has_rollups(&conn)? {
+            return Err(WarehouseError::Config(format!(
+                "{} has no daily rollups yet (written by an older trueup, or being built now): \
+                 open it once for writing (start the relay or the loader on it) and retry",
+                path.display()
+            )));
+        }
         Ok(Warehouse::Sqlite(conn))
     }
 
@@ -258,6 +283,7 @@ impl Warehouse {
         let mut client = config.connect(postgres::NoTls)?;
         client.batch_execute(POSTGRES_SCHEMA)?;
         client.batch_execute(EVENTS_IN)?;
+        rollup::ensure_postgres(&mut client)?;
         Ok(Warehouse::Postgres(client))
     }
 
@@ -272,48 +298,6 @@ impl Warehouse {
             Warehouse::Sqlite(conn) => write_sqlite(conn, events, counters),
             Warehouse::Postgres(client) => write_postgres(client, events, counters),
         }
-    }
-
-    /// Events called `event` since `from_ms`, per UTC day of capture: (client, server).
-    pub fn events_per_day(
-        &mut self,
-        event: &str,
-        site: Option<&str>,
-        from_ms: i64,
-    ) -> Result<BTreeMap<String, (u64, u64)>, WarehouseError> {
-        let rows: Vec<(String, String, i64)> = match self {
-            Warehouse::Sqlite(conn) => {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day, source, count(*)
-                     FROM events WHERE name = ?1 AND (?2 IS NULL OR site = ?2) AND ts >= ?3
-                     GROUP BY day, source",
-                )?;
-                stmt.query_map(params![event, site, from_ms], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
-                .collect::<Result<_, _>>()?
-            }
-            Warehouse::Postgres(client) => client
-                .query(
-                    "SELECT to_char(to_timestamp(ts / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day,
-                            source, count(*)
-                     FROM events WHERE name = $1 AND ($2::text IS NULL OR site = $2) AND ts >= $3
-                     GROUP BY day, source",
-                    &[&event, &site, &from_ms],
-                )?
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect(),
-        };
-        let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for (day, source, n) in rows {
-            let entry = out.entry(day).or_default();
-            match source.as_str() {
-                "client" => entry.0 += count(n),
-                _ => entry.1 += count(n),
-            }
-        }
-        Ok(out)
     }
 
     /// The latest counters of every device (of `site`, or all).
@@ -357,186 +341,134 @@ impl Warehouse {
                 .collect(),
         })
     }
-
-    /// Client events stored (of `site`, or all).
-    pub fn client_events(&mut self, site: Option<&str>) -> Result<u64, WarehouseError> {
-        Ok(count(match self {
-            Warehouse::Sqlite(conn) => conn.query_row(
-                "SELECT count(*) FROM events WHERE source = 'client' AND (?1 IS NULL OR site = ?1)",
-                params![site],
-                |r| r.get(0),
-            )?,
-            Warehouse::Postgres(client) => client
-                .query_one(
-                    "SELECT count(*) FROM events WHERE source = 'client' AND ($1::text IS NULL OR site = $1)",
-                    &[&site],
-                )?
-                .get(0),
-        }))
-    }
-
-    /// Sequence numbers missing below each device's highest `seq` (seqs start at 1; a
-    /// device counts at most a million, so one forged seq cannot drown the figure).
-    pub fn seq_gaps(&mut self, site: Option<&str>) -> Result<u64, WarehouseError> {
-        Ok(count(match self {
-            Warehouse::Sqlite(conn) => conn.query_row(
-                "SELECT coalesce(sum(min(top - n, 1000000)), 0) FROM (
-                   SELECT max(seq) AS top, count(DISTINCT seq) AS n FROM events
-                   WHERE source = 'client' AND seq >= 1 AND (?1 IS NULL OR site = ?1)
-                   GROUP BY device_id)",
-                params![site],
-                |r| r.get(0),
-            )?,
-            Warehouse::Postgres(client) => client
-                .query_one(
-                    "SELECT coalesce(sum(least(top - n, 1000000)), 0)::bigint FROM (
-                       SELECT max(seq) AS top, count(DISTINCT seq) AS n FROM events
-                       WHERE source = 'client' AND seq >= 1 AND ($1::text IS NULL OR site = $1)
-                       GROUP BY device_id) AS streams",
-                    &[&site],
-                )?
-                .get(0),
-        }))
-    }
 }
 
 /// The pipeline stages whose lag [`Warehouse::lag_counts`] measures, from the event's stamps:
-/// capture (`ts`, the browser's or the backend's clock), accepted by a relay (`received_at`),
-/// in the log (`logged_at`, scale-out only) and stored (`stored_at`).
-pub const LAG_STAGES: [(&str, &str); 5] = [
-    ("capture_to_accepted", "received_at - ts"),
-    ("accepted_to_log", "logged_at - received_at"),
-    ("log_to_warehouse", "stored_at - logged_at"),
-    ("accepted_to_warehouse", "stored_at - received_at"),
-    ("capture_to_warehouse", "stored_at - ts"),
+/// capture (`ts`, the browser's or the backend's clock) to accepted by a relay
+/// (`received_at`), accepted to in the log (`logged_at`, scale-out only), log to stored
+/// (`stored_at`), accepted to stored, and capture to stored.
+pub const LAG_STAGES: [&str; 5] = [
+    "capture_to_accepted",
+    "accepted_to_log",
+    "log_to_warehouse",
+    "accepted_to_warehouse",
+    "capture_to_warehouse",
 ];
 
+/// The reads, all from the daily rollups (see `src/rollup.rs`): a dashboard's 30 days cost
+/// the days' rows, not the events'. `from_ms` counts from its UTC day.
 impl Warehouse {
-    /// Per UTC day of capture since `from_ms`: the `seq` numbers missing before each client
-    /// event in its device's stream (the gap before the first event counts from 1), each
-    /// gap capped at a million (one forged seq cannot drown the figure). Summed over all days
-    /// it is [`Warehouse::seq_gaps`] when the window covers every event.
+    /// Events called `event` since `from_ms`, per UTC day of capture: (client, server).
+    pub fn events_per_day(
+        &mut self,
+        event: &str,
+        site: Option<&str>,
+        from_ms: i64,
+    ) -> Result<BTreeMap<String, (u64, u64)>, WarehouseError> {
+        let rows: Vec<(i64, String, i64)> = self.rows3(
+            "SELECT day, source, sum(events) FROM rollup_events
+             WHERE name = $1 AND day >= $2 AND ($3 IS NULL OR site = $3) GROUP BY day, source",
+            event,
+            day_of(from_ms),
+            site,
+        )?;
+        let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (day, source, n) in rows {
+            let entry = out.entry(day_name(day)).or_default();
+            match source.as_str() {
+                "client" => entry.0 += count(n),
+                _ => entry.1 += count(n),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Client events stored (of `site`, or all).
+    pub fn client_events(&mut self, site: Option<&str>) -> Result<u64, WarehouseError> {
+        self.total(
+            "SELECT coalesce(sum(events), 0) FROM rollup_events
+             WHERE source = 'client' AND ($1 IS NULL OR site = $1)",
+            site,
+        )
+    }
+
+    /// `seq` numbers missing in the client events' streams (a device's events on a site;
+    /// seqs start at 1; each gap counts at most a million, so one forged seq cannot drown the
+    /// figure). The sum of [`Warehouse::seq_gaps_per_day`] over every day.
+    pub fn seq_gaps(&mut self, site: Option<&str>) -> Result<u64, WarehouseError> {
+        self.total(
+            "SELECT coalesce(sum(gaps), 0) FROM rollup_seq_gaps WHERE ($1 IS NULL OR site = $1)",
+            site,
+        )
+    }
+
+    /// Per UTC day of capture since `from_ms`: the `seq` numbers missing before that day's
+    /// client events in their streams (see [`Warehouse::seq_gaps`]).
     pub fn seq_gaps_per_day(
         &mut self,
         site: Option<&str>,
         from_ms: i64,
     ) -> Result<BTreeMap<String, u64>, WarehouseError> {
-        let rows: Vec<(String, i64)> = match self {
-            Warehouse::Sqlite(conn) => {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day,
-                            sum(min(seq - coalesce(prev, 0) - 1, 1000000))
-                     FROM (SELECT ts, seq, lag(seq) OVER (PARTITION BY device_id ORDER BY seq) AS prev
-                           FROM (SELECT device_id, seq, min(ts) AS ts FROM events
-                                 WHERE source = 'client' AND seq >= 1 AND seq <= 1000000000
-                                       AND (?1 IS NULL OR site = ?1)
-                                 GROUP BY device_id, seq))
-                     WHERE ts >= ?2 GROUP BY day",
-                )?;
-                stmt.query_map(params![site, from_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<_, _>>()?
-            }
-            Warehouse::Postgres(client) => client
-                .query(
-                    "SELECT to_char(to_timestamp(ts / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day,
-                            sum(least(seq - coalesce(prev, 0) - 1, 1000000))::bigint
-                     FROM (SELECT ts, seq, lag(seq) OVER (PARTITION BY device_id ORDER BY seq) AS prev
-                           FROM (SELECT device_id, seq, min(ts) AS ts FROM events
-                                 WHERE source = 'client' AND seq >= 1 AND seq <= 1000000000
-                                       AND ($1::text IS NULL OR site = $1)
-                                 GROUP BY device_id, seq) AS distinct_seqs) AS streams
-                     WHERE ts >= $2 GROUP BY day",
-                    &[&site, &from_ms],
-                )?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect(),
-        };
-        Ok(rows.into_iter().map(|(d, n)| (d, count(n))).collect())
+        let rows: Vec<(i64, i64)> = self.rows2(
+            "SELECT day, sum(gaps) FROM rollup_seq_gaps
+             WHERE day >= $1 AND ($2 IS NULL OR site = $2) GROUP BY day",
+            day_of(from_ms),
+            site,
+        )?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(d, n)| (day_name(d), count(n)))
+            .collect())
     }
 
     /// For one of [`LAG_STAGES`], over the events captured since `from_ms`: how many events
-    /// had each lag (ms), ascending — an exact distribution that stays small (lags repeat),
-    /// from which any percentile follows. Events without the stage's stamps are left out.
+    /// had a lag in each bucket (ms, the bucket's lower end, see [`lag_bucket`]), ascending —
+    /// a distribution of a few thousand rows a day from which any percentile follows, exact
+    /// below 256 ms and within 0.8 % above. Events without the stage's stamps are left out.
     pub fn lag_counts(
         &mut self,
         stage: &str,
         site: Option<&str>,
         from_ms: i64,
     ) -> Result<Vec<(i64, u64)>, WarehouseError> {
-        let expr = LAG_STAGES
-            .iter()
-            .find(|(s, _)| *s == stage)
-            .map(|(_, e)| *e)
-            .ok_or_else(|| WarehouseError::Config(format!("unknown lag stage {stage}")))?;
+        if !LAG_STAGES.contains(&stage) {
+            return Err(WarehouseError::Config(format!("unknown lag stage {stage}")));
+        }
+        let sql = "SELECT lag, sum(events) FROM rollup_lags
+                   WHERE stage = $1 AND day >= $2 AND ($3 IS NULL OR site = $3) GROUP BY lag ORDER BY lag";
+        let from = day_of(from_ms);
         let rows: Vec<(i64, i64)> = match self {
             Warehouse::Sqlite(conn) => {
-                let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {expr} AS lag, count(*) FROM events
-                     WHERE ts >= ?2 AND (?1 IS NULL OR site = ?1) AND ({expr}) IS NOT NULL
-                     GROUP BY lag ORDER BY lag"
-                ))?;
-                stmt.query_map(params![site, from_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+                let mut st = conn.prepare_cached(&sqlite_marks(sql))?;
+                st.query_map(params![stage, from, site], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<Result<_, _>>()?
             }
             Warehouse::Postgres(client) => client
-                .query(
-                    &format!(
-                        "SELECT ({expr})::bigint AS lag, count(*) FROM events
-                         WHERE ts >= $2 AND ($1::text IS NULL OR site = $1) AND ({expr}) IS NOT NULL
-                         GROUP BY lag ORDER BY lag"
-                    ),
-                    &[&site, &from_ms],
-                )?
+                .query(&pg_casts(sql), &[&stage, &from, &site])?
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect(),
         };
         Ok(rows.into_iter().map(|(l, n)| (l, count(n))).collect())
     }
-}
 
-const SQLITE_DAY: &str = "strftime('%Y-%m-%d', ts / 1000, 'unixepoch')";
-const PG_DAY: &str = "to_char(to_timestamp(ts / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')";
-
-impl Warehouse {
     /// Distinct sessions with a client event, per UTC day since `from_ms`.
     pub fn sessions_per_day(
         &mut self,
         site: Option<&str>,
         from_ms: i64,
     ) -> Result<BTreeMap<String, u64>, WarehouseError> {
-        self.day_counts("count(DISTINCT session_id)", site, from_ms)
-    }
-
-    fn day_counts(
-        &mut self,
-        what: &str,
-        site: Option<&str>,
-        from_ms: i64,
-    ) -> Result<BTreeMap<String, u64>, WarehouseError> {
-        let rows: Vec<(String, i64)> = match self {
-            Warehouse::Sqlite(conn) => {
-                let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {SQLITE_DAY} AS day, {what} FROM events
-                     WHERE source = 'client' AND ts >= ?2 AND (?1 IS NULL OR site = ?1) GROUP BY day"
-                ))?;
-                stmt.query_map(params![site, from_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<_, _>>()?
-            }
-            Warehouse::Postgres(client) => client
-                .query(
-                    &format!(
-                        "SELECT {PG_DAY} AS day, {what} FROM events
-                         WHERE source = 'client' AND ts >= $2 AND ($1::text IS NULL OR site = $1) GROUP BY day"
-                    ),
-                    &[&site, &from_ms],
-                )?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect(),
-        };
-        Ok(rows.into_iter().map(|(d, n)| (d, count(n))).collect())
+        let rows: Vec<(i64, i64)> = self.rows2(
+            "SELECT day, count(DISTINCT session_id) FROM rollup_sessions
+             WHERE day >= $1 AND ($2 IS NULL OR site = $2) GROUP BY day",
+            day_of(from_ms),
+            site,
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(d, n)| (day_name(d), count(n)))
+            .collect())
     }
 
     /// The `limit` most frequent client event names since `from_ms`, most frequent first.
@@ -546,74 +478,186 @@ impl Warehouse {
         from_ms: i64,
         limit: u32,
     ) -> Result<Vec<(String, u64)>, WarehouseError> {
-        let limit = i64::from(limit);
-        let rows: Vec<(String, i64)> = match self {
-            Warehouse::Sqlite(conn) => {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT name, count(*) AS n FROM events
-                     WHERE source = 'client' AND ts >= ?2 AND (?1 IS NULL OR site = ?1)
-                     GROUP BY name ORDER BY n DESC, name LIMIT ?3",
-                )?;
-                stmt.query_map(params![site, from_ms, limit], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
-                .collect::<Result<_, _>>()?
-            }
-            Warehouse::Postgres(client) => client
-                .query(
-                    "SELECT name, count(*) AS n FROM events
-                     WHERE source = 'client' AND ts >= $2 AND ($1::text IS NULL OR site = $1)
-                     GROUP BY name ORDER BY n DESC, name LIMIT $3",
-                    &[&site, &from_ms, &limit],
-                )?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect(),
-        };
-        Ok(rows.into_iter().map(|(n, c)| (n, count(c))).collect())
+        let rows: Vec<(String, i64)> = self.rows2(
+            "SELECT name, sum(events) AS n FROM rollup_events
+             WHERE source = 'client' AND day >= $1 AND ($2 IS NULL OR site = $2)
+             GROUP BY name ORDER BY n DESC, name",
+            day_of(from_ms),
+            site,
+        )?;
+        Ok(rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|(n, c)| (n, count(c)))
+            .collect())
     }
 
-    /// For the funnel: each session's first time (ms) of each of `events` since `from_ms`,
-    /// as (session, event, first ts). Client events with a session only.
-    pub fn first_times(
+    /// A funnel over the client events since `from_ms`: for each of `steps`, the sessions
+    /// that reached it — a session reaches step 1 when it did it in the window, and step k
+    /// when it reached step k − 1 and its first time of step k (in the window) is no earlier
+    /// than its time at step k − 1. Sessions only, one pass per step, keeping only the
+    /// sessions still in the funnel.
+    pub fn funnel(
         &mut self,
         site: Option<&str>,
         from_ms: i64,
-        events: &[String],
-    ) -> Result<Vec<(String, String, i64)>, WarehouseError> {
+        steps: &[String],
+    ) -> Result<Vec<u64>, WarehouseError> {
+        let from = day_of(from_ms);
+        let sql = "SELECT session_id, first_ts FROM rollup_firsts
+                   WHERE name = $1 AND day >= $2 AND ($3 IS NULL OR site = $3)";
+        let mut reached = Vec::with_capacity(steps.len());
+        // The sessions through the step before, with the time they got there.
+        let mut at: Option<FxHashMap<String, i64>> = None;
+        for step in steps {
+            let through: FxHashMap<String, i64> = match &at {
+                None => {
+                    let mut firsts: FxHashMap<String, i64> = FxHashMap::default();
+                    self.each_first(sql, step, from, site, |session, ts| {
+                        if let Some(t) = firsts.get_mut(session) {
+                            *t = (*t).min(ts);
+                        } else {
+                            firsts.insert(session.to_string(), ts);
+                        }
+                    })?;
+                    firsts
+                }
+                Some(before) => {
+                    // Only the sessions still in the funnel; keys borrowed from them.
+                    let mut firsts: FxHashMap<&str, i64> = FxHashMap::default();
+                    self.each_first(sql, step, from, site, |session, ts| {
+                        if let Some((key, _)) = before.get_key_value(session) {
+                            let t = firsts.entry(key.as_str()).or_insert(ts);
+                            *t = (*t).min(ts);
+                        }
+                    })?;
+                    firsts
+                        .into_iter()
+                        .filter(|(s, t)| before.get(*s).is_some_and(|b| t >= b))
+                        .map(|(s, t)| (s.to_string(), t))
+                        .collect()
+                }
+            };
+            reached.push(through.len() as u64);
+            at = Some(through);
+        }
+        Ok(reached)
+    }
+
+    /// Calls `f` with each (session, first time) row of a funnel step's query (a row per
+    /// session and day: a session that spans days comes more than once).
+    fn each_first(
+        &mut self,
+        sql: &str,
+        step: &str,
+        from: i64,
+        site: Option<&str>,
+        mut f: impl FnMut(&str, i64),
+    ) -> Result<(), WarehouseError> {
+        match self {
+            Warehouse::Sqlite(conn) => {
+                let mut st = conn.prepare_cached(&sqlite_marks(sql))?;
+                let mut rows = st.query(params![step, from, site])?;
+                while let Some(r) = rows.next()? {
+                    let session = r.get_ref(0)?.as_str().map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            0,
+                            rusqlite::types::Type::Text,
+                            e.into(),
+                        )
+                    })?;
+                    f(session, r.get(1)?);
+                }
+            }
+            Warehouse::Postgres(client) => {
+                for r in client.query(&pg_casts(sql), &[&step, &from, &site])? {
+                    f(r.get(0), r.get(1));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A single count of a query with a site filter as `$1`.
+    fn total(&mut self, sql: &str, site: Option<&str>) -> Result<u64, WarehouseError> {
+        Ok(count(match self {
+            Warehouse::Sqlite(conn) => {
+                conn.query_row(&sqlite_marks(sql), params![site], |r| r.get(0))?
+            }
+            Warehouse::Postgres(client) => client.query_one(&pg_casts(sql), &[&site])?.get(0),
+        }))
+    }
+
+    /// Two-column rows of a query with a day as `$1` and a site filter as `$2`.
+    fn rows2<A, B>(
+        &mut self,
+        sql: &str,
+        day: i64,
+        site: Option<&str>,
+    ) -> Result<Vec<(A, B)>, WarehouseError>
+    where
+        A: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a>,
+        B: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a>,
+    {
         Ok(match self {
             Warehouse::Sqlite(conn) => {
-                let marks = vec!["?"; events.len()].join(", ");
-                let mut stmt = conn.prepare(&format!(
-                    "SELECT session_id, name, min(ts) FROM events
-                     WHERE source = 'client' AND session_id IS NOT NULL AND ts >= ?
-                       AND (? IS NULL OR site = ?) AND name IN ({marks})
-                     GROUP BY session_id, name"
-                ))?;
-                let mut values: Vec<rusqlite::types::Value> = vec![
-                    from_ms.into(),
-                    site.map(str::to_string).into(),
-                    site.map(str::to_string).into(),
-                ];
-                values.extend(events.iter().map(|e| e.clone().into()));
-                stmt.query_map(rusqlite::params_from_iter(values), |r| {
+                let mut st = conn.prepare_cached(&sqlite_marks(sql))?;
+                st.query_map(params![day, site], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?
+            }
+            Warehouse::Postgres(client) => client
+                .query(&pg_casts(sql), &[&day, &site])?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        })
+    }
+
+    /// Three-column rows of a query with a key as `$1`, a day as `$2` and a site filter as
+    /// `$3`.
+    fn rows3<A, B, C>(
+        &mut self,
+        sql: &str,
+        key: &str,
+        day: i64,
+        site: Option<&str>,
+    ) -> Result<Vec<(A, B, C)>, WarehouseError>
+    where
+        A: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a>,
+        B: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a>,
+        C: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a>,
+    {
+        Ok(match self {
+            Warehouse::Sqlite(conn) => {
+                let mut st = conn.prepare_cached(&sqlite_marks(sql))?;
+                st.query_map(params![key, day, site], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })?
                 .collect::<Result<_, _>>()?
             }
             Warehouse::Postgres(client) => client
-                .query(
-                    "SELECT session_id, name, min(ts) FROM events
-                     WHERE source = 'client' AND session_id IS NOT NULL AND ts >= $2
-                       AND ($1::text IS NULL OR site = $1) AND name = ANY($3)
-                     GROUP BY session_id, name",
-                    &[&site, &from_ms, &events],
-                )?
+                .query(&pg_casts(sql), &[&key, &day, &site])?
                 .iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2)))
                 .collect(),
         })
     }
+}
+
+/// A read's SQL for SQLite: `$n` becomes `?n`.
+fn sqlite_marks(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+/// A read's SQL for PostgreSQL: the site parameter (`$n IS NULL`) is typed, sums are
+/// `bigint`.
+fn pg_casts(sql: &str) -> String {
+    let mut out = sql.to_string();
+    for n in 1..=3 {
+        out = out.replace(&format!("(${n} IS NULL"), &format!("(${n}::text IS NULL"));
+    }
+    out.replace("sum(events)", "sum(events)::bigint")
+        .replace("sum(gaps)", "sum(gaps)::bigint")
 }
 
 /// A count read back (signed in both databases; negative means corrupt: 0).
@@ -629,6 +673,7 @@ fn write_sqlite(
     let tx = conn.transaction()?;
     let mut new = 0;
     let stored_at = now_ms();
+    let mut delta = Delta::default();
     {
         let mut ev = tx.prepare_cached(
             "INSERT INTO events
@@ -637,7 +682,7 @@ fn write_sqlite(
              ON CONFLICT (id) DO NOTHING",
         )?;
         for e in events {
-            new += ev.execute(params![
+            let inserted = ev.execute(params![
                 e.id,
                 e.name,
                 e.schema,
@@ -654,7 +699,22 @@ fn write_sqlite(
                 e.context,
                 e.logged_at,
                 stored_at
-            ])? as u64;
+            ])?;
+            if inserted > 0 {
+                new += 1;
+                delta.add(&Stored {
+                    site: e.site.into(),
+                    name: e.name.into(),
+                    source: e.source.into(),
+                    ts: e.ts,
+                    received_at: e.received_at,
+                    logged_at: e.logged_at,
+                    stored_at: Some(stored_at),
+                    session_id: e.session_id.map(Into::into),
+                    device_id: e.device_id.map(Into::into),
+                    seq: e.seq,
+                });
+            }
         }
         let mut up = tx.prepare_cached(
             "INSERT INTO agent_counters
@@ -681,6 +741,7 @@ fn write_sqlite(
             ])?;
         }
     }
+    rollup::apply_sqlite(&tx, &delta)?;
     tx.commit()?;
     Ok(new)
 }
@@ -715,15 +776,24 @@ fn write_postgres(
             ])?;
         }
         w.finish()?;
-        new = tx.execute(
-            "INSERT INTO events
-             (id, name, schema, source, site, ts, received_at, anon_id, user_id, session_id, device_id, seq, props, context, logged_at, stored_at)
-             SELECT id, name, schema, source, site, ts, received_at, anon_id, user_id, session_id, device_id, seq,
-                    props::jsonb, context::jsonb, logged_at, $1::BIGINT
-             FROM events_in
-             ON CONFLICT (id) DO NOTHING",
+        let stored = tx.query(
+            &format!(
+                "INSERT INTO events
+                 (id, name, schema, source, site, ts, received_at, anon_id, user_id, session_id, device_id, seq, props, context, logged_at, stored_at)
+                 SELECT id, name, schema, source, site, ts, received_at, anon_id, user_id, session_id, device_id, seq,
+                        props::jsonb, context::jsonb, logged_at, $1::BIGINT
+                 FROM events_in
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING {STORED_COLUMNS}"
+            ),
             &[&now_ms()],
         )?;
+        new = stored.len() as u64;
+        let mut delta = Delta::default();
+        for r in &stored {
+            delta.add(&rollup::stored_postgres(r, 0));
+        }
+        rollup::apply_postgres(&mut tx, &delta)?;
     }
     for c in counters {
         tx.execute(
@@ -877,6 +947,21 @@ mod tests {
         exercise(Warehouse::open_sqlite(&dir.path().join("w.sqlite")).unwrap());
     }
 
+    /// A fresh schema `{prefix}_{pid}` on the PostgreSQL at `url`: its name, an admin
+    /// connection (to drop it) and a URL whose connections use it.
+    pub(crate) fn pg_schema(url: &str, prefix: &str) -> (String, postgres::Client, String) {
+        let schema = format!("{prefix}_{}", std::process::id());
+        let mut admin = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .unwrap();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let scoped = format!("{url}{sep}options=-csearch_path%3D{schema}");
+        (schema, admin, scoped)
+    }
+
     /// Against the real PostgreSQL of `.ci/postgres` (`TRUEUP_TEST_POSTGRES`), in a schema of
     /// its own.
     #[test]
@@ -885,15 +970,7 @@ mod tests {
             eprintln!("TRUEUP_TEST_POSTGRES not set: skipped (.ci/run sets it)");
             return;
         };
-        let schema = format!("wh_test_{}", std::process::id());
-        let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        admin
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-            ))
-            .unwrap();
-        let sep = if url.contains('?') { '&' } else { '?' };
-        let scoped = format!("{url}{sep}options=-csearch_path%3D{schema}");
+        let (schema, mut admin, scoped) = pg_schema(&url, "wh_test");
         exercise(Warehouse::connect_postgres(&scoped).unwrap());
         admin
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
