@@ -1,13 +1,13 @@
 // The agent's corner cases, in headless Chromium through the real relay: the send lock handed on
 // by a tab that stopped, events rescued before IndexedDB opened counted once, the byte cap
 // enforced for other tabs' writes, non-ASCII events sized in bytes, IndexedDB cleared under a
-// running page, beacons that do not repeat the batch in flight, and a tab waiting for consent
-// that adopts nothing. Each checks the counters' identity enqueued = acked + dropped + pending.
+// running page, beacons that do not repeat the batch in flight, a tab waiting for consent
+// that adopts nothing, and consent refused or given in one tab holding in the others at once. Each checks the counters' identity enqueued = acked + dropped + pending.
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Relay, launch, runId, until, sleep, ROOT, ready, trackN, allArrive, identity } from "./harness.mjs";
+import { Relay, launch, runId, until, sleep, ROOT, ready, trackN, allArrive, identity, delivery, stats } from "./harness.mjs";
 
 let relay;
 let browser;
@@ -231,5 +231,71 @@ test("a tab waiting for consent adopts no rescued events", async () => {
   const s = await identity(page);
   assert.equal(s.enqueued, 0, JSON.stringify(s));
   assert.equal(await page.evaluate(() => localStorage.getItem("trueup.rescue.other") !== null), true, "the list stays");
+  await context.close();
+});
+
+// Consent is the device's: refused in one tab, the other open tabs stop at once (no reload), and
+// given again, they send again. For the core and for the no-wasm fallback (/csp/).
+for (const site of ["plain", "csp"]) {
+  test(`an opt-out in one tab stops the other open tabs at once (${site == "plain" ? "core" : "fallback"})`, async () => {
+    const context = await browser.newContext();
+    const posts = [];
+    context.on("request", (r) => r.method() == "POST" && posts.push(r.url()));
+    const open = async () => {
+      const page = await context.newPage();
+      await page.goto(`${relay.origin}/${site}/`);
+      await page.waitForFunction(() => typeof window.trueup?.stats === "function", null, { timeout: 15000 });
+      if (site == "csp") await until("the fallback to take over", async () => (await stats(page)).degraded === "no_wasm");
+      else await ready(page);
+      return page;
+    };
+    const a = await open();
+    const b = await open();
+    await a.evaluate(() => window.trueup.consent(false));
+    await sleep(300);
+    const run = runId();
+    const before = posts.length;
+    await trackN(b, run, 10);
+    await sleep(2500);
+    await relay.drained();
+    assert.equal(delivery(relay, run, 10).delivered, 0, "the other tab sent nothing after the opt-out");
+    assert.deepEqual(posts.slice(before), [], "no request at all");
+    // Given again in the first tab: the second sends what it tracks from then on.
+    await a.evaluate(() => window.trueup.consent(true));
+    await sleep(300);
+    const again = runId();
+    await trackN(b, again, 5);
+    await allArrive(relay, again, 5, `${site}: after consent given again`);
+    await context.close();
+  });
+}
+
+// A steady trickle: 200 events over 20 s in one tab, on a network where an answer takes 300 ms.
+// The sender goes on at once only after a full batch; otherwise what was tracked while a request
+// was in flight waits for the flush interval (1 s by default), so the requests follow the
+// interval, not the round trips (it sent one per round trip: 60 and more here).
+test("200 events tracked steadily over 20 s cost a request per flush interval, not per round trip", async () => {
+  const context = await browser.newContext();
+  let requests = 0;
+  await context.route((url) => url.pathname == "/_r/q", async (route) => {
+    requests++;
+    await sleep(300);
+    await route.continue();
+  });
+  const page = await context.newPage();
+  await page.goto(await withOptions(context, {}));
+  await ready(page);
+  const run = runId();
+  const before = requests;
+  for (let i = 0; i < 200; i++) {
+    await trackN(page, run, 1, i);
+    await sleep(100);
+  }
+  await allArrive(relay, run, 200, "steady trickle");
+  const n = requests - before;
+  console.log(`steady trickle: 200 events over 20 s in ${n} requests (flush interval 1 s)`);
+  assert.ok(n <= 24, `${n} requests`);
+  const s = await settled(page);
+  assert.equal(s.acked, s.enqueued, JSON.stringify(s));
   await context.close();
 });

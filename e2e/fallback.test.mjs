@@ -170,3 +170,34 @@ test("a fallback page closed offline: the next page of the site, running the cor
   assert.equal((await stats(page)).degraded, undefined, "this page runs the core");
   await context.close();
 });
+
+// An opt-out is the device's, whichever mode took it: the fallback honours one the core stored,
+// and the core one the fallback stored. Nothing is sent, nothing is queued.
+for (const [first, then] of [["plain", "csp"], ["csp", "plain"]]) {
+  test(`opted out on a page running the ${first == "plain" ? "core" : "fallback"}: the ${then == "plain" ? "core" : "fallback"} on the next page sends nothing`, async () => {
+    const context = await browser.newContext();
+    const posts = [];
+    context.on("request", (r) => r.method() == "POST" && posts.push(r.url()));
+    const a = await context.newPage();
+    await a.goto(`${relay.origin}/${first}/`);
+    await stub(a);
+    if (first == "csp") await until("the fallback to take over", async () => (await stats(a)).degraded === "no_wasm");
+    await a.evaluate(() => window.trueup.consent(false));
+    await until("the opt-out to be stored", () => a.evaluate(() => localStorage.getItem("trueup.consent") === "denied"));
+    await a.close();
+    const page = await context.newPage();
+    await page.goto(`${relay.origin}/${then}/`);
+    await stub(page);
+    if (then == "csp") await until("the fallback to take over", async () => (await stats(page)).degraded === "no_wasm");
+    const run = runId();
+    const before = posts.length;
+    await trackN(page, run, 10);
+    await sleep(2500);
+    await relay.drained();
+    assert.equal(delivery(relay, run, 10).delivered, 0, "an opted-out device sends no event");
+    assert.deepEqual(posts.slice(before), [], "no request at all");
+    const queued = await page.evaluate(() => JSON.parse(localStorage.getItem("trueup:nowasm") || "{}").q?.length ?? 0);
+    assert.equal(queued, 0, "nothing queued for later");
+    await context.close();
+  });
+}

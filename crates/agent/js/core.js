@@ -83,6 +83,11 @@ export class Agent {
       if (String(e.key).startsWith("trueup.rescue.") && this.q?.durable && core.granted) {
         this.bg(this.adopt().then(() => ((this.dirty = 1), core.wake(WRITTEN))));
       }
+      // Consent given or refused in another tab is this tab's too, at once.
+      if (e.key == "trueup.consent") {
+        const yes = { granted: true, denied: false }[e.newValue];
+        if (yes === true ? !core.granted : yes === false) this.call("consent", [yes], {});
+      }
     });
     try {
       this.channel = new BroadcastChannel("trueup");
@@ -297,7 +302,7 @@ export class Agent {
         core.sending(ids);
         const counters = await q.counters(core).catch((e) => this.fail(e));
         const [status, retryAfter, answer] = await post(o.endpoint, body(o.site, batch, counters), o.requestTimeoutMs);
-        const [outcomes, retried, more] = core.answered(ids, status, retryAfter, answer);
+        const [outcomes, retried, more] = core.answered(ids, status, retryAfter, answer, batch.full);
         await q.settle(core, ids, outcomes, ids.length, retried).catch((e) => this.fail(e));
         if (!more) break;
       }

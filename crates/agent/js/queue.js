@@ -143,6 +143,8 @@ export function queue(db) {
           if (verdict > 1) op.del("q", keys[j]);
           else out.push({ i: keys[j], s }), (total += b);
         }
+        // Full: events wait behind this batch (a window read in full, or one cut short).
+        out.full = keys.length >= acc.limit || j < keys.length;
         if (out.length || !j) return out;
       }
     }),

@@ -33,6 +33,7 @@ const REQUEST_MS = 30_000; // a fallback request not answered by then has failed
 const NO_WASM = "no_wasm";
 const STORE_KEY = "trueup:nowasm"; // the fallback's ids, counters and queue (localStorage)
 const SESSION_KEY = "trueup:nowasm:sid"; // its session id (sessionStorage)
+const CONSENT_KEY = "trueup.consent"; // "granted" or "denied", shared with the core (src/lib.rs)
 
 let options; // as given to init(), once
 let agent; // the wasm Agent once constructed (and not crashed)
@@ -110,7 +111,8 @@ function crashed(e) {
 function giveUp(why) {
   if (fb) return;
   local.error ||= String(why);
-  fb = { held: [], consent: consentGiven ?? (options.consent == "pending" ? undefined : true) };
+  fb = { held: [], consent: consentGiven ?? storedConsent() ?? (options.consent == "pending" ? undefined : true) };
+  if (fb.consent === false) consentTo(false); // an earlier page's queue goes too
   const queued = buffer;
   buffer = [];
   for (const [method, args, ctx] of queued) fallback(method, args, ctx);
@@ -182,6 +184,11 @@ export const init = guard((opts) => {
     addEventListener("online", guard(() => {
       wake();
       pump(true);
+    }));
+    // Consent given or refused in another tab is this tab's too (the core listens itself).
+    addEventListener("storage", guard((e) => {
+      const yes = e.key == CONSENT_KEY ? storedConsent() : undefined;
+      if (fb && yes !== undefined && yes !== fb.consent) consentTo(yes);
     }));
     ready = start(opts);
   }
@@ -291,11 +298,22 @@ function later() {
   }
 }
 
+/** The consent stored on this device by either mode (the core's key): true, false or undefined. */
+function storedConsent() {
+  try {
+    const v = storage("localStorage").getItem(CONSENT_KEY);
+    return v == "granted" ? true : v == "denied" ? false : undefined;
+  } catch {}
+}
+
 /** Consent from either mode; refused, the fallback's queue goes too. */
 function consentTo(yes) {
   if (fb) {
     fb.consent = yes;
     if (!yes) fb.held = [];
+    try {
+      storage("localStorage").setItem(CONSENT_KEY, yes ? "granted" : "denied"); // for the core too
+    } catch {}
   } else {
     consentGiven = yes;
   }

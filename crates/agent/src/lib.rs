@@ -549,6 +549,8 @@ impl Core {
 
     /// The batch `ids` is being sent: a beacon does not send them again.
     pub fn sending(&mut self, ids: &Array) {
+        // What is written from now on waits for its own flush interval (or a full batch).
+        self.due_at = f64::INFINITY;
         for it in self.page.iter_mut() {
             it.beaconed |= ids.includes(&it.id, 0);
         }
@@ -606,14 +608,18 @@ impl Core {
     /// `retry_after` as parsed from the header, `answer` the JSON of a 2xx), by the retry
     /// policy: `[outcomes, retried, more]`, where `outcomes` has, per event, true (acked), a
     /// drop reason, or nothing at all (everything stays queued); `retried` is how many of
-    /// them were sent again after a failure; `more` says whether to send the next batch now
-    /// (else the backoff is set).
+    /// them were sent again after a failure; `more` says whether to send the next batch now:
+    /// only after a split, or a success of a `full` batch (more was waiting behind it). After
+    /// any other success the rest waits for the flush interval, a full batch or page hide —
+    /// a trickle of events costs a request per interval, not one per event; after a failure
+    /// the backoff is set.
     pub fn answered(
         &mut self,
         ids: &Array,
         status: Option<u16>,
         retry_after: f64,
         answer: &JsValue,
+        full: bool,
     ) -> Array {
         let n = ids.length();
         let retried = if self.failures > 0 { n } else { 0 };
@@ -634,10 +640,15 @@ impl Core {
                 .retain(|it| outcomes.get(ids.index_of(&it.id, 0) as u32).is_undefined());
             self.failures = 0;
             self.split_limit *= 2.0;
-            true
+            if !full {
+                self.due_at = self.due_at.min(now() + self.flush_interval_ms);
+            }
+            full
         } else if verdict == Verdict::Split {
             true
         } else {
+            // Due again as soon as the backoff allows.
+            self.due_at = 0.0;
             self.failures += 1;
             let wait = policy::backoff_ms(
                 self.failures,

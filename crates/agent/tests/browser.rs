@@ -502,7 +502,7 @@ fn consent_pending_holds_then_grant_writes_and_refusal_counts() {
 
 #[wasm_bindgen_test]
 fn answers_follow_the_retry_policy() {
-    let mut core = core_with(&[("retryBaseMs", 60_000.0)]);
+    let mut core = core_with(&[("retryBaseMs", 60_000.0), ("flushIntervalMs", 60_000.0)]);
     let ids: Array = ["a", "b", "c"].iter().map(|s| JsValue::from(*s)).collect();
     let answer = |statuses: &[&str]| -> JsValue {
         let results: Array = statuses.iter().map(|s| props("status", s)).collect();
@@ -525,37 +525,49 @@ fn answers_follow_the_retry_policy() {
         Some(200),
         f64::NAN,
         &answer(&["accepted", "duplicate", "rejected"]),
+        true,
     );
     assert_eq!(outcomes(&r), ["true", "true", "rejected"]);
     assert_eq!(
         (r.get(1).as_f64(), r.get(2).as_bool()),
-        (Some(0.0), Some(true))
+        (Some(0.0), Some(true)),
+        "a full batch: the next one goes now"
     );
+    // A batch that was not full: the rest waits for the flush interval.
+    core.wake(1);
+    core.sending(&ids);
+    let r = core.answered(&ids, Some(200), f64::NAN, &answer(&["accepted"; 3]), false);
+    assert_eq!(r.get(2).as_bool(), Some(false));
+    assert!(!core.due(), "not due before the flush interval");
+    core.wake(0);
+    assert!(!core.due(), "a write waits for the interval too");
+    core.wake(1);
+    assert!(core.due(), "a flush is due at once");
     // An answer that does not match the batch settles nothing, and backs off.
-    let r = core.answered(&ids, Some(200), 30.0, &answer(&["accepted"]));
+    let r = core.answered(&ids, Some(200), 30.0, &answer(&["accepted"]), false);
     assert!(outcomes(&r).is_empty());
     assert_eq!(r.get(2).as_bool(), Some(false));
     core.wake(1);
     assert!(!core.due(), "backing off");
     // A network error or a 503: retried (and counted as retried next time).
-    let r = core.answered(&ids, None, f64::NAN, &JsValue::UNDEFINED);
+    let r = core.answered(&ids, None, f64::NAN, &JsValue::UNDEFINED, false);
     assert!(outcomes(&r).is_empty());
     assert_eq!(r.get(1).as_f64(), Some(3.0), "sent again after a failure");
-    core.answered(&ids, Some(503), 5.0, &JsValue::UNDEFINED);
+    core.answered(&ids, Some(503), 5.0, &JsValue::UNDEFINED, false);
     // Back online: no backoff.
     core.wake(2);
     core.wake(1);
     assert!(core.due());
     // Other 4xx: dropped as rejected.
-    let r = core.answered(&ids, Some(400), f64::NAN, &JsValue::UNDEFINED);
+    let r = core.answered(&ids, Some(400), f64::NAN, &JsValue::UNDEFINED, false);
     assert_eq!(outcomes(&r), ["rejected", "rejected", "rejected"]);
     // 413: halve the batch; one event alone: too_large.
     assert_eq!(core.limit(), 200.0);
-    let r = core.answered(&ids, Some(413), f64::NAN, &JsValue::UNDEFINED);
+    let r = core.answered(&ids, Some(413), f64::NAN, &JsValue::UNDEFINED, false);
     assert!(outcomes(&r).is_empty());
     assert_eq!((r.get(2).as_bool(), core.limit()), (Some(true), 1.0));
     let one = Array::of1(&"a".into());
-    let r = core.answered(&one, Some(413), f64::NAN, &JsValue::UNDEFINED);
+    let r = core.answered(&one, Some(413), f64::NAN, &JsValue::UNDEFINED, false);
     assert_eq!(outcomes(&r), ["too_large"]);
     assert_eq!(core.limit(), 2.0, "doubles back after a success");
 }
@@ -788,6 +800,7 @@ fn beacons_skip_the_batch_in_flight_and_wait_out_a_backoff() {
         Some(503),
         f64::NAN,
         &JsValue::UNDEFINED,
+        false,
     );
     core.beacon(false);
     assert!(sent().is_empty(), "nothing written goes while backing off");
