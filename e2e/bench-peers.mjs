@@ -13,6 +13,8 @@
 //
 // Scenarios (as e2e/delivery.test.mjs), each `--runs` times (default 3), medians:
 //   steady        200 events over 2 s, the page stays open
+//   trickle       200 events over 20 s (one every 100 ms), the page stays open: what a steady
+//                 trickle costs in requests
 //   close-burst   50 events, page.close({runBeforeUnload: true}) at once, the site opened again
 //                 in the same context
 //   navigate-away 20 events, the tab goes at once to a page without the SDK; 3 s later the site
@@ -82,6 +84,7 @@ const BATCH = 100;
 
 const SCENARIOS = {
   steady: { what: "200 events over 2 s" },
+  trickle: { what: "200 events over 20 s" },
   "close-burst": { what: "50 events, tab closed at once, site reopened" },
   "navigate-away": { what: "20 events, tab goes to a page without the SDK, site reopened 3 s later" },
   offline: { what: "offline, 100 events, 3 s, online", slow: true },
@@ -401,6 +404,12 @@ const scenarioFns = {
   async steady(t, context, run, d) {
     const page = await open(context, t);
     const n = await trackN(page, run, 200, 0, 10);
+    return finish(t, page, run, n, d);
+  },
+
+  async trickle(t, context, run, d) {
+    const page = await open(context, t);
+    const n = await trackN(page, run, 200, 0, 100);
     return finish(t, page, run, n, d);
   },
 

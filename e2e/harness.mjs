@@ -148,8 +148,13 @@ export const CHROMIUM_ARGS = [
   "--disable-sync",
 ];
 
-export function launch() {
-  return chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: CHROMIUM_ARGS });
+/** Debian's Chromium, headless; `{ bfcache: true }` keeps the back/forward cache Playwright turns off. */
+export function launch({ bfcache = false } = {}) {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: CHROMIUM_ARGS,
+    ...(bfcache ? { ignoreDefaultArgs: ["--disable-back-forward-cache"] } : {}),
+  });
 }
 
 /** Events of one run (props.run = run) in the warehouse, by props.i: {count, distinct, missing, dup}. */

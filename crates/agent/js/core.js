@@ -25,7 +25,7 @@ const DEFAULTS = {
   maxQueueBytes: 5e6,
   maxAgeMs: 7 * 864e5,
   maxEventBytes: 32e3,
-  flushIntervalMs: 1e3,
+  flushIntervalMs: 5e3,
   batchBytes: 6e4,
   maxBatchEvents: 200,
   sessionTimeoutMs: 18e5,
@@ -39,6 +39,7 @@ const WRITTEN = 0;
 const NOW = 1;
 const ONLINE = 2;
 const EMPTY = 3;
+const LEAD = 4;
 
 const noop = () => {};
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -64,16 +65,24 @@ export class Agent {
     const on = (target, type, fn) => target.addEventListener(type, (e) => this.guard(() => fn(e)));
     const hide = (e) => {
       if (e.type == "pagehide" || document.visibilityState == "hidden") {
-        core.rescue();
-        core.beacon(navigator.onLine === false);
-        if (e.type == "pagehide") this.unlock();
+        core.hide(e.type == "pagehide");
+        core.beacon(navigator.onLine === false, !!this.leader);
+        if (e.type == "pagehide") {
+          this.unlock();
+          // A message would evict the page from the bfcache: the channel opens again at pageshow.
+          this.channel?.close();
+          this.channel = undefined;
+        }
       }
     };
     on(window, "pagehide", hide);
     on(document, "visibilitychange", hide);
     on(window, "online", () => core.wake(ONLINE));
-    on(window, "pageshow", () => {
-      // Back from the bfcache: take part in sending again.
+    on(window, "pageshow", (e) => {
+      if (!e.persisted) return;
+      // Back from the bfcache: this tab's stream again, and take part in sending again.
+      core.shown();
+      this.listen();
       if (!this.leader) this.lock();
       core.wake(WRITTEN);
     });
@@ -89,12 +98,16 @@ export class Agent {
         if (yes === true ? !core.granted : yes === false) this.call("consent", [yes], {});
       }
     });
+    this.listen();
+    this.bg(this.start());
+  }
+
+  /** Opens the channel to the other tabs: "w", a tab wrote (the byte cap is to be enforced), "f", it asks for a flush. */
+  listen() {
     try {
       this.channel = new BroadcastChannel("trueup");
-      // "w": another tab wrote (the byte cap is to be enforced), "f": it asks for a flush.
-      this.channel.onmessage = (e) => this.guard(() => (e.data == "f" ? core.wake(NOW) : ((this.dirty = 1), core.wake(WRITTEN))));
+      this.channel.onmessage = (e) => this.guard(() => (e.data == "f" ? this.core.wake(NOW) : ((this.dirty = 1), this.core.wake(WRITTEN))));
     } catch {}
-    this.bg(this.start());
   }
 
   /** Opens the queue (IndexedDB, else memory), then persists what was tracked meanwhile and takes part in sending. */
@@ -142,7 +155,9 @@ export class Agent {
   async flush() {
     this.alive();
     await this.persist();
-    if (this.leader) await this.round();
+    this.core.wake(NOW);
+    // (not while backing off or while the relay asked to wait)
+    if (this.leader) this.core.due() && (await this.round());
     else this.channel?.postMessage("f");
     this.alive();
   }
@@ -266,7 +281,7 @@ export class Agent {
   lead() {
     if (this.leader || this.stopped || this.dead) return;
     this.leader = 1;
-    this.core.wake(NOW); // what earlier pages left goes at once
+    this.core.wake(LEAD); // what earlier pages left goes at once
     this.bg(this.loop(++this.generation));
   }
 
@@ -280,7 +295,7 @@ export class Agent {
       if (!this.leader || this.stopped || this.dead || generation != this.generation) return;
       if (this.dirty) {
         this.dirty = 0;
-        await this.q.maintain(this.core, this.o.maxQueueBytes).catch((e) => ((this.dirty = 1), this.fail(e)));
+        await this.q.maintain(this.core, this.o.maxQueueBytes, this.inflight).catch((e) => ((this.dirty = 1), this.fail(e)));
       }
       if (navigator.onLine !== false && this.core.due()) await this.round();
     }
@@ -298,7 +313,7 @@ export class Agent {
           core.wake(EMPTY);
           break;
         }
-        const ids = batch.map((r) => r.i);
+        const ids = (this.inflight = batch.map((r) => r.i));
         core.sending(ids);
         const counters = await q.counters(core).catch((e) => this.fail(e));
         const [status, retryAfter, answer] = await post(o.endpoint, body(o.site, batch, counters), o.requestTimeoutMs);
@@ -310,5 +325,6 @@ export class Agent {
       this.fail(e);
     }
     this.busy = 0;
+    this.inflight = undefined;
   }
 }

@@ -160,12 +160,18 @@ export function queue(db) {
       found.forEach((v, j) => v && (op.del("q", ids[j]), t.settle(outcomes[j], v.b)));
     }),
 
-    /** Folds the deltas, and evicts the oldest events while the queue is over `max` bytes. */
-    maintain: (acc, max) => rw(acc, async (op, t) => {
+    /**
+     * Folds the deltas, and evicts the oldest events while the queue is over `max` bytes, but
+     * not those of the batch in flight (`busy`, ids): the relay may be storing them.
+     */
+    maintain: (acc, max, busy = []) => rw(acc, async (op, t) => {
       while (t.over(max)) {
-        const [keys, values] = await op.all("q", 100);
-        if (!keys.length) break;
-        for (let j = 0; j < keys.length && t.over(max); j++) op.del("q", keys[j]), t.evict(values[j].b);
+        const [keys, values] = await op.all("q", 100 + busy.length);
+        let evicted = 0;
+        for (let j = 0; j < keys.length && t.over(max); j++) {
+          if (!busy.includes(keys[j])) op.del("q", keys[j]), t.evict(values[j].b), evicted++;
+        }
+        if (!evicted) break;
       }
     }),
 

@@ -224,10 +224,16 @@ pub struct Core {
     open: bool,
     /// The queue lives in memory (events are flagged `degraded: memory_queue`).
     memory: bool,
-    /// This tab left a rescue list in localStorage (see `rescue`).
+    /// This tab left a rescue list in localStorage (see `hide`).
     rescued: bool,
+    /// This tab's stream is in the list of live tabs (`live_tabs`).
+    claimed: bool,
     failures: u32,
+    /// This tab's own backoff after failures (cleared when the browser comes back online).
     backoff_until: f64,
+    /// The relay's `Retry-After`, as a time: kept in localStorage (`trueup.wait`), so every
+    /// tab and the next page honour it, and not cleared by `online`.
+    server_wait_until: f64,
     split_limit: f64,
     due_at: f64,
     /// The next `take` panics (feature `test-trap`).
@@ -249,12 +255,15 @@ impl Core {
         memory: bool,
     ) -> Core {
         let o = |k: &str| num(&get(options, k));
+        // This tab's stream, unless another live tab holds it: a duplicated tab (the
+        // browser's "duplicate tab", `window.open` of the page) starts with a copy of the
+        // original's sessionStorage, and must not share its stream, seq or rescue list.
         let mut stream = host.load(true, "tab");
-        if !stream.is_string() {
+        let mut seq = host.load(true, "seq").unchecked_into_f64();
+        if !stream.is_string() || live_tabs(&host).includes(&stream, 0) {
             stream = host.uuid();
-            host.keep(true, &"tab".into(), &stream);
+            seq = 0.0;
         }
-        let seq = host.load(true, "seq").unchecked_into_f64();
         let stored = host.load(false, "consent");
         let consent = if stored == "granted" {
             Consent::Granted
@@ -293,6 +302,7 @@ impl Core {
             anon = host.uuid();
         }
         let user = host.load(false, "user");
+        let wait = num(&host.load(false, "wait"));
         let mut core = Core {
             max_event_bytes: o("maxEventBytes"),
             session_timeout_ms: o("sessionTimeoutMs"),
@@ -307,6 +317,7 @@ impl Core {
             device,
             stream,
             seq: if seq.is_finite() { seq } else { 0.0 },
+            claimed: false,
             anon,
             user: if user.is_string() {
                 user
@@ -333,6 +344,7 @@ impl Core {
             rescued: false,
             failures: 0,
             backoff_until: 0.0,
+            server_wait_until: wait,
             split_limit: f64::INFINITY,
             due_at: f64::INFINITY,
             #[cfg(feature = "test-trap")]
@@ -393,8 +405,8 @@ impl Core {
         if self.trap_on_take {
             panic!("test-trap");
         }
-        self.keep(true, "seq", &self.seq.into());
         if self.consent == Consent::Granted {
+            self.keep(true, "seq", &self.seq.into());
             self.keep(
                 false,
                 "sess",
@@ -442,6 +454,10 @@ impl Core {
         }
         self.drops.retain(|d| d.2 != u32::MAX);
         if ok {
+            // A memory queue is gone with the page: its events stay to be rescued and beaconed.
+            if self.memory {
+                return;
+            }
             for it in self.page.iter_mut().filter(|it| it.batch == write) {
                 it.batch = PERSISTED;
             }
@@ -484,13 +500,17 @@ impl Core {
         self.consent == Consent::Granted
     }
 
-    /// On `pagehide`/hidden: keeps this tab's events that IndexedDB has not committed yet in
-    /// `localStorage` (synchronous, so it survives the tab going away right now). The next
-    /// page of the site adopts them into the queue; the queue is keyed by event id, so an
-    /// event that was committed after all is not added twice.
-    pub fn rescue(&mut self) {
+    /// On `pagehide` (`gone`) or hidden: keeps this tab's events that IndexedDB has not
+    /// committed yet in `localStorage` (synchronous, so it survives the tab going away right
+    /// now). The next page of the site adopts them into the queue; the queue is keyed by event
+    /// id, so an event that was committed after all is not added twice. On `pagehide`, the
+    /// tab's stream leaves the list of live tabs: the next page of this tab continues it.
+    pub fn hide(&mut self, gone: bool) {
         if self.consent != Consent::Granted {
             return;
+        }
+        if gone {
+            self.release();
         }
         let list = Array::new();
         for it in self.page.iter_mut().filter(|it| it.batch != PERSISTED) {
@@ -505,18 +525,21 @@ impl Core {
         }
     }
 
-    /// On `pagehide`/hidden: hands this page's unacknowledged events to `sendBeacon`, in
+    /// On `pagehide`/hidden: hands this page's events that no one has sent to `sendBeacon`, in
     /// bodies under the batch budget, until the browser refuses (its keepalive quota). Events
-    /// not committed to IndexedDB first: nothing else would save them; then the persisted ones
-    /// (the queue keeps them anyway; a beacon only makes them earlier), but not those of the
-    /// batch being sent (`sending`), and none while `offline` or backing off (the relay asked
-    /// for a pause, or cannot be reached). No counters: a beacon's answer is never read, so
-    /// they would be stale.
-    pub fn beacon(&mut self, offline: bool) {
+    /// not committed to IndexedDB first (those of a memory queue never are): nothing else
+    /// would save them; then, in the sending tab (`sender`), the persisted ones it has not
+    /// sent (the queue keeps them anyway; a beacon only makes them earlier), but not those of
+    /// the batch being sent (`sending`), and none while `offline` or backing off (the relay
+    /// asked for a pause, or cannot be reached). An event goes by beacon once. No counters: a
+    /// beacon's answer is never read, so they would be stale.
+    pub fn beacon(&mut self, offline: bool, sender: bool) {
         let budget = self.batch_bytes - 1_000.0;
-        let quiet = offline || now() < self.backoff_until;
+        let quiet = offline || self.waiting();
         for persisted in [false, true] {
-            if persisted && quiet {
+            // Persisted events only from the sending tab, which knows what it has sent: the
+            // others' are sent (and acknowledged) by the sender, unbeknownst to them.
+            if persisted && (quiet || !sender) {
                 return;
             }
             loop {
@@ -547,6 +570,20 @@ impl Core {
         }
     }
 
+    /// Back from the back/forward cache: the pages shown in this tab meanwhile went on with its
+    /// stream, so this page begins a new one (what they numbered is not known for sure here:
+    /// their storage writes reach this page's process asynchronously).
+    pub fn shown(&mut self) {
+        if self.claimed {
+            return;
+        }
+        self.stream = self.host.uuid();
+        self.seq = 0.0;
+        self.device_stream = join(&self.device, &self.stream, ".");
+        self.refresh();
+        self.save_identity();
+    }
+
     /// The batch `ids` is being sent: a beacon does not send them again.
     pub fn sending(&mut self, ids: &Array) {
         // What is written from now on waits for its own flush interval (or a full batch).
@@ -558,10 +595,16 @@ impl Core {
 
     /// Schedules the next send: `how` 0 events were written (within the flush interval),
     /// 1 now (a flush was asked for, or this tab became the sender), 2 back online (failures
-    /// while offline say nothing about the relay: no backoff), 3 the queue is empty.
+    /// while offline say nothing about the relay: no backoff), 3 the queue is empty, 4 this
+    /// tab became the sender (now; the persisted events of its page are forgotten here, as
+    /// the sender before may have sent them: they are not beaconed).
     pub fn wake(&mut self, how: u32) {
         match how {
             1 => self.due_at = 0.0,
+            4 => {
+                self.page.retain(|it| it.batch != PERSISTED);
+                self.due_at = 0.0;
+            }
             3 => self.due_at = f64::INFINITY,
             _ => {
                 if how == 2 {
@@ -572,10 +615,9 @@ impl Core {
         }
     }
 
-    /// Whether a send is due (and not held back by a backoff).
+    /// Whether a send is due (and not held back by a backoff or the relay's wait).
     pub fn due(&self) -> bool {
-        let t = now();
-        t >= self.due_at && t >= self.backoff_until
+        now() >= self.due_at && !self.waiting()
     }
 
     /// Most events in the next batch (halved after a 413, doubled back after successes).
@@ -658,6 +700,15 @@ impl Core {
                 self.retry_cap_ms,
             );
             self.backoff_until = now() + wait;
+            if let Some(secs) = policy::retry_after(retry_after).filter(|s| *s > 0.0)
+                && matches!(status, Some(429 | 503))
+            {
+                // Asked by the relay: every tab of the device waits, this page's next too.
+                self.server_wait_until = now() + (secs * 1000.0).min(86_400_000.0);
+                if self.consent == Consent::Granted {
+                    self.keep(false, "wait", &self.server_wait_until.into());
+                }
+            }
             false
         };
         Array::of3(&outcomes, &retried.into(), &more.into())
@@ -695,6 +746,15 @@ impl Core {
 }
 
 impl Core {
+    /// Held back: this tab's backoff, or the relay's wait (read again: another tab may have
+    /// been told one).
+    fn waiting(&self) -> bool {
+        let t = now();
+        t < self.backoff_until
+            || t < self.server_wait_until
+            || t < num(&self.host.load(false, "wait"))
+    }
+
     fn keep(&self, session: bool, key: &str, value: &JsValue) {
         self.host.keep(session, &key.into(), value);
     }
@@ -726,9 +786,19 @@ impl Core {
 
     /// Keeps the identity in localStorage (only with consent): device, visitor, user,
     /// session and attribution.
-    fn save_identity(&self) {
+    fn save_identity(&mut self) {
         if self.consent != Consent::Granted {
             return;
+        }
+        if !self.claimed {
+            self.claimed = true;
+            self.keep(true, "tab", &self.stream);
+            let live = live_tabs(&self.host);
+            live.push(&self.stream);
+            // Bounded: a tab that crashed never takes its stream off the list.
+            let n = live.length();
+            let live = if n > 50 { live.slice(n - 50, n) } else { live };
+            self.keep(false, "tabs", &live);
         }
         self.keep(false, "dev", &self.device);
         self.keep(false, "anon", &self.anon);
@@ -743,6 +813,20 @@ impl Core {
         }
     }
 
+    /// Takes this tab's stream off the list of live tabs.
+    fn release(&mut self) {
+        if !core::mem::take(&mut self.claimed) {
+            return;
+        }
+        let live = live_tabs(&self.host);
+        let at = live.index_of(&self.stream, 0);
+        if at >= 0 {
+            let at = at as u32;
+            let rest = live.slice(at + 1, live.length());
+            self.keep(false, "tabs", &live.slice(0, at).concat(&rest));
+        }
+    }
+
     fn consent(&mut self, granted: bool) -> JsValue {
         let held = core::mem::take(&mut self.held);
         if granted {
@@ -753,11 +837,14 @@ impl Core {
             return JsValue::UNDEFINED;
         }
         // Opt-out: forget the identity, drop what is held and queued, and count it.
+        self.release();
         self.consent = Consent::Denied;
         self.keep(false, "consent", &"denied".into());
         for k in ["dev", "anon", "user", "sess", "attr"] {
             self.keep(false, k, &JsValue::UNDEFINED);
         }
+        self.keep(true, "tab", &JsValue::UNDEFINED);
+        self.keep(true, "seq", &JsValue::UNDEFINED);
         // What was tracked and not written yet is counted too (what was written is the
         // queue's, which the caller clears with the reason returned).
         let unwritten = self.page.iter().filter(|it| it.batch == 0).count();
@@ -833,11 +920,23 @@ impl Core {
         }
         // The beacon list is bounded: the oldest committed events leave it first.
         if self.page.len() >= 2_000
-            && let Some(i) = self.page.iter().position(|it| it.batch == PERSISTED)
+            && let Some(i) = self
+                .page
+                .iter()
+                .position(|it| it.batch == PERSISTED || (self.memory && it.batch != 0))
         {
             self.page.remove(i);
         }
         self.page.push(item);
+    }
+}
+
+/// The streams of the site's live tabs (localStorage `trueup.tabs`, a JSON array): a tab adds
+/// its own when it starts (with consent) and takes it off at `pagehide`.
+fn live_tabs(host: &Host) -> Array {
+    match parse(&host.load(false, "tabs")) {
+        Ok(v) if Array::is_array(&v) => v.unchecked_into(),
+        _ => Array::new(),
     }
 }
 

@@ -57,6 +57,9 @@ export function recordBeacons(h, accept) {
   h.beacons = [];
   h.beacon = (records) => accept-- > 0 && (h.beacons.push(records.map((r) => JSON.parse(r.s).name)), true);
 }
+export function storageSet(k, v) { localStorage.setItem(k, v); }
+export function sessionGet(k) { return sessionStorage.getItem(k); }
+export function sessionSet(k, v) { sessionStorage.setItem(k, v); }
 export function clearStorage() {
   localStorage.clear();
   sessionStorage.clear();
@@ -84,6 +87,15 @@ extern "C" {
     /// A device that never chose anything (tests share one page and its storage).
     #[wasm_bindgen(js_name = clearStorage)]
     fn clear_storage();
+    /// Sets item `k` of localStorage.
+    #[wasm_bindgen(js_name = storageSet)]
+    fn storage_set(k: &str, v: &str);
+    /// Item `k` of sessionStorage.
+    #[wasm_bindgen(js_name = sessionGet)]
+    fn session_get(k: &str) -> Option<String>;
+    /// Sets item `k` of sessionStorage.
+    #[wasm_bindgen(js_name = sessionSet)]
+    fn session_set(k: &str, v: &str);
     /// Opens database `name` at `version` with no handlers (another tab's connection); rejects
     /// when blocked for 2 s.
     #[wasm_bindgen(js_name = openAt)]
@@ -553,8 +565,8 @@ fn answers_follow_the_retry_policy() {
     let r = core.answered(&ids, None, f64::NAN, &JsValue::UNDEFINED, false);
     assert!(outcomes(&r).is_empty());
     assert_eq!(r.get(1).as_f64(), Some(3.0), "sent again after a failure");
-    core.answered(&ids, Some(503), 5.0, &JsValue::UNDEFINED, false);
-    // Back online: no backoff.
+    core.answered(&ids, Some(503), f64::NAN, &JsValue::UNDEFINED, false);
+    // Back online: no backoff (of this tab's own; the relay's wait holds: below).
     core.wake(2);
     core.wake(1);
     assert!(core.due());
@@ -600,7 +612,7 @@ fn beacons_go_unsaved_first_under_the_budget_until_refused() {
             &ctx(&(String::from("u") + &i.to_string())),
         );
     }
-    core.beacon(false);
+    core.beacon(false, true);
     // Budget 600 bytes: two events of ~400 do not fit together. The browser accepts two.
     let sent: Vec<Vec<String>> = Array::from(&beacons)
         .iter()
@@ -682,7 +694,7 @@ async fn events_rescued_before_their_write_are_counted_once() {
     }
     // Hidden before the queue opened: the events go to the rescue list, which this tab (or
     // another one) adopts when it opens the queue, before this tab's own write.
-    core.rescue();
+    core.hide(false);
     let rescued = take_rescue();
     assert_eq!(rescued.length(), 3);
     let acc: JsValue = core_with(&[]).into();
@@ -791,9 +803,18 @@ fn beacons_skip_the_batch_in_flight_and_wait_out_a_backoff() {
     core.written(w.get(0).as_f64().unwrap() as u32, true);
     core.sending(&Array::of1(&"flying".into()));
     core.call(0, "unwritten".into(), JsValue::UNDEFINED, &ctx("unwritten"));
-    // Offline: only what nothing else holds (not written yet).
-    core.beacon(true);
+    // Not the sending tab: only what is not written yet (the sender may have sent the rest).
+    core.beacon(false, false);
     assert_eq!(sent(), ["unwritten"]);
+    core.call(
+        0,
+        "unwritten2".into(),
+        JsValue::UNDEFINED,
+        &ctx("unwritten2"),
+    );
+    // Offline: only what nothing else holds (not written yet).
+    core.beacon(true, true);
+    assert_eq!(sent(), ["unwritten2"], "a beacon carries an event once");
     // Backing off: the same.
     core.answered(
         &Array::of1(&"flying".into()),
@@ -802,11 +823,49 @@ fn beacons_skip_the_batch_in_flight_and_wait_out_a_backoff() {
         &JsValue::UNDEFINED,
         false,
     );
-    core.beacon(false);
+    core.beacon(false, true);
     assert!(sent().is_empty(), "nothing written goes while backing off");
     core.wake(2); // back online: no backoff
-    core.beacon(false);
+    core.beacon(false, true);
     assert_eq!(sent(), ["queued"], "not the batch in flight");
+    core.beacon(false, true);
+    assert!(sent().is_empty(), "nothing twice");
+}
+
+#[wasm_bindgen_test]
+fn the_relays_wait_holds_when_back_online_and_in_the_next_page() {
+    let mut core = core_with(&[]);
+    core.opened(false);
+    let ids = Array::of1(&"a".into());
+    core.call(0, "a".into(), JsValue::UNDEFINED, &ctx("a"));
+    core.sending(&ids);
+    core.answered(&ids, Some(503), 30.0, &JsValue::UNDEFINED, false);
+    core.wake(2);
+    core.wake(1);
+    assert!(!core.due(), "online does not clear the relay's Retry-After");
+    // Another tab, or the next page of this one (the storage kept): it waits too.
+    let o = options(&[]);
+    let mut next = Core::new(
+        &o,
+        host(&o),
+        &"https://shop.example/".into(),
+        &"".into(),
+        false,
+    );
+    next.opened(false);
+    next.wake(4);
+    assert!(!next.due(), "a new sending tab honours the wait");
+    // A wait that is over holds nothing.
+    storage_set("trueup.wait", &(now() - 1.0).to_string());
+    let mut later = Core::new(
+        &o,
+        host(&o),
+        &"https://shop.example/".into(),
+        &"".into(),
+        false,
+    );
+    later.wake(1);
+    assert!(later.due());
 }
 
 #[wasm_bindgen_test]
@@ -836,4 +895,62 @@ async fn a_blocked_open_gives_up_and_a_newer_version_is_not_blocked() {
         .try_write(&records(&[record(1, now(), 1.0)]), &Array::new())
         .expect("no synchronous throw");
     assert_eq!(wait(settle_within(&p, 1_000)).await, "rejected");
+}
+
+/// The stream (`device_id`) and `seq` of the one event `core` writes next.
+fn next_stamp(core: &mut Core, id: &str) -> (String, f64) {
+    core.call(0, id.into(), JsValue::UNDEFINED, &ctx(id));
+    let w: Array = core.take().unchecked_into();
+    let record = Array::from(&w.get(1)).get(0);
+    let event = js_sys::JSON::parse(&text(&record, &["s"]).unwrap()).unwrap();
+    (
+        text(&event, &["device_id"]).unwrap(),
+        field(&event, &["seq"]).as_f64().unwrap(),
+    )
+}
+
+#[wasm_bindgen_test]
+fn a_tab_copied_from_a_live_one_gets_its_own_stream_and_a_reload_keeps_it() {
+    let mut a = core_with(&[]);
+    a.opened(false);
+    let (stream, seq) = next_stamp(&mut a, "a1");
+    assert_eq!(seq, 1.0);
+    let tab = session_get("trueup.tab").unwrap();
+    // A duplicated tab starts with a copy of this sessionStorage while `a` lives.
+    let o = options(&[]);
+    let mut b = Core::new(
+        &o,
+        host(&o),
+        &"https://shop.example/".into(),
+        &"".into(),
+        false,
+    );
+    b.opened(false);
+    let (copy, copy_seq) = next_stamp(&mut b, "b1");
+    assert_ne!(copy, stream, "its own stream");
+    assert_eq!(copy_seq, 1.0);
+    assert_ne!(session_get("trueup.tab").unwrap(), tab);
+    // `a` goes away (pagehide), and the next page of its tab goes on with its stream.
+    a.hide(true);
+    session_set("trueup.tab", &tab);
+    session_set("trueup.seq", "1");
+    let mut c = Core::new(
+        &o,
+        host(&o),
+        &"https://shop.example/".into(),
+        &"".into(),
+        false,
+    );
+    c.opened(false);
+    assert_eq!(next_stamp(&mut c, "c1"), (stream.clone(), 2.0));
+    // `a` back from the bfcache, after `c` numbered on and went away: a new stream.
+    let _ = next_stamp(&mut c, "c2");
+    c.hide(true);
+    a.shown();
+    let (back, seq) = next_stamp(&mut a, "a2");
+    assert!(back != stream && back != copy && seq == 1.0);
+    assert_eq!(
+        session_get("trueup.tab").unwrap(),
+        back.split('.').nth(1).unwrap()
+    );
 }
