@@ -32,10 +32,14 @@
 //!   `dropped.queue_full`), or on opt-out (`dropped.consent`). So
 //!   `enqueued = acked + dropped + pending` at every commit.
 //! - One tab sends (a Web Lock); every tab writes. On `pagehide`/`visibilitychange→hidden`,
-//!   each tab beacons its own unacknowledged events (deduped by id at the relay), but not
-//!   the batch being sent, and, while offline or backing off, only those not written to
-//!   IndexedDB yet; what does not fit stays queued for the next page load. No `unload` listener, and the lock is
-//!   released on `pagehide`, so the page stays bfcache-eligible.
+//!   each tab beacons what no one has sent (deduped by id at the relay): its events not
+//!   committed to IndexedDB (a memory queue's never are), and, in the sending tab, its
+//!   persisted events it has not sent; never the batch in flight, an event once, and while
+//!   offline or backing off only the uncommitted ones. What does not fit stays queued for the
+//!   next page load. A relay's `Retry-After` (429, 503) is kept in localStorage: every tab and
+//!   the next page honour it, and `online` clears only the agent's own backoff. No `unload`
+//!   listener; the lock is released and the BroadcastChannel closed on `pagehide`, so the page
+//!   stays bfcache-eligible.
 //! - Nothing throws into the page: the exports do not throw, the host's functions catch, and
 //!   the stub catches around the Agent. A trap (a Rust panic) anywhere, in a call or in the
 //!   background, stops the core: the stub counts it (`wasm_panic`) and its fallback sends.
@@ -47,6 +51,11 @@
 //! events carry `device_id = "<device>.<tab>"`, where `<tab>` lives in `sessionStorage`
 //! (it survives reloads and navigations in the tab) and `seq` counts 1, 2, 3… per stream. A
 //! gap in a stream's `seq` at the relay is an event that left `track()` and never arrived.
+//! A duplicated tab starts with a copy of the original's sessionStorage, so the tabs that are
+//! open list their streams in localStorage (`trueup.tabs`, taken off at `pagehide`, bounded to
+//! 50 against tabs that crashed): a page whose stream another open tab holds begins its own.
+//! A page restored from the back/forward cache begins a new stream too (the pages shown in its
+//! tab meanwhile numbered on in its old one).
 //! The counters are per device (`<device>`), shared by the tabs.
 //!
 //! # Identity
