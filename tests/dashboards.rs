@@ -37,6 +37,32 @@ fn no_redirects() -> reqwest::Client {
         .unwrap()
 }
 
+/// `/api/v1/quality?days=1`, polled until `done` holds of it (at most `secs` seconds).
+async fn quality_until(
+    http: &reqwest::Client,
+    relay: &RelayProc,
+    secs: u64,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let q: Value = http
+            .get(format!("http://{}/api/v1/quality?days=1", relay.admin))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done(&q) {
+            return q;
+        }
+        assert!(std::time::Instant::now() < deadline, "never settled: {q:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn only_the_admin_token_opens_the_dashboards_and_never_on_the_public_listener() {
     let dir = tempfile::tempdir().unwrap();
@@ -200,23 +226,10 @@ async fn the_quality_api_reports_what_was_put_there_and_says_which_store_failed(
     relay.wait_drained();
 
     // Drained means stored; the sink's backlog figure follows on its forwarder's next turn.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let q = loop {
-        let q: Value = http
-            .get(format!("http://{}/api/v1/quality?days=1", relay.admin))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if q["sinks"][0]["backlog_rows"] == 0 && q["loss"]["devices"] == 1 {
-            break q;
-        }
-        assert!(std::time::Instant::now() < deadline, "never settled: {q:#}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let q = quality_until(&http, &relay, 10, |q| {
+        q["sinks"][0]["backlog_rows"] == 0 && q["loss"]["devices"] == 1
+    })
+    .await;
     // The truth database's failure is the gap section's, said plainly; the rest is there.
     let errors = q["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 1, "{q:#}");
@@ -325,28 +338,15 @@ async fn a_sinks_dead_letters_are_on_the_quality_page_with_redacted_samples() {
         .unwrap();
     assert!(resp.status().is_success(), "{}", resp.status());
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let q = loop {
-        let q: Value = http
-            .get(format!("http://{}/api/v1/quality?days=1", relay.admin))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let q = quality_until(&http, &relay, 20, |q| {
         let settled = q["sinks"]
             .as_array()
             .unwrap()
             .iter()
             .all(|s| s["backlog_rows"] == 0);
-        if settled && !q["rejects"].as_array().unwrap().is_empty() {
-            break q;
-        }
-        assert!(std::time::Instant::now() < deadline, "never settled: {q:#}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+        settled && !q["rejects"].as_array().unwrap().is_empty()
+    })
+    .await;
     let rejects = q["rejects"].as_array().unwrap();
     assert_eq!(rejects.len(), 1, "{rejects:?}");
     let r = &rejects[0];
