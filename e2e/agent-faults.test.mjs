@@ -145,6 +145,42 @@ test("consent pending: nothing is stored or sent until consent(true)", async () 
   await context.close();
 });
 
+test("consent pending: not even a database before consent; the hold keeps the newest 1,000, the rest counted at consent(true)", async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  let posted = 0;
+  page.on("request", (r) => r.url().includes("/_r/q") && posted++);
+  await page.goto(`${relay.origin}/consent/`);
+  await ready(page);
+  const run = runId();
+  await trackN(page, run, 1200);
+  await page.evaluate(() => window.trueup.flush());
+  await sleep(1500);
+  const before = await page.evaluate(async () => ({
+    databases: (await indexedDB.databases()).map((d) => d.name),
+    local: Object.keys(localStorage).filter((k) => k.startsWith("trueup")),
+    session: Object.keys(sessionStorage).filter((k) => k.startsWith("trueup")),
+    stats: await window.trueup.stats(),
+  }));
+  assert.deepEqual(before.databases, [], "no IndexedDB database before consent");
+  assert.deepEqual(before.local, [], "nothing in localStorage before consent");
+  assert.deepEqual(before.session, [], "nothing in sessionStorage before consent");
+  assert.equal(posted, 0, "nothing sent before consent");
+  assert.equal(before.stats.enqueued, 0, "nothing counted before consent");
+  await page.evaluate(() => window.trueup.consent(true));
+  // The oldest 200 were dropped by the hold (1,000 events at most): the newest 1,000 arrive.
+  await until("the held events to arrive", async () => (await relay.drained(), delivery(relay, run, 1200).delivered === 1000), 30000, 200);
+  const r = delivery(relay, run, 1200);
+  assert.deepEqual(r.missing, [...Array(200).keys()], "the oldest went first");
+  assert.equal(r.dup, 0);
+  await until("the counters to settle", async () => (await identity(page)).pending === 0, 20000);
+  const s = await identity(page);
+  assert.equal(s.enqueued, 1200);
+  assert.equal(s.acked, 1000);
+  assert.deepEqual(s.dropped, { queue_full: 200 }, "what the hold dropped is counted once");
+  await context.close();
+});
+
 test("no IndexedDB: a memory queue, flagged degraded, still delivers", async () => {
   const context = await browser.newContext();
   await context.addInitScript(() => {

@@ -452,3 +452,50 @@ test("a memory queue's events are rescued when the tab closes offline, and the n
   await allArrive(relay, run, 5, "memory queue rescued");
   await context.close();
 });
+
+// A hidden tab's timers are throttled (to once a minute after a while; a background tab may be
+// frozen): a sending tab that goes hidden hands the send lock over; one that gets it while hidden
+// asks whether a tab is visible, and hands it to that one. Headless Chromium shows every page as
+// visible and does not freeze them (CDP's Page.setWebLifecycleState "frozen" leaves timers
+// running here), so the pages are made hidden as a page sees it (visibilityState and the event)
+// and the test checks who sends: before, the hidden tab kept the lock and sent everything.
+test("a sending tab that goes hidden hands the lock to a visible tab, past other hidden ones", async () => {
+  const context = await browser.newContext();
+  await context.addInitScript(() => {
+    window.__fetches = 0;
+    const f = window.fetch;
+    window.fetch = function (u, o) {
+      if (o && o.method === "POST" && String(u).endsWith("/_r/q")) window.__fetches++;
+      return f.apply(this, arguments);
+    };
+  });
+  const fetches = (page) => page.evaluate(() => window.__fetches);
+  const hide = (page) => page.evaluate(() => {
+    Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "hidden" });
+    document.dispatchEvent(new Event("visibilitychange"));
+  });
+  // a sends; b and c wait for the lock, in that order.
+  const [a, b, c] = [await context.newPage(), await context.newPage(), await context.newPage()];
+  await a.goto(`${relay.origin}/plain/`);
+  await ready(a);
+  const warm = runId();
+  await trackN(a, warm, 1);
+  await allArrive(relay, warm, 1, "hidden sender (warm-up)");
+  assert.ok((await fetches(a)) > 0, "the first tab sends");
+  for (const p of [b, c]) {
+    await p.goto(`${relay.origin}/plain/`);
+    await ready(p);
+  }
+  await hide(b);
+  // a goes hidden: b (hidden too) gets the lock, and passes it to c, the visible one.
+  await hide(a);
+  await sleep(1500);
+  const before = [await fetches(a), await fetches(b)];
+  const run = runId();
+  await trackN(c, run, 10);
+  await allArrive(relay, run, 10, "hidden sender handed over", 20000);
+  assert.ok((await fetches(c)) > 0, "the visible tab sends");
+  assert.deepEqual([await fetches(a), await fetches(b)], before, "the hidden tabs send nothing");
+  await settled(c);
+  await context.close();
+});

@@ -86,11 +86,54 @@ function compileCore() {
   run("wasm-bindgen", ["--target", "web", "--remove-name-section", "--remove-producers-section",
     "--out-dir", work, "--out-name", "trueup_agent", wasm]);
   wasm = path.join(work, "trueup_agent_bg.wasm");
+  const glue = path.join(work, "trueup_agent.js");
   if (after) {
     run(npmWasmOpt, ["-Oz", "--converge", "--strip-target-features", "--strip-producers",
       ...WASM_OPT_FEATURES, "--enable-bulk-memory-opt", wasm, "-o", wasm]);
+    minifyNames(npmWasmOpt, wasm, glue);
   }
-  return { glue: path.join(work, "trueup_agent.js"), wasm, bundle: true };
+  return { glue, wasm, bundle: true };
+}
+
+/**
+ * Gives the wasm's imports and exports one- and two-letter names (binaryen's
+ * `--minify-imports-and-exports-and-modules`) and rewrites wasm-bindgen's glue to match, as a JS
+ * minifier does for JS: its names (`__wbg_push_c9f4893fc209f768`, `core_answered`, …) carry a
+ * 16-hex-digit hash each and are written twice, in the wasm and in the glue (1.3 KB gzip of
+ * names alone). The glue's import object keys and its `wasm.<export>` uses are the only places
+ * they appear; anything not found, or left over, fails the build (and the smoke test below
+ * instantiates the pair).
+ */
+function minifyNames(wasmOpt, wasm, glue) {
+  log(`${path.relative(root, wasmOpt)} --minify-imports-and-exports-and-modules ${path.relative(root, wasm)}`);
+  const printed = execFileSync(wasmOpt, ["--minify-imports-and-exports-and-modules", ...WASM_OPT_FEATURES,
+    "--enable-bulk-memory-opt", wasm, "-o", wasm], { cwd: root, encoding: "utf8" });
+  const map = JSON.parse(printed.replace(/,(\s*[\]}])/g, "$1")); // (binaryen prints trailing commas)
+  const module = new WebAssembly.Module(fs.readFileSync(wasm));
+  const modules = new Set(WebAssembly.Module.imports(module).map((i) => i.module));
+  const exports = new Set(WebAssembly.Module.exports(module).map((e) => e.name));
+  let text = fs.readFileSync(glue, "utf8");
+  const replaceOnce = (pattern, by, what) => {
+    let n = 0;
+    text = text.replace(pattern, (...m) => (n++, by(...m)));
+    if (!n) throw new Error(`minifyNames: ${what} not found in wasm-bindgen's glue`);
+  };
+  const oldModules = new Set(map.imports.map((i) => i[0]));
+  const [oldModule] = oldModules;
+  if (modules.size != 1 || oldModules.size != 1) {
+    throw new Error(`minifyNames: expected the imports of one module, got ${[...modules]}`);
+  }
+  for (const [, name, short] of map.imports) {
+    replaceOnce(new RegExp(`(^|[\\s{,])${name}(\\s*:)`, "gm"), (_, before, colon) => before + short + colon, `import ${name}`);
+  }
+  replaceOnce(new RegExp(`(["'])${oldModule.replace(/[.]/g, "\\.")}\\1(\\s*:)`, "g"), (_, q, colon) => JSON.stringify([...modules][0]) + colon, `module ${oldModule}`);
+  const short = new Map(map.exports);
+  text = text.replace(/\bwasm\.(\w+)/g, (m, name) => {
+    const to = short.get(name);
+    if (!to || !exports.has(to)) throw new Error(`minifyNames: the glue uses export ${name}, which the wasm does not have`);
+    return `wasm.${to}`;
+  });
+  fs.writeFileSync(glue, text);
 }
 
 async function main() {

@@ -33,7 +33,6 @@ const DEFAULTS = {
   retryBaseMs: 1e3,
   retryCapMs: 3e5,
 };
-const METHODS = ["track", "page", "identify", "reset", "consent"]; // Core.call's numbering
 // Core.wake(how)
 const WRITTEN = 0;
 const NOW = 1;
@@ -42,6 +41,7 @@ const EMPTY = 3;
 const LEAD = 4;
 
 const noop = () => {};
+const hidden = () => document.visibilityState == "hidden";
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 export class Agent {
@@ -64,7 +64,7 @@ export class Agent {
     const core = (this.core = new Core(o, host(o), ...landing(), memory));
     const on = (target, type, fn) => target.addEventListener(type, (e) => this.guard(() => fn(e)));
     const hide = (e) => {
-      if (e.type == "pagehide" || document.visibilityState == "hidden") {
+      if (e.type == "pagehide" || hidden()) {
         core.hide(e.type == "pagehide");
         core.beacon(navigator.onLine === false, !!this.leader);
         if (e.type == "pagehide") {
@@ -72,7 +72,11 @@ export class Agent {
           // A message would evict the page from the bfcache: the channel opens again at pageshow.
           this.channel?.close();
           this.channel = undefined;
+        } else {
+          this.handOver();
         }
+      } else if (!this.leader) {
+        this.post("v"); // visible again: a hidden sending tab hands over
       }
     };
     on(window, "pagehide", hide);
@@ -102,16 +106,49 @@ export class Agent {
     this.bg(this.start());
   }
 
-  /** Opens the channel to the other tabs: "w", a tab wrote (the byte cap is to be enforced), "f", it asks for a flush. */
+  /**
+   * Opens the channel to the other tabs. Messages: "w", a tab wrote (the byte cap is to be
+   * enforced); "f", it asks for a flush; "h", the sending tab is hidden (a visible tab answers
+   * "v"); "v", a tab is visible (a hidden sending tab hands the lock over: `handOver`).
+   */
   listen() {
     try {
       this.channel = new BroadcastChannel("trueup");
-      this.channel.onmessage = (e) => this.guard(() => (e.data == "f" ? this.core.wake(NOW) : ((this.dirty = 1), this.core.wake(WRITTEN))));
+      this.channel.onmessage = ({ data }) => this.guard(() => {
+        if (data == "f") this.core.wake(NOW);
+        else if (data == "w") (this.dirty = 1), this.core.wake(WRITTEN);
+        else if (data == "h") this.leader || hidden() || this.post("v");
+        else if (data == "v" && hidden()) this.handOver();
+      });
     } catch {}
   }
 
-  /** Opens the queue (IndexedDB, else memory), then persists what was tracked meanwhile and takes part in sending. */
+  post(message) {
+    this.channel?.postMessage(message);
+  }
+
+  /**
+   * A hidden tab's timers are throttled (to once a minute after a while) or frozen, so a hidden
+   * sending tab hands the send lock over (after the batch in flight, if any): it releases it and
+   * asks again, behind the tabs that wait. Called when this tab goes hidden and when a visible
+   * tab says so ("v"); a tab that gets the lock while hidden keeps it (with no visible tab, a
+   * hidden one sends) but asks whether one is visible ("h").
+   */
+  handOver() {
+    if (!this.release) return; // (not holding the lock: without Web Locks, every tab sends)
+    if (this.busy) return void (this.handing = 1);
+    this.unlock();
+    this.lock();
+  }
+
+  /**
+   * Opens the queue (IndexedDB, else memory), then persists what was tracked meanwhile and takes
+   * part in sending; only once consent is granted (nothing is stored before: not even an empty
+   * database), so called again when it is.
+   */
   async start() {
+    if (this.started || !this.core.granted) return;
+    this.started = 1;
     await this.open(this.o.storage != "memory");
     this.lock();
   }
@@ -142,8 +179,17 @@ export class Agent {
   /** Handles `track`, `page`, `identify`, `reset` and `consent` with the call-time context `ctx`. */
   call(method, args, ctx) {
     this.alive();
-    const reason = this.core.call(METHODS.indexOf(method), args?.[0], args?.[1], ctx);
-    if (reason) this.bg(this.q.clear(this.core, reason));
+    const { core } = this;
+    const a = args?.[0]; // (a page's snippet queue may hold anything)
+    const b = args?.[1];
+    const reason = method == "track" ? core.track(a, b, ctx)
+      : method == "page" ? core.page(a, ctx)
+      : method == "identify" ? core.identify(a, b, ctx)
+      : method == "reset" ? core.reset()
+      : method == "consent" ? core.consent(!!a)
+      : undefined;
+    if (reason) this.bg(this.q.clear(core, reason));
+    if (method == "consent") this.bg(this.start());
     if (!this.soon) {
       // Every event of this task in one write, issued before the task ends.
       this.soon = 1;
@@ -158,7 +204,7 @@ export class Agent {
     this.core.wake(NOW);
     // (not while backing off or while the relay asked to wait)
     if (this.leader) this.core.due() && (await this.round());
-    else this.channel?.postMessage("f");
+    else this.post("f");
     this.alive();
   }
 
@@ -222,7 +268,7 @@ export class Agent {
       if (!ok) return again || this.persist(1);
       this.dirty = 1;
       this.core.wake(WRITTEN);
-      if (!this.leader) this.channel?.postMessage("w");
+      if (!this.leader) this.post("w");
     } catch (e) {
       this.fail(e);
     }
@@ -283,6 +329,7 @@ export class Agent {
     this.leader = 1;
     this.core.wake(LEAD); // what earlier pages left goes at once
     this.bg(this.loop(++this.generation));
+    if (hidden()) this.post("h"); // a visible tab, if any, takes over (`handOver`)
   }
 
   /**
@@ -326,5 +373,9 @@ export class Agent {
     }
     this.busy = 0;
     this.inflight = undefined;
+    if (this.handing) {
+      this.handing = 0;
+      this.handOver();
+    }
   }
 }

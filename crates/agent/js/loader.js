@@ -14,14 +14,13 @@
 //   <script>window.trueup=window.trueup||{q:[]};"init track page identify reset consent".split(" ").forEach(m=>trueup[m]=trueup[m]||((...a)=>trueup.q.push([m,a,Date.now(),location.href,document.referrer,document.title])))</script>
 //   <script async src="/_r/a/loader.js" data-site="YOUR_SITE"></script>
 
-import * as stub from "./stub.js";
+import { _replay, attribution, consent, flush, identify, init, page, reset, shutdown, stats, track } from "./stub.js";
 
 (() => {
   try {
     const previous = window.trueup;
     if (previous && previous.stats) return; // a real agent is already there
-    const { _replay, uuidv7, ...api } = stub;
-    window.trueup = api;
+    const api = (window.trueup = { init, track, page, identify, reset, consent, flush, shutdown, stats, attribution });
     const tag = document.currentScript || document.querySelector("script[data-site]");
     const data = (tag && tag.dataset) || {};
     const options = {};

@@ -408,10 +408,10 @@ fn json(record: &JsValue) -> JsValue {
 #[wasm_bindgen_test]
 fn events_are_stamped_then_written_once_per_task() {
     let mut core = core_with(&[("maxEventBytes", 2_000.0)]);
-    core.call(0, "a".into(), props("k", "v"), &ctx("id-a"));
-    core.call(1, JsValue::UNDEFINED, JsValue::UNDEFINED, &ctx("id-b"));
-    core.call(2, "u-1".into(), props("plan", "pro"), &ctx("id-c"));
-    core.call(0, 5.into(), JsValue::UNDEFINED, &ctx("id-x")); // not a name: ignored
+    core.track("a".into(), props("k", "v"), &ctx("id-a"));
+    core.page(JsValue::UNDEFINED, &ctx("id-b"));
+    core.identify("u-1".into(), props("plan", "pro"), &ctx("id-c"));
+    core.track(5.into(), JsValue::UNDEFINED, &ctx("id-x")); // not a name: ignored
     assert!(
         core.take().is_undefined(),
         "nothing is written before the queue is open"
@@ -449,18 +449,13 @@ fn events_are_stamped_then_written_once_per_task() {
     assert_eq!(field(&deltas.get(0), &["n"]).as_f64(), Some(3.0));
     assert!(core.take().is_undefined(), "each event is written once");
     // Too large: counted with the next write, never queued.
-    core.call(
-        0,
-        "big".into(),
-        props("pad", &"x".repeat(3_000)),
-        &ctx("id-d"),
-    );
+    core.track("big".into(), props("pad", &"x".repeat(3_000)), &ctx("id-d"));
     let w: Array = core.take().unchecked_into();
     assert_eq!(Array::from(&w.get(1)).length(), 0);
     let d = Array::from(&w.get(2)).get(0);
     assert_eq!(text(&d, &["r"]).as_deref(), Some("too_large"));
     // A failed write is counted as storage_unavailable with the next one.
-    core.call(0, "e".into(), JsValue::UNDEFINED, &ctx("id-e"));
+    core.track("e".into(), JsValue::UNDEFINED, &ctx("id-e"));
     let w: Array = core.take().unchecked_into();
     core.written(w.get(0).as_f64().unwrap() as u32, false);
     let w: Array = core.take().unchecked_into();
@@ -482,25 +477,22 @@ fn consent_pending_holds_then_grant_writes_and_refusal_counts() {
         false,
     );
     core.opened(false);
-    core.call(0, "held".into(), JsValue::UNDEFINED, &ctx("id-h"));
+    core.track("held".into(), JsValue::UNDEFINED, &ctx("id-h"));
     assert!(core.take().is_undefined(), "nothing written while pending");
     let stats = core.stats(&JsValue::UNDEFINED);
     assert_eq!(field(&stats, &["enqueued"]).as_f64(), Some(0.0));
-    assert!(
-        core.call(4, JsValue::TRUE, JsValue::UNDEFINED, &ctx("c"))
-            .is_undefined()
-    );
+    assert!(core.consent(true).is_undefined());
     let w: Array = core.take().unchecked_into();
     assert_eq!(
         Array::from(&w.get(1)).length(),
         1,
         "the held event is written"
     );
-    core.call(0, "later".into(), JsValue::UNDEFINED, &ctx("id-l"));
+    core.track("later".into(), JsValue::UNDEFINED, &ctx("id-l"));
     // Opt-out: the queue is to be emptied with reason consent; later events are counted only.
-    let reason = core.call(4, JsValue::FALSE, JsValue::UNDEFINED, &ctx("c"));
+    let reason = core.consent(false);
     assert_eq!(reason.as_string().as_deref(), Some("consent"));
-    core.call(0, "after".into(), JsValue::UNDEFINED, &ctx("id-z"));
+    core.track("after".into(), JsValue::UNDEFINED, &ctx("id-z"));
     // "later" was not written: the next write counts it, and writes nothing more.
     let w: Array = core.take().unchecked_into();
     assert_eq!(Array::from(&w.get(1)).length(), 0);
@@ -510,6 +502,89 @@ fn consent_pending_holds_then_grant_writes_and_refusal_counts() {
     assert!(core.take().is_undefined(), "nothing more is written");
     let stats = core.stats(&JsValue::UNDEFINED);
     assert_eq!(field(&stats, &["dropped", "consent"]).as_f64(), Some(1.0));
+}
+
+/// A pending core of a fresh device (consent "pending", nothing stored), its queue open or not
+/// (js/core.js opens it once consent is given).
+fn pending_core(open: bool) -> Core {
+    let o = options(&[]);
+    Reflect::set(&o, &"consent".into(), &"pending".into()).unwrap();
+    clear_storage();
+    let mut core = Core::new(
+        &o,
+        host(&o),
+        &"https://shop.example/".into(),
+        &"".into(),
+        false,
+    );
+    if open {
+        core.opened(false);
+    }
+    core
+}
+
+#[wasm_bindgen_test]
+fn the_pending_hold_is_bounded_by_count_and_bytes_and_counts_its_drops_at_grant() {
+    // Count: 1,000 held; the 5 oldest are dropped, counted once consent is given.
+    let mut core = pending_core(true);
+    for i in 0..1_005 {
+        core.track("held".into(), JsValue::UNDEFINED, &ctx(&nth_id("c", i)));
+    }
+    assert!(core.take().is_undefined(), "nothing written while pending");
+    assert_eq!(
+        field(&core.stats(&JsValue::UNDEFINED), &["enqueued"]).as_f64(),
+        Some(0.0),
+        "nothing counted before consent"
+    );
+    assert!(core.consent(true).is_undefined());
+    let w: Array = core.take().unchecked_into();
+    let written = Array::from(&w.get(1));
+    assert_eq!(written.length(), 1_000);
+    assert_eq!(
+        text(&written.get(0), &["i"]).as_deref(),
+        Some(nth_id("c", 5).as_str()),
+        "the oldest went first"
+    );
+    let drops: Vec<(Option<String>, Option<f64>)> = Array::from(&w.get(2))
+        .iter()
+        .map(|d| (text(&d, &["r"]), field(&d, &["n"]).as_f64()))
+        .collect();
+    assert!(
+        drops.contains(&(Some("queue_full".into()), Some(5.0))),
+        "{drops:?}"
+    );
+    // Bytes: 1 MB; 300 events of ~10 KB each keep ~100.
+    let mut core = pending_core(true);
+    let pad = "x".repeat(10_000);
+    for i in 0..300 {
+        core.track("big".into(), props("pad", &pad), &ctx(&nth_id("b", i)));
+    }
+    core.consent(true);
+    let w: Array = core.take().unchecked_into();
+    let kept = Array::from(&w.get(1)).length();
+    assert!((95..=100).contains(&kept), "{kept} kept");
+    let dropped: f64 = Array::from(&w.get(2))
+        .iter()
+        .filter(|d| text(d, &["r"]).as_deref() == Some("queue_full"))
+        .map(|d| field(&d, &["n"]).as_f64().unwrap())
+        .sum();
+    assert_eq!(f64::from(kept) + dropped, 300.0);
+    // Refused instead (the queue never opened): everything the hold saw counts as dropped for
+    // consent, and nothing is stored.
+    let mut core = pending_core(false);
+    for i in 0..1_005 {
+        core.track("held".into(), JsValue::UNDEFINED, &ctx(&nth_id("d", i)));
+    }
+    core.consent(false);
+    let stats = core.stats(&JsValue::UNDEFINED);
+    assert_eq!(
+        field(&stats, &["dropped", "consent"]).as_f64(),
+        Some(1_005.0)
+    );
+}
+
+fn nth_id(prefix: &str, i: u32) -> String {
+    format!("{prefix}-{i:05}")
 }
 
 #[wasm_bindgen_test]
@@ -595,8 +670,7 @@ fn beacons_go_unsaved_first_under_the_budget_until_refused() {
     core.opened(false);
     let pad = "x".repeat(150);
     for (i, name) in ["p1", "p2", "p3"].iter().enumerate() {
-        core.call(
-            0,
+        core.track(
             (*name).into(),
             props("pad", &pad),
             &ctx(&(String::from("p") + &i.to_string())),
@@ -605,8 +679,7 @@ fn beacons_go_unsaved_first_under_the_budget_until_refused() {
     let w: Array = core.take().unchecked_into();
     core.written(w.get(0).as_f64().unwrap() as u32, true);
     for (i, name) in ["u1", "u2"].iter().enumerate() {
-        core.call(
-            0,
+        core.track(
             (*name).into(),
             props("pad", &pad),
             &ctx(&(String::from("u") + &i.to_string())),
@@ -690,7 +763,7 @@ async fn events_rescued_before_their_write_are_counted_once() {
     let q = queue(&wait(open_idb("t-rescued-early")).await);
     let mut core = core_with(&[]);
     for id in ["r1", "r2", "r3"] {
-        core.call(0, id.into(), JsValue::UNDEFINED, &ctx(id));
+        core.track(id.into(), JsValue::UNDEFINED, &ctx(id));
     }
     // Hidden before the queue opened: the events go to the rescue list, which this tab (or
     // another one) adopts when it opens the queue, before this tab's own write.
@@ -700,7 +773,7 @@ async fn events_rescued_before_their_write_are_counted_once() {
     let acc: JsValue = core_with(&[]).into();
     wait(q.adopt(&acc, &rescued)).await;
     core.opened(false);
-    core.call(0, "r4".into(), JsValue::UNDEFINED, &ctx("r4"));
+    core.track("r4".into(), JsValue::UNDEFINED, &ctx("r4"));
     let w: Array = core.take().unchecked_into();
     assert_eq!(Array::from(&w.get(1)).length(), 4);
     // As js/core.js persists: with `check`, only what is not queued is added and counted.
@@ -719,19 +792,19 @@ async fn events_rescued_before_their_write_are_counted_once() {
 fn opt_out_counts_what_was_not_written() {
     // Tracked before the queue opened, then refused: counted, never stored.
     let mut core = core_with(&[]);
-    core.call(0, "early".into(), JsValue::UNDEFINED, &ctx("id-e"));
-    core.call(4, JsValue::FALSE, JsValue::UNDEFINED, &ctx("c"));
+    core.track("early".into(), JsValue::UNDEFINED, &ctx("id-e"));
+    core.consent(false);
     let stats = core.stats(&JsValue::UNDEFINED);
     assert_eq!(field(&stats, &["enqueued"]).as_f64(), Some(1.0));
     assert_eq!(field(&stats, &["dropped", "consent"]).as_f64(), Some(1.0));
     // Tracked and refused in the same task, the queue open: the write counts it as consent.
     let mut core = core_with(&[]);
     core.opened(false);
-    core.call(0, "written".into(), JsValue::UNDEFINED, &ctx("id-w"));
+    core.track("written".into(), JsValue::UNDEFINED, &ctx("id-w"));
     let w: Array = core.take().unchecked_into();
     core.written(w.get(0).as_f64().unwrap() as u32, true);
-    core.call(0, "same_task".into(), JsValue::UNDEFINED, &ctx("id-s"));
-    let reason = core.call(4, JsValue::FALSE, JsValue::UNDEFINED, &ctx("c"));
+    core.track("same_task".into(), JsValue::UNDEFINED, &ctx("id-s"));
+    let reason = core.consent(false);
     assert_eq!(reason.as_string().as_deref(), Some("consent"));
     let w: Array = core.take().unchecked_into();
     assert_eq!(Array::from(&w.get(1)).length(), 0);
@@ -744,8 +817,8 @@ fn opt_out_counts_what_was_not_written() {
 fn a_failed_write_keeps_its_drop_counts() {
     let mut core = core_with(&[("maxEventBytes", 500.0)]);
     core.opened(false);
-    core.call(0, "big".into(), props("pad", &"x".repeat(600)), &ctx("b"));
-    core.call(0, "ok".into(), JsValue::UNDEFINED, &ctx("o"));
+    core.track("big".into(), props("pad", &"x".repeat(600)), &ctx("b"));
+    core.track("ok".into(), JsValue::UNDEFINED, &ctx("o"));
     let drops = |w: &Array| -> Vec<(String, f64)> {
         Array::from(&w.get(2))
             .iter()
@@ -797,21 +870,16 @@ fn beacons_skip_the_batch_in_flight_and_wait_out_a_backoff() {
     let mut core = Core::new(&o, h, &"https://shop.example/".into(), &"".into(), false);
     core.opened(false);
     for name in ["flying", "queued"] {
-        core.call(0, name.into(), JsValue::UNDEFINED, &ctx(name));
+        core.track(name.into(), JsValue::UNDEFINED, &ctx(name));
     }
     let w: Array = core.take().unchecked_into();
     core.written(w.get(0).as_f64().unwrap() as u32, true);
     core.sending(&Array::of1(&"flying".into()));
-    core.call(0, "unwritten".into(), JsValue::UNDEFINED, &ctx("unwritten"));
+    core.track("unwritten".into(), JsValue::UNDEFINED, &ctx("unwritten"));
     // Not the sending tab: only what is not written yet (the sender may have sent the rest).
     core.beacon(false, false);
     assert_eq!(sent(), ["unwritten"]);
-    core.call(
-        0,
-        "unwritten2".into(),
-        JsValue::UNDEFINED,
-        &ctx("unwritten2"),
-    );
+    core.track("unwritten2".into(), JsValue::UNDEFINED, &ctx("unwritten2"));
     // Offline: only what nothing else holds (not written yet).
     core.beacon(true, true);
     assert_eq!(sent(), ["unwritten2"], "a beacon carries an event once");
@@ -837,7 +905,7 @@ fn the_relays_wait_holds_when_back_online_and_in_the_next_page() {
     let mut core = core_with(&[]);
     core.opened(false);
     let ids = Array::of1(&"a".into());
-    core.call(0, "a".into(), JsValue::UNDEFINED, &ctx("a"));
+    core.track("a".into(), JsValue::UNDEFINED, &ctx("a"));
     core.sending(&ids);
     core.answered(&ids, Some(503), 30.0, &JsValue::UNDEFINED, false);
     core.wake(2);
@@ -899,7 +967,7 @@ async fn a_blocked_open_gives_up_and_a_newer_version_is_not_blocked() {
 
 /// The stream (`device_id`) and `seq` of the one event `core` writes next.
 fn next_stamp(core: &mut Core, id: &str) -> (String, f64) {
-    core.call(0, id.into(), JsValue::UNDEFINED, &ctx(id));
+    core.track(id.into(), JsValue::UNDEFINED, &ctx(id));
     let w: Array = core.take().unchecked_into();
     let record = Array::from(&w.get(1)).get(0);
     let event = js_sys::JSON::parse(&text(&record, &["s"]).unwrap()).unwrap();

@@ -552,3 +552,23 @@ test("no entry point throws, whatever it is given", async () => {
   assert.deepEqual((await t.stats()).dropped, { unserializable: 2 });
   assert.deepEqual(events().map((e) => [e.name, e.props]), [["identify", {}], ["page_view", {}]]);
 });
+
+test("uuidv7: version 7, variant 10, the capture time first; with or without randomUUID", async () => {
+  const { uuidv7 } = await freshStub(out);
+  const randomUUID = crypto.randomUUID;
+  try {
+    for (const secure of [true, false]) {
+      // Outside a secure context (plain http), there is no randomUUID.
+      Object.defineProperty(crypto, "randomUUID", { configurable: true, value: secure ? randomUUID : undefined });
+      const ids = Array.from({ length: 200 }, () => uuidv7(0x0123456789ab));
+      for (const id of ids) assert.match(id, UUIDV7);
+      assert.ok(ids.every((id) => id.startsWith("01234567-89ab-7")), "the time is the first 48 bits");
+      assert.equal(new Set(ids).size, ids.length, "random bits differ");
+      assert.ok(uuidv7(1000) < uuidv7(2000), "ids sort by time");
+      // What a page's snippet queued may be anything: the id is then of now, still well-formed.
+      for (const bad of ["x", -1, NaN, 2 ** 48, {}]) assert.match(uuidv7(bad), UUIDV7);
+    }
+  } finally {
+    Object.defineProperty(crypto, "randomUUID", { configurable: true, value: randomUUID });
+  }
+});
