@@ -1,6 +1,6 @@
 // The agent under faults, in headless Chromium through the real relay: offline and back,
-// a relay answering 503, a second tab taking over sending, consent withheld then given, no
-// IndexedDB, and a CSP that blocks WebAssembly. Each ends with every event in the warehouse
+// a relay answering 503, a second tab taking over sending, consent withheld then given (nothing
+// stored before, not even a database, and a bounded hold), no IndexedDB, and a CSP that blocks WebAssembly. Each ends with every event in the warehouse
 // exactly once and the agent's counters satisfying enqueued = acked + dropped + pending.
 
 import { test, before, after } from "node:test";

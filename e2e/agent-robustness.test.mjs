@@ -2,7 +2,8 @@
 // by a tab that stopped, events rescued before IndexedDB opened counted once, the byte cap
 // enforced for other tabs' writes, non-ASCII events sized in bytes, IndexedDB cleared under a
 // running page, beacons that do not repeat the batch in flight, a tab waiting for consent
-// that adopts nothing, and consent refused or given in one tab holding in the others at once. Each checks the counters' identity enqueued = acked + dropped + pending.
+// that adopts nothing, consent refused or given in one tab holding in the others at once, and a
+// hidden sending tab handing the lock to a visible one. Each checks the counters' identity enqueued = acked + dropped + pending.
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -497,5 +498,58 @@ test("a sending tab that goes hidden hands the lock to a visible tab, past other
   assert.ok((await fetches(c)) > 0, "the visible tab sends");
   assert.deepEqual([await fetches(a), await fetches(b)], before, "the hidden tabs send nothing");
   await settled(c);
+  await context.close();
+});
+
+// The counters are one device's, and every tab of the site is that device: two tabs that waited
+// for consent each had an identity of their own (nothing stored), and the second to hear of the
+// consent stored its own over the first's, so their events and counters split or overwrote each
+// other; after an opt-out, the next device inherited the old one's counters (and the relay
+// counted them twice).
+test("counters add up across tabs and identities: one device for the tabs, a new one after an opt-out, starting at zero", async () => {
+  const context = await browser.newContext();
+  const [a, b] = [await context.newPage(), await context.newPage()];
+  for (const p of [a, b]) {
+    await p.goto(`${relay.origin}/consent/`);
+    await ready(p);
+  }
+  const devicesOf = (run) => [...new Set(relay.query(
+    `SELECT device_id FROM events WHERE props->>'run' = '${run}'`).map((r) => r.device_id.split(".")[0]))];
+  const consentIs = (p, v) => until(`consent ${v} in the other tab`, () =>
+    p.evaluate((v) => localStorage.getItem("trueup.consent") === v, v));
+  const run = runId();
+  await trackN(a, run, 5);
+  await trackN(b, run, 5, 5);
+  await a.evaluate(() => window.trueup.consent(true));
+  await allArrive(relay, run, 10, "two tabs given consent in one");
+  const [device] = devicesOf(run);
+  assert.deepEqual(devicesOf(run), [device], "both tabs' events are one device's");
+  await settled(b);
+  for (const p of [a, b]) {
+    const s = await identity(p);
+    assert.equal(s.device_id, device);
+    assert.equal(s.enqueued, 10, "both tabs' events, each counted once");
+    assert.equal(s.acked, 10);
+  }
+  // Opt-out in a (b hears of it), then consent again: a new device, counted from zero.
+  await a.evaluate(() => window.trueup.consent(false));
+  await consentIs(b, "denied");
+  await a.evaluate(() => window.trueup.consent(true));
+  await consentIs(b, "granted");
+  const again = runId();
+  await trackN(b, again, 3);
+  await allArrive(relay, again, 3, "after an opt-out and a new consent");
+  const [fresh] = devicesOf(again);
+  assert.deepEqual(devicesOf(again), [fresh]);
+  assert.notEqual(fresh, device, "a new device after the opt-out");
+  await settled(b);
+  const s = await identity(b);
+  assert.equal(s.device_id, fresh);
+  assert.equal(s.enqueued, 3, "the new device does not inherit the old one's counters");
+  assert.equal(s.acked, 3);
+  await b.evaluate(() => window.trueup.flush());
+  await relay.drained();
+  const reported = relay.query(`SELECT enqueued FROM agent_counters WHERE device_id = '${fresh}'`);
+  assert.ok(reported.length == 0 || reported[0].enqueued <= 3, JSON.stringify(reported));
   await context.close();
 });

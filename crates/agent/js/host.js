@@ -66,6 +66,16 @@ export const host = (o) => ({
       return { i, s, b: bytes(s), t };
     } catch {} // a cycle or a BigInt in props
   },
+  restamp(r, ids) {
+    try {
+      const e = JSON.parse(r.s);
+      delete e.user_id;
+      const s = JSON.stringify(Object.assign(e, ids));
+      return { ...r, s, b: bytes(s) };
+    } catch {
+      return r;
+    }
+  },
   beacon(records) {
     try {
       return navigator.sendBeacon(o.endpoint, body(o.site, records)); // a string goes as text/plain

@@ -16,7 +16,9 @@ export interface Options {
   assets?: string;
   /**
    * `"granted"` (the default): store and send from the start. `"pending"`: nothing is stored or
-   * sent until `consent(true)`; `consent(false)` discards what was held.
+   * sent until `consent(true)` (no IndexedDB database, no Storage item); events wait in memory,
+   * at most 1,000 and 1 MB, the oldest dropped first (counted as `dropped.queue_full` once
+   * consent is given); `consent(false)` discards what was held (`dropped.consent`).
    */
   consent?: "granted" | "pending";
   /** Further options the wasm core reads. */

@@ -6,7 +6,8 @@
 //! ```text
 //! stub.js ── new Agent(options), call, flush, stats, attribution, shutdown ──▶ js/core.js
 //! js/core.js: the Agent; listeners, the send lock (Web Locks), the 200 ms sender loop,
-//!             BroadcastChannel, fetch ─┬─ asks the core (this crate, `Core`) what to do
+//!             BroadcastChannel, fetch ─┬─ asks the core (this crate, `Core`: `track`,
+//!                                      │  `page`, `identify`, `reset`, `consent`, `take`, …)
 //!                                      └─ js/queue.js: IndexedDB (or memory) transactions
 //! Core ── Host (js/host.js): ids, localStorage/sessionStorage, an event's JSON, sendBeacon
 //! ```
@@ -19,7 +20,7 @@
 //! Storage, timers and events. Nothing here awaits: a read-write transaction of the queue is
 //! JS reading the stores, the core's `Totals` counting, and JS writing back. (The async Rust
 //! core this replaced, with wasm-bindgen-futures, closures and web-sys, was 46.6 KB of wasm
-//! gzipped; this one is 13.7 KB.)
+//! gzipped; this one is 13.5 KB: README, "The agent: size and speed".)
 //!
 //! # What it promises
 //!
@@ -40,6 +41,15 @@
 //!   the next page honour it, and `online` clears only the agent's own backoff. No `unload`
 //!   listener; the lock is released and the BroadcastChannel closed on `pagehide`, so the page
 //!   stays bfcache-eligible.
+//! - A hidden tab's timers are throttled (a background tab may even be frozen), so a sending
+//!   tab that goes hidden hands the lock over (after the batch in flight): it releases it and
+//!   asks again, behind the tabs that wait; one that gets it while hidden asks the others
+//!   (BroadcastChannel) whether one is visible, and hands it on if so.
+//! - Before consent (option `consent: "pending"`), nothing is stored or sent: no IndexedDB
+//!   database is opened and no Storage item written; events wait in memory, at most
+//!   `HOLD_EVENTS` (1,000) and `HOLD_BYTES` (1 MB), the oldest dropped first, and what the
+//!   hold dropped is counted (`dropped.queue_full`) once consent is given. Refused, all of
+//!   it counts as `dropped.consent` (in memory only).
 //! - Nothing throws into the page: the exports do not throw, the host's functions catch, and
 //!   the stub catches around the Agent. A trap (a Rust panic) anywhere, in a call or in the
 //!   background, stops the core: the stub counts it (`wasm_panic`) and its fallback sends.
@@ -138,6 +148,10 @@ extern "C" {
         ids: &JsValue,
         extra: &JsValue,
     ) -> JsValue;
+    /// The record with its event's identity fields (`anon_id`, `user_id`, `session_id`,
+    /// `device_id`) replaced by `ids`' (a record held while consent was pending).
+    #[wasm_bindgen(method)]
+    fn restamp(this: &Host, record: &JsValue, ids: &JsValue) -> JsValue;
     /// Sends the records in one body by `sendBeacon`; false when the browser refuses.
     #[wasm_bindgen(method)]
     fn beacon(this: &Host, records: &Array) -> bool;
@@ -301,15 +315,7 @@ impl Core {
         let stored_attr = parse(&host.load(false, "attr")).unwrap_or_default();
         let (attribution, new_campaign) =
             attribution::apply(&stored_attr, attribution::touch_of(landing, referrer, t));
-        // "<session> <last activity>"
-        let sess = host.load(false, "sess");
-        let (mut session, mut session_last) = match sess.dyn_ref::<js_sys::JsString>() {
-            Some(s) => {
-                let parts = s.split(" ");
-                (parts.get(0), parts.get(1).unchecked_into_f64())
-            }
-            None => (JsValue::UNDEFINED, 0.0),
-        };
+        let (mut session, mut session_last) = stored_session(&host);
         if !session.is_truthy()
             || policy::new_session(session_last, t, o("sessionTimeoutMs"), new_campaign)
         {
@@ -435,9 +441,19 @@ impl Core {
         let held_drops = core::mem::take(&mut self.held_drops);
         self.held_bytes = 0.0;
         if granted {
+            let mut held = held;
+            if self.consent != Consent::Granted {
+                self.adopt_stored_identity();
+                // Stored and sent nowhere yet: they are this identity's.
+                for it in held.iter_mut() {
+                    it.record = self.host.restamp(&it.record, &self.ids);
+                    it.bytes = num(&get(&it.record, "b"));
+                }
+            }
             self.consent = Consent::Granted;
-            self.keep(false, "consent", &"granted".into());
             self.save_identity();
+            // After the identity: a tab told of the consent (a `storage` event) finds it stored.
+            self.keep(false, "consent", &"granted".into());
             self.page.extend(held);
             if held_drops > 0.0 {
                 self.drops.push(("queue_full".into(), held_drops, 0));
@@ -453,6 +469,17 @@ impl Core {
         }
         self.keep(true, "tab", &JsValue::UNDEFINED);
         self.keep(true, "seq", &JsValue::UNDEFINED);
+        // This page forgets it too: what it tracks after a later consent is a new device's,
+        // with counters of its own (`totals`).
+        self.device = self.host.uuid();
+        self.anon = self.host.uuid();
+        self.user = JsValue::UNDEFINED;
+        self.session = self.host.uuid();
+        self.attribution = JsValue::UNDEFINED;
+        self.stream = self.host.uuid();
+        self.seq = 0.0;
+        self.device_stream = join(&self.device, &self.stream, ".");
+        self.refresh();
         // What was tracked and not written yet is counted too (what was written is the
         // queue's, which the caller clears with the reason returned).
         let unwritten = self.page.iter().filter(|it| it.batch == 0).count();
@@ -561,7 +588,10 @@ impl Core {
     /// Puts this device and the degraded mode into the counters.
     pub fn stamp(&self, t: &mut Totals) {
         let c = t.counters_mut();
-        c.device_id = self.device.clone();
+        // (Another device's counters with events still queued stay that device's: see `totals`.)
+        if !c.device_id.is_truthy() || c.pending == 0.0 {
+            c.device_id = self.device.clone();
+        }
         c.degraded = if self.memory {
             "memory_queue".into()
         } else {
@@ -703,8 +733,25 @@ impl Core {
 
     /// The queue's totals for one transaction: the stored counters `c` and bytes `qb` with the
     /// delta records `deltas` folded in.
+    ///
+    /// The counters are one device's. Stored counters of another device with nothing queued
+    /// are of a device that is gone (an opt-out forgot it and emptied its queue; the relay has
+    /// its last report): with consent, this device's begin at zero instead of inheriting them,
+    /// so no event is counted under two devices. (Another device's counters with events still
+    /// queued, as when localStorage alone was cleared, go on counting for that device until
+    /// its events have left.)
     pub fn totals(&self, c: &JsValue, qb: &JsValue, deltas: &JsValue) -> Totals {
-        Totals::new(c, qb, deltas)
+        let stored = get(c, "device_id");
+        let gone = self.consent == Consent::Granted
+            && stored.is_truthy() // (a device id; "" before the first stamp)
+            && stored != self.device
+            && num(&get(c, "pending")) == 0.0;
+        let none = JsValue::UNDEFINED;
+        let mut t = Totals::new(if gone { &none } else { c }, qb, deltas);
+        if gone {
+            t.counters_mut().device_id = self.device.clone();
+        }
+        t
     }
 
     /// Whether the queue's next (oldest) event, of `bytes` and captured at `ts`, goes into a
@@ -888,6 +935,32 @@ impl Core {
         }
     }
 
+    /// At consent: a tab given consent earlier kept its identity (device, visitor, user,
+    /// session); this page takes it, so the site's tabs are one device and one visitor and the
+    /// counters add up.
+    fn adopt_stored_identity(&mut self) {
+        let device = self.host.load(false, "dev");
+        if !device.is_string() {
+            return;
+        }
+        self.device = device;
+        self.device_stream = join(&self.device, &self.stream, ".");
+        let anon = self.host.load(false, "anon");
+        if anon.is_string() {
+            self.anon = anon;
+        }
+        let user = self.host.load(false, "user");
+        if user.is_string() {
+            self.user = user;
+        }
+        let (session, last) = stored_session(&self.host);
+        if session.is_string() {
+            self.session = session;
+            self.session_last = self.session_last.max(last);
+        }
+        self.refresh();
+    }
+
     /// Takes this tab's stream off the list of live tabs.
     fn release(&mut self) {
         if !core::mem::take(&mut self.claimed) {
@@ -978,6 +1051,18 @@ impl Core {
             self.page.remove(i);
         }
         self.page.push(item);
+    }
+}
+
+/// The stored session and its last activity (localStorage `trueup.sess`, "<session> <last
+/// activity>"), or undefined and 0.
+fn stored_session(host: &Host) -> (JsValue, f64) {
+    match host.load(false, "sess").dyn_ref::<js_sys::JsString>() {
+        Some(s) => {
+            let parts = s.split(" ");
+            (parts.get(0), parts.get(1).unchecked_into_f64())
+        }
+        None => (JsValue::UNDEFINED, 0.0),
     }
 }
 
