@@ -553,3 +553,35 @@ test("counters add up across tabs and identities: one device for the tabs, a new
   assert.ok(reported.length == 0 || reported[0].enqueued <= 3, JSON.stringify(reported));
   await context.close();
 });
+
+// One timer, set for the core's next wake time: an idle sending tab sets none (it polled every
+// 200 ms before, waking the renderer five times a second for as long as the page lived).
+test("an idle sending tab sets no timers: no polling", async () => {
+  const context = await browser.newContext();
+  await context.addInitScript(() => {
+    window.__timers = 0;
+    const set = window.setTimeout;
+    window.setTimeout = function (...args) {
+      window.__timers++;
+      return set.apply(this, args);
+    };
+  });
+  const page = await context.newPage();
+  await page.goto(`${relay.origin}/plain/`);
+  await ready(page);
+  const run = runId();
+  await trackN(page, run, 3);
+  await page.evaluate(() => window.trueup.flush());
+  await allArrive(relay, run, 3, "idle timers (warm-up)");
+  await settled(page);
+  await sleep(500);
+  const before = await page.evaluate(() => window.__timers);
+  await sleep(3000);
+  const idle = (await page.evaluate(() => window.__timers)) - before;
+  assert.ok(idle <= 1, `${idle} timers set in 3 s of idling`);
+  // And it still wakes when something is due.
+  const later = runId();
+  await trackN(page, later, 2);
+  await allArrive(relay, later, 2, "idle timers (after idling)");
+  await context.close();
+});

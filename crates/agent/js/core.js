@@ -42,13 +42,12 @@ const LEAD = 4;
 
 const noop = () => {};
 const hidden = () => document.visibilityState == "hidden";
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 export class Agent {
   /** Never throws (but for a trap); opens the queue and takes part in sending in the background. */
   constructor(given) {
     const o = (this.o = {});
-    this.generation = this.lost = 0; // of the sender loop (one at a time); connections lost
+    this.lost = 0; // connections lost
     for (const k in DEFAULTS) {
       const d = DEFAULTS[k];
       const v = given?.[k];
@@ -81,20 +80,20 @@ export class Agent {
     };
     on(window, "pagehide", hide);
     on(document, "visibilitychange", hide);
-    on(window, "online", () => core.wake(ONLINE));
+    on(window, "online", () => this.wake(ONLINE));
     on(window, "pageshow", (e) => {
       if (!e.persisted) return;
       // Back from the bfcache: this tab's stream again, and take part in sending again.
       core.shown();
       this.listen();
       if (!this.leader) this.lock();
-      core.wake(WRITTEN);
+      this.wake(WRITTEN);
     });
     on(window, "storage", (e) => {
       // Another tab went away and rescued events it had not committed: adopt them now, not at
       // the next page load.
       if (String(e.key).startsWith("trueup.rescue.") && this.q?.durable && core.granted) {
-        this.bg(this.adopt().then(() => ((this.dirty = 1), core.wake(WRITTEN))));
+        this.bg(this.adopt().then(() => ((this.dirty = 1), this.wake(WRITTEN))));
       }
       // Consent given or refused in another tab is this tab's too, at once.
       if (e.key == "trueup.consent") {
@@ -115,8 +114,8 @@ export class Agent {
     try {
       this.channel = new BroadcastChannel("trueup");
       this.channel.onmessage = ({ data }) => this.guard(() => {
-        if (data == "f") this.core.wake(NOW);
-        else if (data == "w") (this.dirty = 1), this.core.wake(WRITTEN);
+        if (data == "f") this.wake(NOW);
+        else if (data == "w") (this.dirty = 1), this.wake(WRITTEN);
         else if (data == "h") this.leader || hidden() || this.post("v");
         else if (data == "v" && hidden()) this.handOver();
       });
@@ -173,7 +172,7 @@ export class Agent {
       this.lead();
     }
     this.dirty = 1;
-    core.wake(WRITTEN);
+    this.wake(WRITTEN);
   }
 
   /** Handles `track`, `page`, `identify`, `reset` and `consent` with the call-time context `ctx`. */
@@ -201,7 +200,7 @@ export class Agent {
   async flush() {
     this.alive();
     await this.persist();
-    this.core.wake(NOW);
+    this.wake(NOW);
     // (not while backing off or while the relay asked to wait)
     if (this.leader) this.core.due() && (await this.round());
     else this.post("f");
@@ -267,7 +266,7 @@ export class Agent {
       // Once more at once, to count what failed (storage_unavailable); then with the next write.
       if (!ok) return again || this.persist(1);
       this.dirty = 1;
-      this.core.wake(WRITTEN);
+      this.wake(WRITTEN);
       if (!this.leader) this.post("w");
     } catch (e) {
       this.fail(e);
@@ -327,25 +326,43 @@ export class Agent {
   lead() {
     if (this.leader || this.stopped || this.dead) return;
     this.leader = 1;
-    this.core.wake(LEAD); // what earlier pages left goes at once
-    this.bg(this.loop(++this.generation));
+    this.wake(LEAD); // what earlier pages left goes at once
     if (hidden()) this.post("h"); // a visible tab, if any, takes over (`handOver`)
   }
 
+  /** Tells the core (`Core.wake`), then sets the sending tab's timer (`arm`). */
+  wake(how) {
+    this.core.wake(how);
+    this.arm();
+  }
+
   /**
-   * The sending tab's loop, every 200 ms: folds the tabs' counter deltas and enforces the byte
-   * cap after writes (online or not), and sends when a send is due and the browser is online.
+   * The sending tab's one timer, no polling: set for the core's next wake time (a send due,
+   * after a backoff or the relay's wait), or at once when tabs wrote (the byte cap to enforce);
+   * none while nothing waits, and none after a tick while offline (`online` sets it again).
+   * `after` is the shortest wait, in ms.
    */
-  async loop(generation) {
-    for (let first = 1; ; first = 0) {
-      if (!first) await sleep(200);
-      if (!this.leader || this.stopped || this.dead || generation != this.generation) return;
+  arm(after = 0) {
+    clearTimeout(this.timer);
+    if (!this.leader || this.stopped || this.dead) return;
+    const at = this.dirty ? 0 : this.core.next_wake();
+    if (at < Infinity) this.timer = setTimeout(() => this.bg(this.tick()), Math.max(after, at - Date.now()));
+  }
+
+  /** The timer went off: folds the tabs' deltas and enforces the byte cap, sends if due and online. */
+  async tick() {
+    if (!this.leader || this.stopped || this.dead || this.ticking) return;
+    this.ticking = 1;
+    try {
       if (this.dirty) {
         this.dirty = 0;
         await this.q.maintain(this.core, this.o.maxQueueBytes, this.inflight).catch((e) => ((this.dirty = 1), this.fail(e)));
       }
       if (navigator.onLine !== false && this.core.due()) await this.round();
+    } finally {
+      this.ticking = 0;
     }
+    if (navigator.onLine !== false) this.arm(200);
   }
 
   /** Sends batches until the queue is empty or an attempt fails. */
@@ -373,6 +390,7 @@ export class Agent {
     }
     this.busy = 0;
     this.inflight = undefined;
+    this.arm(200);
     if (this.handing) {
       this.handing = 0;
       this.handOver();

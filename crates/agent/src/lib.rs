@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! stub.js ── new Agent(options), call, flush, stats, attribution, shutdown ──▶ js/core.js
-//! js/core.js: the Agent; listeners, the send lock (Web Locks), the 200 ms sender loop,
+//! js/core.js: the Agent; listeners, the send lock (Web Locks), one timer (`next_wake`),
 //!             BroadcastChannel, fetch ─┬─ asks the core (this crate, `Core`: `track`,
 //!                                      │  `page`, `identify`, `reset`, `consent`, `take`, …)
 //!                                      └─ js/queue.js: IndexedDB (or memory) transactions
@@ -718,6 +718,15 @@ impl Core {
                 self.due_at = self.due_at.min(now() + self.flush_interval_ms);
             }
         }
+    }
+
+    /// When the next send is due (a time in ms; infinite when nothing waits), held back by a
+    /// backoff or the relay's wait: js/core.js sets its one timer for it.
+    pub fn next_wake(&self) -> f64 {
+        self.due_at
+            .max(self.backoff_until)
+            .max(self.server_wait_until)
+            .max(num(&self.host.load(false, "wait")))
     }
 
     /// Whether a send is due (and not held back by a backoff or the relay's wait).
