@@ -32,7 +32,10 @@ const CORE_RETRY_MS = [1000, 4000, 16000]; // waits before loading the core agai
 const REQUEST_MS = 30_000; // a fallback request not answered by then has failed
 const NO_WASM = "no_wasm";
 const STORE_KEY = "trueup:nowasm"; // the fallback's ids, counters and queue (localStorage)
-const SESSION_KEY = "trueup:nowasm:sid"; // its session id (sessionStorage)
+const SESSION_KEY = "trueup.sess"; // "<session> <last activity>", shared with the core (src/lib.rs)
+const ANON_KEY = "trueup.anon"; // the visitor, shared with the core
+const MAX_AGE_MS = 7 * 864e5; // the core's defaults (js/core.js DEFAULTS), unless init() says otherwise
+const SESSION_MS = 18e5;
 const CONSENT_KEY = "trueup.consent"; // "granted" or "denied", shared with the core (src/lib.rs)
 
 let options; // as given to init(), once
@@ -261,10 +264,19 @@ export const stats = () => Promise.resolve()
 // missing seq stays a counted loss.
 //
 // Calls become events (with their id and seq) in a queue of at most MAX_BUFFERED events and
-// MAX_QUEUED bytes (more: dropped `queue_full`), kept with the counters in localStorage (per page
-// without it). So a page that closes offline leaves its events to the next page of the site,
-// whether that page runs the fallback or the core; and every change re-reads the stored copy
-// first, so tabs in this mode share the device, the seq and the queue.
+// MAX_QUEUED bytes, kept with the counters in localStorage (per page without it). So a page that
+// closes offline leaves its events to the next page of the site, whether that page runs the
+// fallback or the core; and every change re-reads the stored copy first, so tabs in this mode
+// share the device, the seq and the queue.
+//
+// It follows the core's rules where they apply, with the same options: when full, the oldest
+// events go first (not those in flight; `dropped.queue_full`); events older than `maxAgeMs`
+// are given up when a send comes (`dropped.expired`); a session lasts until `sessionTimeoutMs`
+// without activity, in the core's own key (`trueup.sess`), and the visitor is the core's
+// (`trueup.anon`), so either mode's events are one visitor's sessions. What it leaves out, as
+// a smaller subset: a new session on a new campaign (it reads no attribution), the byte cap
+// option (its own is MAX_QUEUED, within localStorage's quota), split streams per tab, and the
+// rescue of events across tabs (its queue is already shared).
 //
 // It sends while `navigator.onLine` is not false: one request at a time, at most MAX_BATCH events
 // and 60 KiB, by `fetch` with keepalive (which, unlike sendBeacon, reports failure). The relay's
@@ -289,7 +301,11 @@ const beaconed = new Set(); // ids this page handed to sendBeacon
 
 function fallback(method, args, ctx) {
   if (method == "consent") consentTo(!!args[0]);
-  else if (fb.consent !== false) fb.held.push([method, args, ctx]);
+  else if (fb.consent !== false) {
+    // Held while consent is pending: at most MAX_BUFFERED, the oldest going first, counted
+    // (`queue_full`) once consent is given, as in the core.
+    if (fb.held.push([method, args, ctx]) > MAX_BUFFERED) fb.held.shift(), (fb.heldDrops = (fb.heldDrops || 0) + 1);
+  }
   if (fb.consent) later();
 }
 
@@ -306,20 +322,16 @@ function later() {
 
 /** The consent stored on this device by either mode (the core's key): true, false or undefined. */
 function storedConsent() {
-  try {
-    const v = storage("localStorage").getItem(CONSENT_KEY);
-    return v == "granted" ? true : v == "denied" ? false : undefined;
-  } catch {}
+  const v = stored(CONSENT_KEY);
+  return v == "granted" || (v == "denied" ? false : undefined);
 }
 
 /** Consent from either mode; refused, the fallback's queue goes too. */
 function consentTo(yes) {
   if (fb) {
     fb.consent = yes;
-    if (!yes) fb.held = [];
-    try {
-      storage("localStorage").setItem(CONSENT_KEY, yes ? "granted" : "denied"); // for the core too
-    } catch {}
+    if (!yes) (fb.held = []), (fb.heldDrops = 0);
+    keep(CONSENT_KEY, yes ? "granted" : "denied"); // for the core too
   } else {
     consentGiven = yes;
   }
@@ -337,6 +349,12 @@ const storage = (kind) => {
     return window[kind];
   } catch {} // access itself can throw (sandboxed frames, blocked cookies)
 };
+/** Item `key` of localStorage, or undefined. */
+const stored = (key) => {
+  try {
+    return storage("localStorage").getItem(key) ?? undefined;
+  } catch {}
+};
 /** The latest copy: another tab in this mode may have changed it. */
 const current = () => {
   try {
@@ -345,19 +363,24 @@ const current = () => {
     return store;
   }
 };
-const save = (s) => {
-  store = s;
+/** Sets item `key` of localStorage, if it can. */
+const keep = (key, value) => {
   try {
-    storage("localStorage").setItem(STORE_KEY, JSON.stringify(s));
+    storage("localStorage").setItem(key, value);
   } catch {}
 };
-const sessionId = () => {
-  const ss = storage("sessionStorage");
-  let sid;
-  try {
-    sid = ss.getItem(SESSION_KEY) || (ss.setItem(SESSION_KEY, (sid = uuidv7())), sid);
-  } catch {}
-  return sid || (fb.sid ||= uuidv7());
+const save = (s) => keep(STORE_KEY, JSON.stringify((store = s)));
+/** A positive number option, else `d`, as the core resolves them. */
+const option = (k, d) => (options[k] > 0 ? options[k] : d);
+/**
+ * The session of an event at `ts`, by the core's rule: the stored one (either mode's) goes on
+ * until `sessionTimeoutMs` without activity, then a new one begins; kept for the core too.
+ */
+const sessionAt = (ts) => {
+  let [sid, last] = (fb.sess ||= String(stored(SESSION_KEY) || "").split(" "));
+  if (!sid || ts - (+last || 0) > option("sessionTimeoutMs", SESSION_MS)) sid = uuidv7(ts);
+  keep(SESSION_KEY, (fb.sess = [sid, Math.max(+last || 0, ts)]).join(" "));
+  return sid;
 };
 const drop = (s, reason, n = 1) => {
   const d = (s.dropped ||= {});
@@ -380,15 +403,18 @@ function enqueue() {
   const held = fb.held;
   if (!fb.consent || !held.length) return;
   fb.held = [];
-  const s = current() || { device: uuidv7(), anon: uuidv7(), seq: 0 };
+  // (The visitor is the core's, if it has one: either mode's events are one visitor's.)
+  const s = current() || { device: uuidv7(), anon: stored(ANON_KEY) || uuidv7(), seq: 0 };
   const q = (s.q ||= []);
   let bytes = q.reduce((a, e) => a + e[2], 0);
-  const sid = sessionId();
   const enc = new TextEncoder();
+  // (Each took a seq, as every event does: its gap is the counted loss.)
+  if (fb.heldDrops) (s.seq = (s.seq || 0) + fb.heldDrops), drop(s, "queue_full", fb.heldDrops), (fb.heldDrops = 0);
   for (const [method, args, ctx] of held) {
     if (method == "reset") {
       s.user = undefined;
       s.anon = uuidv7();
+      fb.sess = []; // and a new session, as in the core
       continue;
     }
     if (method == "identify" && args[0] != null) s.user = String(args[0]);
@@ -401,19 +427,34 @@ function enqueue() {
     try {
       const json = JSON.stringify({
         id: ctx.id, name, schema, ts: ctx.ts, source: "client", anon_id: s.anon, user_id: s.user,
-        session_id: sid, device_id: s.device, seq: s.seq, props: plainObject(props) || {},
+        session_id: sessionAt(ctx.ts), device_id: s.device, seq: s.seq, props: plainObject(props) || {},
         context: { url: ctx.url, referrer: ctx.referrer || undefined, title: ctx.title || undefined,
           degraded: NO_WASM },
       });
       const n = enc.encode(json).length + 1;
-      if (n > MAX_EVENT) drop(s, "too_large");
-      else if (q.length >= MAX_BUFFERED || bytes + n > MAX_QUEUED) drop(s, "queue_full");
-      else q.push([ctx.id, json, n]), (bytes += n);
+      if (n > MAX_EVENT) {
+        drop(s, "too_large");
+        continue;
+      }
+      // Full: the oldest go first (not the batch in flight), as from the core's queue.
+      for (let i = 0; i < q.length && (q.length >= MAX_BUFFERED || bytes + n > MAX_QUEUED);) {
+        if (sending.includes(q[i][0])) i++;
+        else bytes -= q.splice(i, 1)[0][2], drop(s, "queue_full");
+      }
+      if (q.length >= MAX_BUFFERED || bytes + n > MAX_QUEUED) drop(s, "queue_full");
+      else q.push([ctx.id, json, n, 0, ctx.ts]), (bytes += n);
     } catch {
       drop(s, "unserializable"); // a cycle or a BigInt in props
     }
   }
   save(s);
+}
+
+/** Drops the events older than `maxAgeMs` (`expired`), as the core does when it sends. */
+function expire(s) {
+  const oldest = Date.now() - option("maxAgeMs", MAX_AGE_MS);
+  const kept = (s.q || []).filter((e) => !(e[4] < oldest) || sending.includes(e[0]));
+  if (s.q && kept.length < s.q.length) drop(s, "expired", s.q.length - kept.length), (s.q = kept);
 }
 
 /** The first events of `q` for one request, counted as sent (and retried when sent before). */
@@ -433,8 +474,9 @@ const pump = guard((now) => {
   if (now) timer = clearTimeout(timer);
   if (inflight || timer || offline() || !allowed()) return inflight;
   const s = current();
+  if (s) expire(s);
   const q = ((s && s.q) || []).filter((e) => !beaconed.has(e[0]));
-  if (!q.length) return;
+  if (!q.length) return s && save(s);
   const [part, body] = take(s, q, limit);
   save(s);
   sending = part.map((e) => e[0]);
@@ -486,6 +528,7 @@ function hidden() {
   if (fb) enqueue();
   const s = current();
   if (!s || offline() || !allowed()) return;
+  expire(s);
   let q = (s.q || []).filter((e) => !beaconed.has(e[0]) && !sending.includes(e[0]));
   while (q.length) {
     const [part, body] = take(s, q, MAX_BATCH);

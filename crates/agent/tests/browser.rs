@@ -116,6 +116,8 @@ extern "C" {
 #[wasm_bindgen(module = "/js/host.js")]
 extern "C" {
     fn host(o: &JsValue) -> Host;
+    /// The v1 batch body of `records` with the site and counters (what `fetch` sends).
+    fn body(site: &str, records: &JsValue, counters: &JsValue) -> String;
 }
 
 async fn wait(p: Promise) -> JsValue {
@@ -1021,4 +1023,78 @@ fn a_tab_copied_from_a_live_one_gets_its_own_stream_and_a_reload_keeps_it() {
         session_get("trueup.tab").unwrap(),
         back.split('.').nth(1).unwrap()
     );
+}
+
+/// The JSON the agent sends, read with `trueup-protocol`'s own types (serde, unknown fields
+/// refused): each kind of event, in memory mode and with attribution, the counters, and the
+/// batch body. The relay parses with these types, so a field the agent renames or adds fails
+/// here rather than at the relay.
+#[wasm_bindgen_test]
+fn the_wire_shapes_are_the_protocols() {
+    use trueup_protocol::{Batch, Counters as WireCounters, Event};
+    clear_storage();
+    let o = options(&[]);
+    let mut core = Core::new(
+        &o,
+        host(&o),
+        &"https://shop.example/?utm_source=news&utm_campaign=launch&gclid=g-1".into(),
+        &"https://ref.example/".into(),
+        true,
+    );
+    core.opened(true);
+    let ids = [
+        "0190f3a2-7b1c-7def-8abc-0123456789a1",
+        "0190f3a2-7b1c-7def-8abc-0123456789a2",
+        "0190f3a2-7b1c-7def-8abc-0123456789a3",
+    ];
+    core.track("signup".into(), props("plan", "pro"), &ctx(ids[0]));
+    core.page(JsValue::UNDEFINED, &ctx(ids[1]));
+    core.identify("u-1".into(), props("email", "a@example.com"), &ctx(ids[2]));
+    core.track(
+        "too_big".into(),
+        props("pad", &"x".repeat(40_000)),
+        &ctx("x"),
+    );
+    let w: Array = core.take().unchecked_into();
+    let records = Array::from(&w.get(1));
+    let events: Vec<Event> = records
+        .iter()
+        .map(|r| {
+            let s = text(&r, &["s"]).unwrap();
+            serde_json::from_str(&s).unwrap_or_else(|e| panic!("{e}: {s}"))
+        })
+        .collect();
+    assert_eq!(
+        events.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        ["signup", "page_view", "identify"]
+    );
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [Some(1), Some(2), Some(3)]
+    );
+    assert_eq!(events[2].user_id.as_deref(), Some("u-1"));
+    assert_eq!(events[0].context.degraded.as_deref(), Some("memory_queue"));
+    let touch = events[0]
+        .context
+        .attribution
+        .as_ref()
+        .unwrap()
+        .first
+        .as_ref()
+        .unwrap();
+    assert_eq!(touch.utm_campaign.as_deref(), Some("launch"));
+    // The counters, as stored and sent (with this write's deltas folded in).
+    let mut t = core.totals(&JsValue::UNDEFINED, &0.into(), &w.get(2));
+    core.stamp(&mut t);
+    let counters = t.counters();
+    let text = String::from(js_sys::JSON::stringify(&counters).unwrap());
+    let c: WireCounters = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!((c.enqueued, c.pending), (4, 3), "{text}");
+    // The batch body.
+    let raw = body("demo", &records, &counters);
+    let batch: Batch = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{e}: {raw}"));
+    assert_eq!(batch.v, 1);
+    assert_eq!(batch.site.as_deref(), Some("demo"));
+    assert_eq!(batch.events, events);
+    assert_eq!(batch.counters.unwrap().enqueued, 4);
 }

@@ -468,6 +468,8 @@ test("the fallback's queue is bounded: 1000 events, the overflow counted", async
   const s = await t.stats();
   assert.deepEqual(s.dropped, { queue_full: 10 });
   assert.equal(storedQueue().length, 1000);
+  // The oldest went first, as from the core's queue.
+  assert.deepEqual(storedQueue().map((e) => JSON.parse(e[1]).props.i), [...Array(1000).keys()].map((i) => i + 10));
   identity(s);
 });
 
@@ -487,7 +489,56 @@ test("the fallback's queue is bounded: 512 KiB, the overflow counted", async () 
   online = true;
   listeners.online();
   await settle();
-  assert.deepEqual(events().map((e) => e.props.i), [...Array(60 - s.dropped.queue_full).keys()]);
+  const kept = 60 - s.dropped.queue_full;
+  assert.deepEqual(events().map((e) => e.props.i), [...Array(kept).keys()].map((i) => i + 60 - kept), "the newest kept");
+});
+
+test("the fallback follows the core's rules: events older than maxAgeMs expire, sessions end after sessionTimeoutMs idle and continue the core's", async () => {
+  globalThis.__fakeCore.failInit = "no wasm";
+  online = false;
+  const now = Date.now();
+  // The core's session, active a minute ago: the fallback goes on with it.
+  localStorage.setItem("trueup.sess", `core-session ${now - 60_000}`);
+  localStorage.setItem("trueup.anon", "core-visitor");
+  const t = await freshStub(out);
+  await t.init({ site: "demo", maxAgeMs: 864e5, sessionTimeoutMs: 600_000 });
+  t._replay("track", ["stale", { i: 0 }], now - 2 * 864e5); // two days old: past maxAgeMs
+  t._replay("track", ["a", { i: 1 }], now - 30_000);
+  t._replay("track", ["b", { i: 2 }], now - 20_000);
+  await settle();
+  online = true;
+  listeners.online();
+  await settle();
+  const got = events();
+  assert.deepEqual(got.map((e) => e.name), ["a", "b"], "the stale event expired");
+  assert.deepEqual(got.map((e) => e.session_id), ["core-session", "core-session"]);
+  assert.ok(got.every((e) => e.anon_id == "core-visitor"), "the core's visitor");
+  // Eleven idle minutes later (timeout 10): a new session, kept for the core too.
+  t._replay("track", ["c", { i: 3 }], now + 660_000);
+  await settle();
+  const c = events().at(-1);
+  assert.notEqual(c.session_id, "core-session");
+  assert.equal(localStorage.getItem("trueup.sess"), `${c.session_id} ${now + 660_000}`);
+  const s = await t.stats();
+  assert.equal(s.dropped.expired, 1);
+  identity(s);
+});
+
+test("while consent is pending, the fallback holds at most 1000 calls, the oldest dropped and counted at consent(true)", async () => {
+  globalThis.__fakeCore.failInit = "no wasm";
+  const t = await freshStub(out);
+  await t.init({ site: "demo", consent: "pending" });
+  for (let i = 0; i < 1005; i++) t.track("held", { i });
+  await settle();
+  assert.equal(requests.length, 0);
+  assert.equal(localStorage.getItem("trueup:nowasm"), null, "nothing stored before consent");
+  t.consent(true);
+  await settle();
+  assert.deepEqual(events().map((e) => e.props.i), [...Array(1000).keys()].map((i) => i + 5));
+  const s = await t.stats();
+  assert.deepEqual(s.dropped, { queue_full: 5 });
+  assert.equal(s.enqueued, 1005);
+  identity(s);
 });
 
 test("a page that closes offline leaves its events to the next page, even one running the core", async () => {
