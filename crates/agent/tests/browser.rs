@@ -40,6 +40,9 @@ extern "C" {
     ) -> Promise;
     #[wasm_bindgen(method)]
     fn maintain(this: &Queue, acc: &JsValue, max: f64) -> Promise;
+    /// `maintain` with the ids of the batch in flight, which eviction spares.
+    #[wasm_bindgen(method, js_name = maintain)]
+    fn maintain_busy(this: &Queue, acc: &JsValue, max: f64, busy: &Array) -> Promise;
     #[wasm_bindgen(method)]
     fn clear(this: &Queue, acc: &JsValue, reason: &str) -> Promise;
     #[wasm_bindgen(method)]
@@ -259,6 +262,25 @@ async fn byte_cap_evicts_the_oldest_and_counts_it() {
             ids_of(&batch[5..]),
             "the newest stay, in order"
         );
+    }
+}
+
+#[wasm_bindgen_test]
+async fn eviction_spares_the_batch_in_flight() {
+    for q in queues("t-cap-busy").await {
+        let t = now();
+        let batch: Vec<JsValue> = (0..10)
+            .map(|i| record(i, t + f64::from(i), 100.0))
+            .collect();
+        enqueue(&q, &batch).await;
+        // The three oldest are being sent (the relay may be storing them): the next oldest go.
+        let busy: Array = ids_of(&batch[..3]).into_iter().map(JsValue::from).collect();
+        wait(q.maintain_busy(&acc(&[]), 550.0, &busy)).await;
+        let c = counters(&q).await;
+        assert_eq!((c.pending, c.dropped("queue_full")), (5.0, 5.0));
+        let mut kept = ids_of(&batch[..3]);
+        kept.extend(ids_of(&batch[8..]));
+        assert_eq!(peek_ids(&q, &acc(&[])).await, kept);
     }
 }
 
