@@ -285,17 +285,8 @@ async function partTrack() {
   });
   // Reference costs of pieces a track() call is made of, timed the same way (no agent involved).
   const reference = await bounded("reference costs", page.evaluate(async (batch) => {
-    const hex = (b) => (b + 256).toString(16).slice(1);
-    function uuidv7(ms = Date.now()) { // as in crates/agent/js/stub.js
-      let r = crypto.randomUUID?.();
-      if (!r) {
-        const b = crypto.getRandomValues(new Uint8Array(16));
-        b[8] = (b[8] & 0x3f) | 0x80;
-        r = Array.from(b, hex).join("").replace(/(.{8})(.{4})(.{4})(.{4})/, "$1-$2-$3-$4-");
-      }
-      const t = (ms >= 0 && ms < 2 ** 48 ? Math.floor(ms) : Date.now()).toString(16).padStart(12, "0");
-      return `${t.slice(0, 8)}-${t.slice(8)}-7${r.slice(15)}`;
-    }
+    // The stub's own (the npm entry imports nothing and touches no page state when imported).
+    const { uuidv7 } = await import("/_r/a/trueup.js");
     const event = (i) => ({ id: uuidv7(), name: "bench", schema: "event/1", ts: Date.now(), source: "client",
       anon_id: "0c1f5b2e-8d4a-4f3e-9b7a-1e2d3c4b5a69", session_id: "5f0e1d2c-3b4a-4968-8776-a5b4c3d2e1f0",
       device_id: "0c1f5b2e-8d4a-4f3e-9b7a-1e2d3c4b5a69.5f0e1d2c-3b4a-4968-8776-a5b4c3d2e1f0", seq: i,

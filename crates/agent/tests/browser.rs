@@ -490,17 +490,7 @@ fn events_are_stamped_then_written_once_per_task() {
 
 #[wasm_bindgen_test]
 fn consent_pending_holds_then_grant_writes_and_refusal_counts() {
-    let o = options(&[]);
-    Reflect::set(&o, &"consent".into(), &"pending".into()).unwrap();
-    clear_storage();
-    let mut core = Core::new(
-        &o,
-        host(&o),
-        &"https://shop.example/".into(),
-        &"".into(),
-        false,
-    );
-    core.opened(false);
+    let mut core = pending_core(true);
     core.track("held".into(), JsValue::UNDEFINED, &ctx("id-h"));
     assert!(core.take().is_undefined(), "nothing written while pending");
     let stats = core.stats(&JsValue::UNDEFINED);
