@@ -199,6 +199,8 @@ test("a beacon does not repeat the batch in flight, nor anything written while o
   const run = runId();
   const sent = held;
   await trackN(page, run, 1);
+  // Sent now (not at the end of the 5 s flush interval), and still in flight when hidden.
+  await page.evaluate(() => void window.trueup.flush());
   await until("the batch in flight", () => held > sent, 5000);
   await tabSwitch(page);
   await allArrive(relay, run, 1, "in flight");

@@ -41,7 +41,7 @@ use alloc::vec::Vec;
 use js_sys::{Array, Object, Reflect};
 use wasm_bindgen::prelude::*;
 
-use crate::{get, num, set};
+use crate::{Consent, Core, get, num, set};
 
 /// The loss counters: the wire contract's `trueup_protocol::Counters` (same fields, same JSON),
 /// held as JS values and numbers and converted to and from JS by hand (js-sys), to keep the
@@ -274,5 +274,66 @@ mod tests {
         wire_keys.sort_unstable();
         ours.sort_unstable();
         assert_eq!(wire_keys, ours);
+    }
+}
+
+#[wasm_bindgen]
+impl Core {
+    /// Puts this device and the degraded mode into the counters.
+    pub fn stamp(&self, t: &mut Totals) {
+        let c = t.counters_mut();
+        // (Another device's counters with events still queued stay that device's: see `totals`.)
+        if !c.device_id.is_truthy() || c.pending == 0.0 {
+            c.device_id = self.device.clone();
+        }
+        c.degraded = if self.memory {
+            "memory_queue".into()
+        } else {
+            JsValue::UNDEFINED
+        };
+    }
+
+    /// The queue's totals for one transaction: the stored counters `c` and bytes `qb` with the
+    /// delta records `deltas` folded in.
+    ///
+    /// The counters are one device's. Stored counters of another device with nothing queued
+    /// are of a device that is gone (an opt-out forgot it and emptied its queue; the relay has
+    /// its last report): with consent, this device's begin at zero instead of inheriting them,
+    /// so no event is counted under two devices. (Another device's counters with events still
+    /// queued, as when localStorage alone was cleared, go on counting for that device until
+    /// its events have left.)
+    pub fn totals(&self, c: &JsValue, qb: &JsValue, deltas: &JsValue) -> Totals {
+        let stored = get(c, "device_id");
+        let gone = self.consent == Consent::Granted
+            && stored.is_truthy() // (a device id; "" before the first stamp)
+            && stored != self.device
+            && num(&get(c, "pending")) == 0.0;
+        let none = JsValue::UNDEFINED;
+        let mut t = Totals::new(if gone { &none } else { c }, qb, deltas);
+        if gone {
+            t.counters_mut().device_id = self.device.clone();
+        }
+        t
+    }
+
+    /// The loss counters for `stats()`: `c` as read from the queue (with its deltas), or
+    /// undefined before the queue is open (then what was tracked so far waits in memory).
+    pub fn stats(&self, c: &JsValue) -> JsValue {
+        let mut c = if c.is_object() {
+            Counters::from_js(c)
+        } else {
+            let n = self.page.len() as f64;
+            Counters {
+                device_id: self.device.clone(),
+                enqueued: n,
+                pending: n,
+                ..Counters::default()
+            }
+        };
+        if self.unstored_drops > 0.0 {
+            c.enqueued += self.unstored_drops;
+            c.drop_n("consent".into(), self.unstored_drops);
+        }
+        c.to_js()
     }
 }
