@@ -258,11 +258,13 @@ export class Agent {
   async persist(again) {
     this.soon = 0;
     try {
-      const w = this.core.take();
-      if (!w) return;
+      const taken = this.core.take();
+      if (!taken) return;
+      // `check`: some were rescued before this write, which adds only those not queued yet.
+      const [write, records, deltas, check] = taken;
       const { q } = this;
-      const ok = await (w[3] ? q.adopt(this.core, w[1], w[2]) : q.write(w[1], w[2])).then(() => true, () => false);
-      this.core.written(w[0], ok);
+      const ok = await (check ? q.adopt(this.core, records, deltas) : q.write(records, deltas)).then(() => true, () => false);
+      this.core.written(write, ok);
       // Once more at once, to count what failed (storage_unavailable); then with the next write.
       if (!ok) return again || this.persist(1);
       this.dirty = 1;
