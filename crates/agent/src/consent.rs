@@ -1,8 +1,10 @@
 //! Consent: nothing stored or sent before it (events held in memory, bounded), the identity
 //! kept and shared by the tabs when it is given, forgotten when it is refused.
 
+use js_sys::Array;
 use wasm_bindgen::prelude::*;
 
+use crate::queue::PERSISTED;
 use crate::*;
 
 /// Most events held while consent is pending (`Core::held`).
@@ -34,6 +36,11 @@ impl Core {
             self.save_identity();
             // After the identity: a tab told of the consent (a `storage` event) finds it stored.
             self.keep(false, "consent", &"granted".into());
+            if !self.memory {
+                for it in held.iter() {
+                    self.host.journal(&self.stream, &it.record);
+                }
+            }
             self.page.extend(held);
             if held_drops > 0.0 {
                 self.drops.push(("queue_full".into(), held_drops, 0));
@@ -42,6 +49,13 @@ impl Core {
         }
         // Opt-out: forget the identity, drop what is held and queued, and count it.
         self.release();
+        let journaled: Array = self
+            .page
+            .iter()
+            .filter(|it| it.batch != PERSISTED)
+            .map(|it| it.id.clone())
+            .collect();
+        self.host.unjournal(&self.stream, &journaled);
         self.consent = Consent::Denied;
         self.keep(false, "consent", &"denied".into());
         for k in ["dev", "anon", "user", "sess", "attr"] {

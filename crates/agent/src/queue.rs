@@ -109,6 +109,16 @@ impl Core {
     /// dropped (`storage_unavailable`, with the next write), not lost silently, and the drops
     /// it carried go with the next write too.
     pub fn written(&mut self, write: u32, ok: bool) {
+        // Committed (or counted lost): out of the journal.
+        let ids: Array = self
+            .page
+            .iter()
+            .filter(|it| it.batch == write)
+            .map(|it| it.id.clone())
+            .collect();
+        if ids.length() > 0 {
+            self.host.unjournal(&self.stream, &ids);
+        }
         for d in self.drops.iter_mut().filter(|d| d.2 == write) {
             d.2 = if ok { u32::MAX } else { 0 };
         }
@@ -280,6 +290,9 @@ impl Core {
                 self.held_drops += 1.0;
             }
             return;
+        }
+        if !self.memory {
+            self.host.journal(&self.stream, &item.record);
         }
         // The beacon list is bounded: the oldest committed events leave it first.
         if self.page.len() >= 2_000
