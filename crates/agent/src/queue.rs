@@ -176,6 +176,17 @@ impl Core {
         } else if core::mem::take(&mut self.rescued) {
             self.keep_rescue(&JsValue::UNDEFINED);
         }
+        if gone {
+            // The rescue list has them now (the page may come back from the bfcache with a
+            // stream of its own, which would leave these entries behind).
+            let ids: Array = self
+                .page
+                .iter()
+                .filter(|it| it.batch != PERSISTED)
+                .map(|it| it.id.clone())
+                .collect();
+            self.host.unjournal(&self.stream, &ids);
+        }
     }
 
     /// On `pagehide`/hidden: hands this page's events that no one has sent to `sendBeacon`, in

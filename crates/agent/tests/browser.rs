@@ -1116,7 +1116,8 @@ fn the_wire_shapes_are_the_protocols() {
 }
 
 /// The journal: each event of a durable queue in localStorage from the call until its write
-/// commits (or fails); none for a memory queue, none before consent, none left at an opt-out.
+/// commits (or fails) or the page hides (the rescue list has it then); none for a memory queue,
+/// none before consent, none left at an opt-out.
 #[wasm_bindgen_test]
 fn events_are_journaled_until_their_write_commits() {
     let mut core = core_with(&[]);
@@ -1144,6 +1145,15 @@ fn events_are_journaled_until_their_write_commits() {
         "",
         "failed (counted lost): out too"
     );
+    core.track("e".into(), JsValue::UNDEFINED, &ctx("j-e"));
+    core.hide(true);
+    assert_eq!(
+        storage_keys("trueup.j."),
+        "",
+        "at pagehide, the rescue list has them"
+    );
+    assert_eq!(Array::from(&take_rescue()).length(), 1);
+    core.shown();
     core.track("d".into(), JsValue::UNDEFINED, &ctx("j-d"));
     core.consent(false);
     assert_eq!(storage_keys("trueup.j."), "", "an opt-out leaves none");
