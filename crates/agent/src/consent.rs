@@ -1,7 +1,6 @@
 //! Consent: nothing stored or sent before it (events held in memory, bounded), the identity
 //! kept and shared by the tabs when it is given, forgotten when it is refused.
 
-use js_sys::Array;
 use wasm_bindgen::prelude::*;
 
 use crate::queue::PERSISTED;
@@ -49,13 +48,7 @@ impl Core {
         }
         // Opt-out: forget the identity, drop what is held and queued, and count it.
         self.release();
-        let journaled: Array = self
-            .page
-            .iter()
-            .filter(|it| it.batch != PERSISTED)
-            .map(|it| it.id.clone())
-            .collect();
-        self.host.unjournal(&self.stream, &journaled);
+        self.unjournal(|it| it.batch != PERSISTED);
         self.consent = Consent::Denied;
         self.keep(false, "consent", &"denied".into());
         for k in ["dev", "anon", "user", "sess", "attr"] {

@@ -110,15 +110,7 @@ impl Core {
     /// it carried go with the next write too.
     pub fn written(&mut self, write: u32, ok: bool) {
         // Committed (or counted lost): out of the journal.
-        let ids: Array = self
-            .page
-            .iter()
-            .filter(|it| it.batch == write)
-            .map(|it| it.id.clone())
-            .collect();
-        if ids.length() > 0 {
-            self.host.unjournal(&self.stream, &ids);
-        }
+        self.unjournal(|it| it.batch == write);
         for d in self.drops.iter_mut().filter(|d| d.2 == write) {
             d.2 = if ok { u32::MAX } else { 0 };
         }
@@ -179,13 +171,7 @@ impl Core {
         if gone {
             // The rescue list has them now (the page may come back from the bfcache with a
             // stream of its own, which would leave these entries behind).
-            let ids: Array = self
-                .page
-                .iter()
-                .filter(|it| it.batch != PERSISTED)
-                .map(|it| it.id.clone())
-                .collect();
-            self.host.unjournal(&self.stream, &ids);
+            self.unjournal(|it| it.batch != PERSISTED);
         }
     }
 
@@ -236,6 +222,19 @@ impl Core {
 }
 
 impl Core {
+    /// Takes this page's events that `which` selects out of the journal (`Host::journal`).
+    pub(crate) fn unjournal(&self, which: impl Fn(&Item) -> bool) {
+        let ids: Array = self
+            .page
+            .iter()
+            .filter(|it| which(it))
+            .map(|it| it.id.clone())
+            .collect();
+        if ids.length() > 0 {
+            self.host.unjournal(&self.stream, &ids);
+        }
+    }
+
     /// Stamps an event and builds its JSON now (so later changes to `props` do not leak in);
     /// it is written with the task's other events (`take`).
     #[inline(never)]
