@@ -587,37 +587,3 @@ test("an idle sending tab sets no timers: no polling", async () => {
   await allArrive(relay, later, 2, "idle timers (after idling)");
   await context.close();
 });
-
-// An event is durable before track() returns: the renderer is killed (SIGKILL, as an
-// out-of-memory kill or a mobile OS would) while the task that tracked 50 events goes on, with no
-// pagehide. The IndexedDB write is issued after that task, so without the journal (each event's
-// JSON in localStorage, written in the task) all 50 were lost: 0/50 at the next visit.
-test("a renderer killed in the task that tracked: all 50 events arrive at the next visit, once", async () => {
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  await page.goto(`${relay.origin}/plain/`);
-  await ready(page);
-  const cdp = await browser.newBrowserCDPSession();
-  const renderers = async () => (await cdp.send("SystemInfo.getProcessInfo")).processInfo.filter((p) => p.type === "renderer");
-  const before = await renderers();
-  const run = runId();
-  page.evaluate((run) => {
-    for (let i = 0; i < 50; i++) window.trueup.track("e2e", { run, i });
-    const t = Date.now();
-    while (Date.now() - t < 8000); // the task goes on
-  }, run).catch(() => {}); // (the page dies)
-  await sleep(1500);
-  // The renderer that has been busy since: this page's.
-  const busy = (await renderers())
-    .map((p) => [p, p.cpuTime - (before.find((b) => b.id === p.id)?.cpuTime ?? 0)])
-    .sort((a, b) => b[1] - a[1])[0][0];
-  process.kill(busy.id, "SIGKILL");
-  await sleep(1000);
-  const again = await context.newPage();
-  await again.goto(`${relay.origin}/plain/`);
-  await ready(again);
-  await allArrive(relay, run, 50, "renderer killed mid-task");
-  await settled(again);
-  await cdp.detach();
-  await context.close();
-});

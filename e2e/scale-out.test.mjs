@@ -251,6 +251,7 @@ async function scaleOut(kind) {
     // waits in its spool until it is back), the loader once a quarter are in the warehouse.
     let relayKilled = null;
     let loaderKilled = null;
+    let restarted; // the loader's restart, 2 s after it was killed
     const accepted = () => Promise.all(relays.map((r) => r.metric("trueup_events_accepted_total").catch(() => 0)));
     const deadline = Date.now() + 60000;
     for (let round = 0; round < ROUNDS || relayKilled === null || loaderKilled === null; round++) {
@@ -272,7 +273,7 @@ async function scaleOut(kind) {
         if (stored >= n / 4) {
           loaderKilled = stored;
           await kill(loader.proc);
-          setTimeout(() => loader.start().catch((e) => console.log(`loader restart: ${e}`)), 2000);
+          restarted = sleep(2000).then(() => loader.start()).catch((e) => console.log(`loader restart: ${e}`));
         }
       }
       await sleep(round < ROUNDS ? 300 : 50);
@@ -287,6 +288,7 @@ async function scaleOut(kind) {
     // Everything is in; a last look at whether anything arrives twice late.
     await sleep(1000);
     const r = countOf(wh, run, n);
+    await restarted; // (its metrics are read from the restarted loader)
     const absorbed = await loader.metric("trueup_loader_duplicates_total");
     const bad = settled.filter((s) => s.acked !== s.enqueued || droppedSum(s) !== 0);
     const enqueued = settled.reduce((a, s) => a + s.enqueued, 0);

@@ -11,7 +11,7 @@
 // thrown into the page from a listener or a timer.
 
 import init, { Core, initSync } from "trueup-glue";
-import { body, bytes, host, landing, post } from "./host.js";
+import { body, host, landing, post } from "./host.js";
 import { openIdb, queue } from "./queue.js";
 
 export { init as default, initSync };
@@ -68,7 +68,6 @@ export class Agent {
         core.beacon(navigator.onLine === false, !!this.leader);
         if (e.type == "pagehide") {
           this.unlock();
-          this.leaveTab();
           // A message would evict the page from the bfcache: the channel opens again at pageshow.
           this.channel?.close();
           this.channel = undefined;
@@ -84,9 +83,8 @@ export class Agent {
     on(window, "online", () => this.wake(ONLINE));
     on(window, "pageshow", (e) => {
       if (!e.persisted) return;
-      // Back from the bfcache: a stream of its own (`Core.shown`), and take part in sending again.
+      // Back from the bfcache: this tab's stream again, and take part in sending again.
       core.shown();
-      if (core.granted) this.holdTab();
       this.listen();
       if (!this.leader) this.lock();
       this.wake(WRITTEN);
@@ -148,9 +146,7 @@ export class Agent {
    * database), so called again when it is.
    */
   async start() {
-    if (!this.core.granted) return;
-    this.holdTab();
-    if (this.started) return;
+    if (this.started || !this.core.granted) return;
     this.started = 1;
     await this.open(this.o.storage != "memory");
     this.lock();
@@ -192,16 +188,7 @@ export class Agent {
       : method == "consent" ? core.consent(!!a)
       : undefined;
     if (reason) this.bg(this.q.clear(core, reason));
-    if (method == "consent") {
-      if (!core.granted) {
-        // Refused: no journal stays on the device, this tab's or another's.
-        this.leaveTab();
-        try {
-          for (const k of Object.keys(localStorage)) k.startsWith("trueup.j.") && localStorage.removeItem(k);
-        } catch {}
-      }
-      this.bg(this.start());
-    }
+    if (method == "consent") this.bg(this.start());
     if (!this.soon) {
       // Every event of this task in one write, issued before the task ends.
       this.soon = 1;
@@ -304,47 +291,6 @@ export class Agent {
         this.fail(e); // the list stays: the next page tries again
       }
     }
-    // The journals of tabs that are gone: no one holds their tab lock (a live tab holds its own
-    // from the start; one that crashed lost it with its process). Not this tab's own.
-    if (!navigator.locks) return;
-    try {
-      const held = new Set(((await navigator.locks.query()).held || []).map((l) => l.name));
-      const records = [];
-      const taken = [];
-      for (const k of Object.keys(localStorage)) {
-        const [, stream, i] = /^trueup\.j\.([^.]+)\.(.+)$/.exec(k) || [];
-        if (!stream || stream == this.core.stream || held.has("trueup.tab." + stream)) continue;
-        const s = localStorage.getItem(k);
-        const t = JSON.parse(s)?.ts;
-        if (typeof t == "number") records.push({ i, s, b: bytes(s), t });
-        taken.push(k);
-      }
-      if (records.length) await this.q.adopt(this.core, records);
-      for (const k of taken) localStorage.removeItem(k);
-    } catch (e) {
-      this.fail(e); // the journals stay: the next page tries again
-    }
-  }
-
-  /**
-   * Holds this tab's lock (`trueup.tab.<stream>`) while the page is shown: until it goes, its
-   * journal is its own (`adopt`). Taken again for a new stream.
-   */
-  holdTab() {
-    const name = "trueup.tab." + this.core.stream;
-    if (this.tab == name || !navigator.locks) return;
-    this.leaveTab();
-    this.tab = name;
-    const { signal } = (this.tabAsk = new AbortController());
-    try {
-      navigator.locks.request(name, { signal }, () => new Promise((r) => (this.tabHeld = r))).catch(noop);
-    } catch {}
-  }
-
-  leaveTab() {
-    this.tabAsk?.abort();
-    this.tabHeld?.();
-    this.tab = this.tabAsk = this.tabHeld = undefined;
   }
 
   /**

@@ -6,7 +6,7 @@
 
 const str = (v) => (typeof v == "string" && v) || undefined;
 /** The size of a text in UTF-8 bytes (what the keepalive budget and the relay count). */
-export const bytes = (s) => new TextEncoder().encode(s).length;
+const bytes = (s) => new TextEncoder().encode(s).length;
 const storage = (session) => (session ? sessionStorage : localStorage);
 
 /** The v1 batch body: the events' JSON texts (records `{s}`) joined, with the site and counters. */
@@ -43,10 +43,8 @@ export function landing() {
   return [href, document.referrer];
 }
 
-const JOURNAL_BYTES = 3e5;
-
 /** The core's `Host`, for options `o` (`endpoint`, `site`). */
-export const host = (o, journaled = Object.assign(new Map(), { bytes: 0 })) => ({
+export const host = (o) => ({
   uuid: () => (crypto.randomUUID ? crypto.randomUUID() : Math.random().toString(36).slice(2) + Date.now().toString(36)),
   load(session, key) {
     try {
@@ -77,31 +75,6 @@ export const host = (o, journaled = Object.assign(new Map(), { bytes: 0 })) => (
     } catch {
       return r;
     }
-  },
-  // The journal: each event's JSON in localStorage from `track()` until its IndexedDB write
-  // commits. Written in the task that tracked it, it survives the renderer dying in that task (a
-  // crash, an out-of-memory kill), which the write, issued after the task, does not. Only where
-  // Web Locks tell a dead tab from a live one (js/core.js adopts the journals of streams whose
-  // tab lock no one holds). Bounded to JOURNAL_BYTES of this tab's, so that a burst does not
-  // take the site's localStorage quota (what does not fit is durable at its write, as before).
-  journal(stream, r) {
-    try {
-      if (navigator.locks && journaled.bytes + r.b <= JOURNAL_BYTES) {
-        localStorage.setItem(`trueup.j.${stream}.${r.i}`, r.s);
-        journaled.set(r.i, r.b);
-        journaled.bytes += r.b;
-      }
-    } catch {}
-  },
-  unjournal(stream, ids) {
-    try {
-      for (const i of ids) {
-        if (!journaled.has(i)) continue;
-        localStorage.removeItem(`trueup.j.${stream}.${i}`);
-        journaled.bytes -= journaled.get(i);
-        journaled.delete(i);
-      }
-    } catch {}
   },
   beacon(records) {
     try {

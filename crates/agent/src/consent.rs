@@ -3,7 +3,6 @@
 
 use wasm_bindgen::prelude::*;
 
-use crate::queue::PERSISTED;
 use crate::*;
 
 /// Most events held while consent is pending (`Core::held`).
@@ -35,11 +34,6 @@ impl Core {
             self.save_identity();
             // After the identity: a tab told of the consent (a `storage` event) finds it stored.
             self.keep(false, "consent", &"granted".into());
-            if !self.memory {
-                for it in held.iter() {
-                    self.host.journal(&self.stream, &it.record);
-                }
-            }
             self.page.extend(held);
             if held_drops > 0.0 {
                 self.drops.push(("queue_full".into(), held_drops, 0));
@@ -48,7 +42,6 @@ impl Core {
         }
         // Opt-out: forget the identity, drop what is held and queued, and count it.
         self.release();
-        self.unjournal(|it| it.batch != PERSISTED);
         self.consent = Consent::Denied;
         self.keep(false, "consent", &"denied".into());
         for k in ["dev", "anon", "user", "sess", "attr"] {

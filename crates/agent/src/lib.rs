@@ -34,10 +34,6 @@
 //! - Every event gets, at `track()` time, its id (UUIDv7, made by the stub), its capture
 //!   time, and its `seq`; its JSON is made once, then persisted in IndexedDB in a
 //!   transaction issued in the same task (one transaction per task, not per event: `take`).
-//!   Until that write commits, the event is journaled in localStorage (`trueup.j.<stream>.<id>`,
-//!   written synchronously in `track()`, at most 300 KB per tab): if the renderer dies in the
-//!   task (a crash, an out-of-memory kill, no `pagehide`), the site's next page adopts the
-//!   journals of tabs whose tab lock (`trueup.tab.<stream>`, a Web Lock) no one holds.
 //! - Events leave the queue only when the relay has answered for them (accepted or
 //!   duplicate → `acked`; rejected → `dropped.rejected`), when they are too old
 //!   (`dropped.expired`), when the queue is over its byte cap (oldest first,
@@ -171,13 +167,6 @@ extern "C" {
     /// `device_id`) replaced by `ids`' (a record held while consent was pending).
     #[wasm_bindgen(method)]
     fn restamp(this: &Host, record: &JsValue, ids: &JsValue) -> JsValue;
-    /// Journals the record in localStorage (`trueup.j.<stream>.<id>`) until its write commits:
-    /// synchronous, so it survives the renderer dying in the task that tracked it.
-    #[wasm_bindgen(method)]
-    fn journal(this: &Host, stream: &JsValue, record: &JsValue);
-    /// Takes the events `ids` of `stream` out of the journal.
-    #[wasm_bindgen(method)]
-    fn unjournal(this: &Host, stream: &JsValue, ids: &Array);
     /// Sends the records in one body by `sendBeacon`; false when the browser refuses.
     #[wasm_bindgen(method)]
     fn beacon(this: &Host, records: &Array) -> bool;
@@ -387,12 +376,6 @@ impl Core {
         core.refresh();
         core.save_identity();
         core
-    }
-
-    /// This tab's stream (its journal's and its tab lock's name: js/core.js).
-    #[wasm_bindgen(getter)]
-    pub fn stream(&self) -> JsValue {
-        self.stream.clone()
     }
 
     /// First- and last-touch attribution, for a signup form to hand to the server.

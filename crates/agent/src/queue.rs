@@ -109,8 +109,6 @@ impl Core {
     /// dropped (`storage_unavailable`, with the next write), not lost silently, and the drops
     /// it carried go with the next write too.
     pub fn written(&mut self, write: u32, ok: bool) {
-        // Committed (or counted lost): out of the journal.
-        self.unjournal(|it| it.batch == write);
         for d in self.drops.iter_mut().filter(|d| d.2 == write) {
             d.2 = if ok { u32::MAX } else { 0 };
         }
@@ -168,11 +166,6 @@ impl Core {
         } else if core::mem::take(&mut self.rescued) {
             self.keep_rescue(&JsValue::UNDEFINED);
         }
-        if gone {
-            // The rescue list has them now (the page may come back from the bfcache with a
-            // stream of its own, which would leave these entries behind).
-            self.unjournal(|it| it.batch != PERSISTED);
-        }
     }
 
     /// On `pagehide`/hidden: hands this page's events that no one has sent to `sendBeacon`, in
@@ -222,19 +215,6 @@ impl Core {
 }
 
 impl Core {
-    /// Takes this page's events that `which` selects out of the journal (`Host::journal`).
-    pub(crate) fn unjournal(&self, which: impl Fn(&Item) -> bool) {
-        let ids: Array = self
-            .page
-            .iter()
-            .filter(|it| which(it))
-            .map(|it| it.id.clone())
-            .collect();
-        if ids.length() > 0 {
-            self.host.unjournal(&self.stream, &ids);
-        }
-    }
-
     /// Stamps an event and builds its JSON now (so later changes to `props` do not leak in);
     /// it is written with the task's other events (`take`).
     #[inline(never)]
@@ -300,9 +280,6 @@ impl Core {
                 self.held_drops += 1.0;
             }
             return;
-        }
-        if !self.memory {
-            self.host.journal(&self.stream, &item.record);
         }
         // The beacon list is bounded: the oldest committed events leave it first.
         if self.page.len() >= 2_000

@@ -61,7 +61,6 @@ export function recordBeacons(h, accept) {
   h.beacon = (records) => accept-- > 0 && (h.beacons.push(records.map((r) => JSON.parse(r.s).name)), true);
 }
 export function storageSet(k, v) { localStorage.setItem(k, v); }
-export function storageKeys(p) { return Object.keys(localStorage).filter((k) => k.startsWith(p)).sort().join(' '); }
 export function sessionGet(k) { return sessionStorage.getItem(k); }
 export function sessionSet(k, v) { sessionStorage.setItem(k, v); }
 export function clearStorage() {
@@ -94,9 +93,6 @@ extern "C" {
     /// Sets item `k` of localStorage.
     #[wasm_bindgen(js_name = storageSet)]
     fn storage_set(k: &str, v: &str);
-    /// The localStorage keys that start with `p`, sorted, joined by spaces.
-    #[wasm_bindgen(js_name = storageKeys)]
-    fn storage_keys(p: &str) -> String;
     /// Item `k` of sessionStorage.
     #[wasm_bindgen(js_name = sessionGet)]
     fn session_get(k: &str) -> Option<String>;
@@ -1113,62 +1109,4 @@ fn the_wire_shapes_are_the_protocols() {
     assert_eq!(batch.site.as_deref(), Some("demo"));
     assert_eq!(batch.events, events);
     assert_eq!(batch.counters.unwrap().enqueued, 4);
-}
-
-/// The journal: each event of a durable queue in localStorage from the call until its write
-/// commits (or fails) or the page hides (the rescue list has it then); none for a memory queue,
-/// none before consent, none left at an opt-out.
-#[wasm_bindgen_test]
-fn events_are_journaled_until_their_write_commits() {
-    let mut core = core_with(&[]);
-    let stream = core.stream().as_string().unwrap();
-    let key = |id: &str| format!("trueup.j.{stream}.{id}");
-    core.track("a".into(), JsValue::UNDEFINED, &ctx("j-a"));
-    core.track("b".into(), JsValue::UNDEFINED, &ctx("j-b"));
-    assert_eq!(
-        storage_keys("trueup.j."),
-        format!("{} {}", key("j-a"), key("j-b"))
-    );
-    core.opened(false);
-    let w: Array = core.take().unchecked_into();
-    core.track("c".into(), JsValue::UNDEFINED, &ctx("j-c"));
-    core.written(w.get(0).as_f64().unwrap() as u32, true);
-    assert_eq!(
-        storage_keys("trueup.j."),
-        key("j-c"),
-        "committed: out of the journal"
-    );
-    let w: Array = core.take().unchecked_into();
-    core.written(w.get(0).as_f64().unwrap() as u32, false);
-    assert_eq!(
-        storage_keys("trueup.j."),
-        "",
-        "failed (counted lost): out too"
-    );
-    core.track("e".into(), JsValue::UNDEFINED, &ctx("j-e"));
-    core.hide(true);
-    assert_eq!(
-        storage_keys("trueup.j."),
-        "",
-        "at pagehide, the rescue list has them"
-    );
-    assert_eq!(Array::from(&take_rescue()).length(), 1);
-    core.shown();
-    core.track("d".into(), JsValue::UNDEFINED, &ctx("j-d"));
-    core.consent(false);
-    assert_eq!(storage_keys("trueup.j."), "", "an opt-out leaves none");
-    // A memory queue, and a core waiting for consent: nothing journaled.
-    clear_storage();
-    let o = options(&[]);
-    let mut memory = Core::new(
-        &o,
-        host(&o),
-        &"https://shop.example/".into(),
-        &"".into(),
-        true,
-    );
-    memory.track("m".into(), JsValue::UNDEFINED, &ctx("j-m"));
-    let mut pending = pending_core(false);
-    pending.track("p".into(), JsValue::UNDEFINED, &ctx("j-p"));
-    assert_eq!(storage_keys("trueup.j."), "");
 }
